@@ -1,0 +1,43 @@
+"""Shared test fixtures: a toy world (random tiny SD3 transformer, hashed-word text encoder) that
+exercises sde.py's sampling path without the tiny world's shipped weights."""
+
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+import sde  # noqa: E402
+
+
+def make_toy_world(seed=0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                        caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8)
+    transformer.requires_grad_(False)
+
+    def encode(prompts):  # a word's embedding is a fixed function of the word (crc32-seeded)
+        embeds = torch.zeros(len(prompts), 4, 16)
+        for i, p in enumerate(prompts):
+            for j, w in enumerate(p.split()[:4]):
+                embeds[i, j] = torch.randn(16, generator=torch.Generator().manual_seed(zlib.crc32(w.encode())))
+        return embeds, embeds.mean(1)[:, :8]
+
+    decode = lambda latents: (latents[:, :3].float().cpu() / 2 + 0.5).clamp(0, 1)
+    defaults = dict(resolution=8, shift=3.0, train_steps=4, eval_steps=6, guidance_scale=3.0, noise_level=0.7)
+    return sde.World("toy", "toy", transformer, sde._cached(encode), decode, (4, 8, 8), torch.device("cpu"),
+                     torch.float32, defaults, ("a",))
+
+
+@pytest.fixture
+def toy_world():
+    return make_toy_world()
