@@ -8,7 +8,8 @@ sde.py: the shared core of Flow-OPD. Every stage script imports this file and no
   4. worlds            the tiny world and SD3.5-Medium behind one interface      World, load_world
   5. sampling          CFG velocity and whole SDE/ODE trajectories               predict_velocity, sample
   6. LoRA              peft adapters on the transformer, diffusers-loadable      add_lora, save_lora, load_lora
-  7. run plumbing      settings, torch.distributed, atomic files, checkpoints    parse_settings, setup_distributed, ...
+  7. policy gradient   Flow-GRPO's advantages and PPO-clipped surrogate          group_advantages, clipped_surrogate
+  8. run plumbing      settings, torch.distributed, atomic files, checkpoints    parse_settings, setup_distributed, ...
 
 Notation (SD3): x_0 is the image latent, x_1 is noise, x_t = (1 - t) x_0 + t x_1 with t = sigma,
 the network predicts the velocity v = x_1 - x_0, and sampling integrates from sigma = 1 to 0, so
@@ -358,18 +359,27 @@ def lora_parameters(transformer, name):
 
 
 def save_lora(transformer, name, path, state_dict=None):
-    """Write adapter `name` as one diffusers-format safetensors file (keys 'transformer.<module>.lora_A.weight',
-    peft config in the metadata), atomically. state_dict overrides the weights (e.g. the EMA copy),
-    keyed like peft's get_peft_model_state_dict."""
-    from diffusers import StableDiffusion3Pipeline
+    """Write adapter `name` of the transformer to `path` (see write_lora). state_dict overrides the
+    weights (e.g. the EMA copy), keyed like peft's get_peft_model_state_dict."""
     from peft.utils import get_peft_model_state_dict
 
     weights = state_dict if state_dict is not None else get_peft_model_state_dict(transformer, adapter_name=name)
+    write_lora(path, weights, transformer.peft_config[name].to_dict())
+
+
+def write_lora(path, weights, config):
+    """One diffusers-format safetensors file, written atomically: keys 'transformer.<module>.lora_A.weight'
+    and the peft LoraConfig (rank, alpha, targets) in the metadata, exactly what
+    StableDiffusion3Pipeline.save_lora_weights writes and load_lora_weights reads.
+    weights: {'<module>.lora_A.weight': tensor, ...}; config: a LoraConfig as a dict."""
+    from diffusers import StableDiffusion3Pipeline
+
     weights = {k: v.detach().float().cpu().contiguous() for k, v in weights.items()}
-    config = transformer.peft_config[name].to_dict()
+    config = dict(config)
     config["target_modules"] = sorted(config["target_modules"])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=weights, transformer_lora_adapter_metadata=config)
         os.replace(os.path.join(tmp, "pytorch_lora_weights.safetensors"), path)
 
@@ -445,7 +455,43 @@ def adapter(transformer, name):
 
 
 # -----------------------------------------------------------------------------
-# 7. Run plumbing shared by the stage scripts: settings, distributed, files, checkpoints, logs
+# 7. Policy-gradient maths shared by grpo_expert.py (Flow-GRPO) and opd.py's policy-gradient variants
+
+
+def group_advantages(rewards, groups, std_scope="global", eps=1e-4, clip=5.0):
+    """Flow-GRPO's advantage: A_i = (r_i - mean of i's group) / (std + eps), clipped to +-clip.
+    rewards (N,), groups (N,) integer group ids (one group = the G images of one prompt). std_scope
+    "global" divides by the std of the whole batch (Flow-GRPO's default), "group" by the group's own.
+    Returns (advantages (N,), keep (N,) bool): groups whose rewards are all equal carry no signal and
+    are skipped (keep = False)."""
+    rewards = rewards.float()
+    _, inverse = torch.unique(groups, return_inverse=True)
+    count = torch.zeros(int(inverse.max()) + 1).index_add_(0, inverse, torch.ones_like(rewards))
+    mean = torch.zeros_like(count).index_add_(0, inverse, rewards) / count
+    centred = rewards - mean[inverse]
+    var = torch.zeros_like(count).index_add_(0, inverse, centred**2) / count
+    if std_scope == "global":
+        std = rewards.std(unbiased=False).expand_as(rewards)
+    elif std_scope == "group":
+        std = var.sqrt()[inverse]
+    else:
+        raise ValueError(f"std_scope must be 'global' or 'group', got {std_scope!r}")
+    advantages = (centred / (std + eps)).clamp(-clip, clip)
+    keep = var[inverse] > 0
+    return advantages, keep
+
+
+def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):
+    """PPO's clipped objective as a loss (Flow-GRPO eq. 8): max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),
+    rho = exp(log_prob - old_log_prob). Per sample (B,); returns (loss, rho)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+# -----------------------------------------------------------------------------
+# 8. Run plumbing shared by the stage scripts: settings, distributed, files, checkpoints, logs
 
 
 def parse_settings(doc, settings, argv=None):
@@ -489,15 +535,16 @@ def gather_cat(tensor, dist):
     return torch.cat(parts)
 
 
-def all_reduce_mean(params, dist):
-    """Average the gradients of `params` over ranks (what DDP does, written out: LoRA training switches
-    adapters between forwards, which DDP's hooks do not expect). One flat buffer, one collective."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+def all_reduce_sum(params, dist):
+    """Sum the gradients of `params` over ranks. Each rank back-propagates sum(its samples' losses) / N,
+    N the GLOBAL number of samples, so the sum over ranks is exactly the global mean whatever the world
+    size (DDP's hooks assume one forward per step; LoRA training switches adapters between forwards, so
+    this is written out). One flat buffer, one collective."""
     if dist.world_size == 1:
         return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     torch.distributed.all_reduce(flat)
-    flat /= dist.world_size
     offset = 0
     for p, g in zip(params, grads):
         p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
