@@ -295,19 +295,27 @@ def predict_velocity(world, latents, sigma, embeds, pooled, guidance_scale, null
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
+def sample_seed(*parts):
+    """A 62-bit seed from integers (run seed, epoch, sample index, ...): sample i of epoch e gets the
+    same noise on any rank, in any batch, and after a resume."""
+    return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(2, np.uint64)[0] >> 2)
+
+
 def seed_generators(seeds):
     """One CPU torch.Generator per sample (per-sample seeding)."""
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 @torch.no_grad()
-def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, generator=None, seeds=None, decode=True):
+def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, generator=None, seeds=None, decode=True,
+           batch_size=None):
     """Run the SDE (noise_level > 0) or the ODE (noise_level = 0) from pure noise.
 
     prompts: list of B strings. seeds: B integers; sample i draws its initial noise and every step's
     noise from its own generator seeded with seeds[i], so it is the same sample whatever batch or
     process it is drawn in (this is what lets distributed runs equal single-process runs). Without
-    seeds they are drawn from `generator` (a torch.Generator, or the global RNG).
+    seeds they are drawn from `generator` (a torch.Generator, or the global RNG). batch_size: images
+    per forward (None = all at once).
     Returns a dict: latents (B, T+1, C, h, w) float32 on the world's device (x_1 ... x_0),
     log_probs (B, T), sigmas (T+1,), embeds/pooled (the prompts' conditioning), seeds, images
     (B, 3, H, W) float32 in [0, 1] on the CPU when decode."""
@@ -315,22 +323,26 @@ def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, gen
     guidance_scale = world.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if seeds is None:
         seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
-    gens = seed_generators(seeds)
+    batch_size = batch_size or len(prompts)
     sigmas = sd3_sigmas(steps, world.defaults["shift"])
-    embeds, pooled = world.encode_prompts(prompts)
     null = world.encode_prompts([""])
-
-    x = torch.stack([torch.randn(world.latent_shape, generator=g) for g in gens]).to(world.device)  # x_1 ~ N(0, I)
-    latents, log_probs = [x], []
-    for i in range(steps):
-        v = predict_velocity(world, x, sigmas[i].item(), embeds, pooled, guidance_scale, null)
-        x, log_prob, _, _ = sde_step_with_logprob(v, sigmas[i].item(), sigmas[i + 1].item(), x, noise_level, generator=gens)
-        latents.append(x)
-        log_probs.append(log_prob)
-    out = dict(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1), sigmas=sigmas,
-               embeds=embeds, pooled=pooled, seeds=list(seeds))
-    if decode:
-        out["images"] = world.decode(x)
+    parts = []
+    for b in range(0, len(prompts), batch_size):
+        gens = seed_generators(seeds[b: b + batch_size])
+        embeds, pooled = world.encode_prompts(prompts[b: b + batch_size])
+        x = torch.stack([torch.randn(world.latent_shape, generator=g) for g in gens]).to(world.device)  # x_1 ~ N(0, I)
+        latents, log_probs = [x], []
+        for i in range(steps):
+            v = predict_velocity(world, x, sigmas[i].item(), embeds, pooled, guidance_scale, null)
+            x, log_prob, _, _ = sde_step_with_logprob(v, sigmas[i].item(), sigmas[i + 1].item(), x, noise_level, generator=gens)
+            latents.append(x)
+            log_probs.append(log_prob)
+        part = dict(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1), embeds=embeds, pooled=pooled)
+        if decode:
+            part["images"] = world.decode(x)
+        parts.append(part)
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    out.update(sigmas=sigmas, seeds=list(seeds))
     return out
 
 
@@ -488,6 +500,43 @@ def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     return torch.maximum(unclipped, clipped), ratio
+
+
+def route_targets(tasks, routing, velocity_of):
+    """Flow-OPD's task routing: v_target(x_t, c) = sum_k alpha_k(c) v_k(x_t, c). tasks: the B samples'
+    task names; routing: {task: {teacher: alpha}} (hard routing is {task: {task: 1}}); velocity_of(teacher,
+    rows) -> the teacher's velocities (len(rows), ...) for those samples only. Each teacher is called
+    once, batched, on exactly the samples routed to it: never on another task's prompts."""
+    target = None
+    for teacher in dict.fromkeys(k for t in tasks for k in routing[t]):
+        rows = [i for i, t in enumerate(tasks) if teacher in routing[t]]
+        alpha = torch.tensor([routing[tasks[i]][teacher] for i in rows])
+        v = velocity_of(teacher, rows)
+        if target is None:
+            target = torch.zeros(len(tasks), *v.shape[1:], dtype=v.dtype, device=v.device)
+        target[rows] += alpha.to(v).reshape(-1, *([1] * (v.ndim - 1))) * v
+    return target
+
+
+def opd_loss(kind, v, v_target, log_prob, old_log_prob, step_reward, sigma, sigma_next, noise_level, clip_range, adv_clip):
+    """Flow-OPD's distillation loss at one step, per sample (B,), and the KL it is built from.
+    kind "direct":    KL_t = w(t) ||v_theta - v_T||^2 itself (gradient through v_theta)
+    kind "pg":        PPO surrogate with advantage r_t = -w(t) ||sg(v_theta) - v_T||^2 (the published form;
+                      r_t is a function of the state only, so its expected gradient is zero)
+    kind "pg-sample": PPO surrogate with the sampled action's log-ratio step_reward =
+                      -(log pi_theta(a|x_t) - log pi_T(a|x_t)) (LLM on-policy distillation)
+    log_prob: the student's log-prob of the sampled action now (with grad), old_log_prob: at sampling."""
+    kl = velocity_kl(v, v_target, sigma, sigma_next, noise_level)
+    if kind == "direct":
+        return kl, kl
+    if kind == "pg":
+        advantage = -kl.detach()
+    elif kind == "pg-sample":
+        advantage = step_reward
+    else:
+        raise ValueError(f"unknown OPD loss {kind!r}: direct, pg or pg-sample")
+    loss, _ = clipped_surrogate(log_prob, old_log_prob, advantage.clamp(-adv_clip, adv_clip), clip_range)
+    return loss, kl
 
 
 # -----------------------------------------------------------------------------
@@ -726,6 +775,30 @@ def prompt_file(world, task, split):
         if os.path.isfile(path):
             return path
     raise SystemExit(f"error: no prompt file for task {task!r} split {split!r} in {folder} (expected {task}_{split}.txt or .jsonl)")
+
+
+def draw_prompts(task_prompts, task_weights, n, seed, epoch):
+    """n (task, prompt, metadata) triples for one epoch, the same on every rank and after a resume (a
+    generator seeded by seed and epoch). Each prompt's task is drawn with the weights' odds.
+    task_prompts: {task: (prompts, metadata)} as read_prompts returns; task_weights: {task: weight}."""
+    rng = np.random.default_rng([seed, epoch])
+    names = list(task_weights)
+    odds = np.array([task_weights[t] for t in names], dtype=np.float64)
+    chosen = []
+    for _ in range(n):
+        task = names[rng.choice(len(names), p=odds / odds.sum())]
+        prompts, metadata = task_prompts[task]
+        i = int(rng.integers(len(prompts)))
+        chosen.append((task, prompts[i], metadata[i]))
+    return chosen
+
+
+def shard(n_global, dist, what="images per epoch"):
+    """This rank's contiguous block [first, first + n_local) of n_global samples."""
+    if n_global % dist.world_size:
+        raise SystemExit(f"error: {n_global} {what} must be divisible by the {dist.world_size} ranks: change the batch settings or the number of processes")
+    n_local = n_global // dist.world_size
+    return dist.rank * n_local, n_local
 
 
 class Timer:

@@ -1,0 +1,261 @@
+"""
+grpo_expert.py: Stage 1 of Flow-OPD. Train one expert per task with Flow-GRPO (or, with several
+weighted tasks, the GRPO-Mix baseline the paper beats).
+
+Flow-GRPO in one paragraph: turn the flow ODE into an SDE so that every denoising step is a Gaussian
+policy with a log-probability (sde.py, section 2); sample G images per prompt; score each with a scalar
+reward; normalise rewards within each prompt's group into advantages; raise the log-probability of
+the steps of better-than-average images with PPO's clipped ratio loss, kept near the base model by a
+KL penalty.
+
+Commands
+  tiny world, CPU (minutes):   python grpo_expert.py --task ocr
+  GRPO-Mix on the tiny world:  python grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 --lr 1e-4
+  SD3.5-M, one GPU:            python grpo_expert.py --world stabilityai/stable-diffusion-3.5-medium --task ocr
+  one node, 8 GPUs:            torchrun --nproc_per_node 8 grpo_expert.py --world <sd3.5m folder> --task ocr
+  4 nodes x 8 GPUs:            torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d \
+                                 --rdzv_endpoint $HEAD:29500 grpo_expert.py --world <sd3.5m folder> --task geneval
+  (the paper's settings for SD3.5-M: README, "Reproducing on SD3.5-Medium")
+
+Outputs in --out: adapter.safetensors (the EMA LoRA, diffusers-loadable), config.json, log.jsonl,
+samples_XXXX.png, checkpoints/ (exact resume: rerun the same command).
+"""
+
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import rewards
+import sde
+
+# -----------------------------------------------------------------------------
+# Settings. None means "the world's default" (sde.World.defaults; the paper's values on SD3.5-M).
+
+SETTINGS = dict(
+    world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
+    task=("geneval", "the task to reward, or a weighted mix 'geneval:3,ocr:1,pickscore:1' (GRPO-Mix: each prompt's task drawn with these odds)"),
+    reward=("", "extra reward terms added to every sample's task reward, e.g. 'deqa:1' (GRPO-Mix's DeQA 1:1)"),
+    out=(None, str, "output folder (default results/<world>/runs/grpo-<task>)"),
+    init=("", "start from this LoRA file instead of a fresh adapter"),
+    epochs=(60, "epochs; one epoch = sample, score, update"),
+    prompts_per_epoch=(8, "distinct prompts per epoch, over all ranks"),
+    group_size=(8, "G: images per prompt (the group that defines the advantage baseline)"),
+    sample_batch=(16, "images per sampling forward, per rank"),
+    train_batch=(16, "images per training forward, per rank"),
+    steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
+    timestep_fraction=(0.99, "train the first floor(T * fraction) steps (0.99 -> 9 of 10, Flow-GRPO)"),
+    guidance_scale=(None, float, "CFG scale for sampling and training (default: the world's; 4.5 on SD3)"),
+    noise_level=(0.7, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise"),
+    std_scope=("global", "advantage std over the whole batch ('global', Flow-GRPO) or per prompt ('group')"),
+    adv_clip=(5.0, "advantages are clipped to +-adv_clip"),
+    clip_range=(1e-4, "PPO clip range eps (Flow-GRPO's, small because log-probs are per-dimension means)"),
+    beta=(None, float, "weight of the KL to the base model (default per task: 0.04 GenEval/OCR, 0.01 PickScore/DeQA)"),
+    kl_dt_factor=(True, "multiply the KL by |dt|, as Flow-GRPO's code does (its betas assume it); off = exact KL"),
+    lr=(3e-4, "AdamW learning rate (Flow-GRPO: 3e-4 single task, 1e-4 in the mix configs)"),
+    weight_decay=(1e-4, "AdamW weight decay"),
+    grad_clip=(1.0, "gradient-norm clip"),
+    updates_per_epoch=(2, "optimizer steps per epoch (the epoch's samples are split into this many mini-batches)"),
+    inner_epochs=(1, "passes over each epoch's samples"),
+    lora_rank=(32, "LoRA rank r"),
+    lora_alpha=(64, "LoRA alpha (scale alpha / r)"),
+    full_finetune=(False, "train every transformer weight instead of a LoRA (reference = a frozen copy)"),
+    ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is evaluated and saved)"),
+    ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
+    seed=(0, "seed of prompt draws and sampling noise (per sample: seed, epoch, index)"),
+    save_every=(10, "checkpoint every N epochs (and at the end)"),
+    grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
+    resume=(True, "continue from the latest checkpoint in --out if there is one"),
+)
+cfg = sde.parse_settings(__doc__, SETTINGS)
+
+# -----------------------------------------------------------------------------
+# Set-up: distributed, world, the policy (a LoRA on the frozen base), its reference, the rewards
+
+dist = sde.setup_distributed()
+if dist.device.type == "cpu":  # share the cores between local ranks
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+world = sde.load_world(cfg.world, dist.device)
+steps = cfg.steps or world.defaults["train_steps"]
+guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
+train_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))  # the trained timestep indices
+task_weights = rewards.parse_weights(cfg.task)
+extra_weights = rewards.parse_weights(cfg.reward) if cfg.reward else {}
+for name in list(task_weights) + list(extra_weights):
+    if name not in world.tasks:
+        raise SystemExit(f"error: --task/--reward name {name!r} is not a task of the {world.kind} world {world.tasks}")
+tag = "mix" if len(task_weights) > 1 else next(iter(task_weights))
+out = cfg.out or os.path.join(sde.HERE, "results", world.kind, "runs", f"grpo-{tag}")
+DEFAULT_BETA = {"geneval": 0.04, "ocr": 0.04, "pickscore": 0.01, "deqa": 0.01}
+beta = cfg.beta if cfg.beta is not None else min(DEFAULT_BETA[t] for t in task_weights)
+
+N = cfg.prompts_per_epoch * cfg.group_size  # images per epoch, all ranks
+first, n_local = sde.shard(N, dist)  # this rank holds global samples [first, first + n_local)
+
+transformer = world.transformer
+if cfg.full_finetune:
+    reference_world = dataclasses.replace(world, transformer=copy.deepcopy(transformer))  # the frozen base, for the KL
+    transformer.requires_grad_(True)
+    params = dict(transformer.named_parameters())
+else:
+    reference_world = None  # the base is the same module with the adapter disabled: no second copy
+    if cfg.init:
+        params = sde.load_lora(transformer, cfg.init, "policy", trainable=True)
+        transformer.set_adapter("policy")
+    else:
+        sde.add_lora(transformer, "policy", cfg.lora_rank, cfg.lora_alpha)
+    params = sde.lora_parameters(transformer, "policy")
+    for p in params.values():  # LoRA weights train in float32 even when the base is bf16
+        p.data = p.data.float()
+param_list = list(params.values())
+optimizer = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_decay)
+ema = {k: p.detach().clone().float() for k, p in params.items()}
+
+task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights}
+extra_reward = {t: rewards.get_reward(t, world.kind) for t in extra_weights}
+train_prompts = {t: sde.read_prompts(sde.prompt_file(world, t, "train")) for t in task_weights}
+
+if dist.master:
+    os.makedirs(out, exist_ok=True)
+    sde.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size))
+    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | tasks {task_weights} extra {extra_weights}")
+    print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, trained steps {train_steps} | "
+          f"{cfg.updates_per_epoch * cfg.inner_epochs} optimizer steps/epoch | {sum(p.numel() for p in param_list):,} trainable params | beta {beta} | out {out}")
+
+start_epoch, opt_step = 0, 0
+state = sde.load_checkpoint(out) if cfg.resume else None
+if state is not None:
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state["params"][k])
+    ema = {k: v.float() for k, v in state["ema"].items()}
+    optimizer.load_state_dict(state["optimizer"])
+    start_epoch, opt_step = state["epoch"], state["opt_step"]
+    if dist.master:
+        print(f"resumed from {out} at epoch {start_epoch}")
+
+
+@torch.no_grad()
+def reference_velocity(x_t, j, mb):
+    """v_ref(x_t): the base model (LoRA disabled, or the frozen copy when fully fine-tuning)."""
+    base = sde.adapter(transformer, None) if reference_world is None else contextlib.nullcontext()
+    with base:
+        return sde.predict_velocity(reference_world or world, x_t, sigmas[j].item(), embeds[mb], pooled[mb], guidance)
+
+
+def save_outputs(epoch):
+    """Exact-resume checkpoint + the EMA adapter that later stages use, written atomically (master only)."""
+    if not dist.master:
+        return
+    sde.save_checkpoint(out, epoch, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
+                                         optimizer=optimizer.state_dict(), epoch=epoch, opt_step=opt_step))
+    if cfg.full_finetune:
+        sde.save_tensors(os.path.join(out, "transformer.safetensors"), {k: v for k, v in ema.items()})
+    else:
+        sde.save_lora(transformer, "policy", os.path.join(out, "adapter.safetensors"), state_dict=ema)
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.master, initial=start_epoch, total=cfg.epochs):
+    timer = sde.Timer()
+    chosen = sde.draw_prompts(train_prompts, task_weights, cfg.prompts_per_epoch, cfg.seed, epoch)
+    index = torch.arange(first, first + n_local)  # global sample indices held by this rank
+    tasks = [chosen[i // cfg.group_size][0] for i in index.tolist()]
+    prompts = [chosen[i // cfg.group_size][1] for i in index.tolist()]
+    metadata = [chosen[i // cfg.group_size][2] for i in index.tolist()]
+    seeds = [sde.sample_seed(cfg.seed, epoch, i) for i in index.tolist()]  # per-sample seeding
+
+    # 1. On-policy sampling: G SDE trajectories per prompt, with their per-step log-probs
+    transformer.eval()
+    with timer("sampling"):
+        traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch)
+        latents, old_log_probs = traj["latents"], traj["log_probs"]  # (n_local, T+1, C, h, w), (n_local, T)
+        embeds, pooled, sigmas = traj["embeds"], traj["pooled"], traj["sigmas"]
+        images = traj["images"]  # (n_local, 3, H, W) in [0, 1]
+
+    # 2. Scalar rewards: the prompt's task reward (+ the extra weighted terms)
+    with timer("reward"):
+        reward = rewards.score_by_task(task_reward, images, prompts, metadata, tasks)
+        for name, weight in extra_weights.items():
+            reward += weight * extra_reward[name](images, prompts, metadata)
+        # every rank needs every reward: a group's images may live on several ranks
+        all_reward = sde.gather_cat(reward.to(dist.device), dist).cpu()
+        all_task = sde.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
+        per_task = {f"reward_{t}": all_reward[all_task == k].mean().item() for k, t in enumerate(task_weights) if (all_task == k).any()}
+
+    # 3. Group-normalised advantages (Flow-GRPO eq. 7): A = (r - mean_group) / (std + 1e-4), clipped
+    groups = torch.arange(N) // cfg.group_size
+    advantages, keep = sde.group_advantages(all_reward, groups, cfg.std_scope, clip=cfg.adv_clip)
+    kept = keep.nonzero().squeeze(1)  # global indices of samples in groups with reward spread
+
+    # 4. Policy update: PPO-clipped ratio loss on every trained step + beta * KL to the base (eq. 8)
+    transformer.train()
+    stats = dict(loss=[], policy=[], kl=[], ratio=[], clipfrac=[])
+    ratio_first = None
+    with timer("training"):
+        for inner in range(cfg.inner_epochs):
+            shuffle = torch.Generator().manual_seed(sde.sample_seed(cfg.seed, epoch, -1 - inner))  # same on every rank
+            perm = kept[torch.randperm(len(kept), generator=shuffle)]
+            for chunk in (perm.chunk(cfg.updates_per_epoch) if len(perm) else []):
+                optimizer.zero_grad(set_to_none=True)
+                n_chunk = len(chunk)  # global count: every rank divides by it, so the summed gradient is the global mean
+                mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first  # this rank's share, local indices
+                for mb in mine.split(cfg.train_batch):
+                    adv = advantages[mb + first].to(dist.device)
+                    for j in train_steps:
+                        x_t, x_next = latents[mb, j], latents[mb, j + 1]
+                        v = sde.predict_velocity(world, x_t, sigmas[j].item(), embeds[mb], pooled[mb], guidance)
+                        _, log_prob, _, _ = sde.sde_step_with_logprob(v, sigmas[j].item(), sigmas[j + 1].item(), x_t,
+                                                                      cfg.noise_level, prev_sample=x_next)
+                        policy_loss, ratio = sde.clipped_surrogate(log_prob, old_log_probs[mb, j], adv, cfg.clip_range)
+                        kl = torch.zeros_like(policy_loss)
+                        if beta > 0:  # KL(pi_theta || pi_ref) in closed form (sde.velocity_kl)
+                            v_ref = reference_velocity(x_t, j, mb)
+                            kl = sde.velocity_kl(v, v_ref, sigmas[j].item(), sigmas[j + 1].item(), cfg.noise_level)
+                            if cfg.kl_dt_factor:
+                                kl = kl * (sigmas[j] - sigmas[j + 1]).item()
+                        loss = policy_loss + beta * kl
+                        (loss.sum() / (n_chunk * len(train_steps))).backward()
+                        stats["loss"].append(loss.detach().mean().item())
+                        stats["policy"].append(policy_loss.detach().mean().item())
+                        stats["kl"].append(kl.detach().mean().item())
+                        stats["ratio"].extend(ratio.detach().tolist())
+                        stats["clipfrac"].append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
+                    if ratio_first is None:  # on-policy check: before the first update the ratio is exactly 1
+                        ratio_first = float(np.mean(stats["ratio"]))
+                sde.all_reduce_sum(param_list, dist)
+                grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
+                optimizer.step()
+                opt_step += 1
+                if opt_step % cfg.ema_every == 0:
+                    sde.ema_update(ema, params, cfg.ema_decay)
+
+    # 5. Log, grids, checkpoints
+    if dist.master:
+        record = dict(epoch=epoch + 1, reward=all_reward.mean().item(), **per_task, kept=len(kept) / N,
+                      kl=float(np.mean(stats["kl"])) if stats["kl"] else 0.0,
+                      policy_loss=float(np.mean(stats["policy"])) if stats["policy"] else 0.0,
+                      clipfrac=float(np.mean(stats["clipfrac"])) if stats["clipfrac"] else 0.0,
+                      ratio_mean=float(np.mean(stats["ratio"])) if stats["ratio"] else 1.0,
+                      ratio_min=float(np.min(stats["ratio"])) if stats["ratio"] else 1.0,
+                      ratio_max=float(np.max(stats["ratio"])) if stats["ratio"] else 1.0,
+                      ratio_first=ratio_first if ratio_first is not None else 1.0, opt_step=opt_step,
+                      **{f"sec_{k}": v for k, v in timer.seconds.items()})
+        sde.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
+        tqdm.write(f"epoch {epoch + 1}: reward {record['reward']:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in per_task.items())
+                   + f" | kl {record['kl']:.2e} clip {record['clipfrac']:.2f} ratio {record['ratio_mean']:.4f} | "
+                   + " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
+        if cfg.grid_every and (epoch + 1) % cfg.grid_every == 0:
+            sde.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
+    if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+        save_outputs(epoch + 1)
+
+if dist.world_size > 1:
+    torch.distributed.destroy_process_group()

