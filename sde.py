@@ -237,7 +237,7 @@ def _load_sd3(path, device, dtype):
         raise SystemExit(f"error: world {path!r} is neither 'tiny', an existing folder, nor a hub id like stabilityai/stable-diffusion-3.5-medium")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype)
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load an SD3 pipeline from {path!r}: {str(e).splitlines()[0]}")
     pipe.to(device)
