@@ -355,12 +355,15 @@ LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.t
                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
 
 
-def add_lora(transformer, name="default", rank=32, alpha=64, targets=LORA_TARGETS):
-    """Attach a fresh LoRA adapter (B = 0, so the model is unchanged) and make it the active one."""
+def add_lora(transformer, name="default", rank=32, alpha=64, targets=LORA_TARGETS, seed=0):
+    """Attach a fresh LoRA adapter (A ~ Gaussian from `seed`, B = 0: the model is unchanged) and make it
+    the active one. The seed keeps A independent of whatever used the global RNG before."""
     from peft import LoraConfig
 
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
-    transformer.add_adapter(config, adapter_name=name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config, adapter_name=name)
     transformer.set_adapter(name)
     return [p for n, p in transformer.named_parameters() if f".{name}." in n]
 
@@ -372,10 +375,13 @@ def lora_parameters(transformer, name):
 
 def save_lora(transformer, name, path, state_dict=None):
     """Write adapter `name` of the transformer to `path` (see write_lora). state_dict overrides the
-    weights (e.g. the EMA copy), keyed like peft's get_peft_model_state_dict."""
+    weights (e.g. the EMA copy), keyed like lora_parameters or like peft's get_peft_model_state_dict."""
     from peft.utils import get_peft_model_state_dict
 
-    weights = state_dict if state_dict is not None else get_peft_model_state_dict(transformer, adapter_name=name)
+    if state_dict is None:
+        weights = get_peft_model_state_dict(transformer, adapter_name=name)
+    else:  # e.g. an EMA copy keyed like lora_parameters ('...lora_A.<name>.weight'): drop the adapter name
+        weights = {k.replace(f".{name}.", "."): v for k, v in state_dict.items()}
     write_lora(path, weights, transformer.peft_config[name].to_dict())
 
 

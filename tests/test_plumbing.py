@@ -22,7 +22,8 @@ def test_lora_save_load_round_trip_and_adapter_switching(toy_world, tmp_path):
         v_base = sde.predict_velocity(toy_world, x, 0.5, e, pooled, 1.0)
     assert not torch.allclose(v_a, v_base)
 
-    sde.save_lora(t, "a", str(tmp_path / "a.safetensors"))
+    # a copy keyed like lora_parameters (what an EMA holds) saves to the same file
+    sde.save_lora(t, "a", str(tmp_path / "a.safetensors"), state_dict={k: p.detach() * 1 for k, p in sde.lora_parameters(t, "a").items()})
     sde.load_lora(t, str(tmp_path / "a.safetensors"), "b")
     assert t.peft_config["b"].r == 4 and t.peft_config["b"].lora_alpha == 8  # alpha/r = 2 survives the file
     with sde.adapter(t, "b"):

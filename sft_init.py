@@ -1,0 +1,411 @@
+"""
+sft_init.py: the SFT cold start of Flow-OPD. Sample images from each task's specialised teacher once
+(optionally best-of-N by the task's reward, as Flow-GRPO's SFT keeps the highest-reward image), cache
+their final latents x_0, then fine-tune a fresh student LoRA on the (prompt, x_0) pairs with SD3's
+rectified-flow loss. The paper's alternative to merge-init (PAPER-NOTES section 3); the official code
+calls an SFT script it never released, so this one follows Flow-GRPO's SFT recipe and SD3's loss.
+
+  1. cache     x_0 ~ teacher_task(prompt) for prompts-per-task training prompts of every task,
+               safetensors shards + index.json under <cache>, per-sample seeds (any world size gives
+               the same cache), resumable shard by shard
+  2. SFT       sigma ~ logit-normal, x_t = (1 - sigma) x_0 + sigma noise, v* = noise - x_0,
+               L = mean ||v_theta(x_t, sigma, c) - v*||^2 (+ lambda ||v_theta - v_base||^2)
+
+Commands
+  tiny world, CPU (minutes):   python sft_init.py            (teachers: assets/tiny_experts/<task>.safetensors)
+  one teacher, best-of-4:      python sft_init.py --task ocr --teachers ocr=results/tiny/runs/grpo-ocr/adapter.safetensors --best-of 4
+  SD3.5-M, one GPU:            python sft_init.py --world stabilityai/stable-diffusion-3.5-medium \
+                                 --teachers geneval=g.safetensors,ocr=o.safetensors,deqa=d.safetensors,pickscore=p.safetensors
+  one node, 8 GPUs:            torchrun --nproc_per_node 8 sft_init.py --world <sd3.5m folder> --teachers ...
+  4 nodes x 8 GPUs:            torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d \
+                                 --rdzv_endpoint $HEAD:29500 sft_init.py --world <sd3.5m folder> --teachers ...
+
+The student learns the teachers' CFG-GUIDED samples as its conditional velocity, so sampling it with
+CFG again compounds the guidance: on the tiny world (pickscore, best-of-4 base samples, 10 ODE steps)
+the student scored 0.172 at guidance 1.0 vs 0.028 at 4.5 (base: 0.124 / 0.123; cached data 0.181).
+Evaluate and distil from it at a low guidance scale.
+
+Outputs in --out: adapter.safetensors (the EMA LoRA, diffusers-loadable: opd.py --student), config.json,
+log.jsonl, checkpoints/ (exact resume: rerun the same command), cache/ (teacher samples; --cache to
+share one cache between runs: a rerun reuses its complete shards and generates only missing ones).
+"""
+
+import hashlib
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import rewards
+import sde
+
+# -----------------------------------------------------------------------------
+# Settings. None means "the world's default" (sde.World.defaults; the paper's values on SD3.5-M).
+
+SETTINGS = dict(
+    world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
+    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped experts)"),
+    task=("geneval:1,ocr:1,deqa:1,pickscore:1", "tasks to distil with their odds in a training batch (each batch item's task is drawn with these odds)"),
+    out=(None, str, "output folder (default results/<world>/runs/sft-init)"),
+    cache=(None, str, "teacher-sample cache folder (default <out>/cache); share it between runs with the same teachers"),
+    init=("", "start the student from this LoRA file instead of a fresh adapter"),
+    # 1. teacher samples
+    prompts_per_task=(256, "cached samples per task; item k uses training prompt k of a seeded shuffle (cycling, with new seeds, past the file's end)"),
+    best_of=(1, "N: sample N images per item with the teacher and keep the highest-reward one (1 = no selection)"),
+    sample_steps=(None, int, "sampling steps for the teacher (default: the world's eval steps, 20 tiny / 40 SD3)"),
+    sample_noise_level=(0.0, "0 = ODE sampling (the teachers' evaluation setting); > 0 = SDE with this noise level a"),
+    guidance_scale=(None, float, "CFG scale of teacher sampling (default: the world's, 4.5)"),
+    sample_batch=(16, "images per sampling forward, per rank"),
+    shard_size=(64, "cached items per shard file (the unit of resumable generation)"),
+    # 2. SFT
+    steps=(1000, "optimizer steps"),
+    batch=(32, "items per optimizer step, over all ranks"),
+    train_batch=(32, "items per training forward, per rank"),
+    lr=(3e-4, "AdamW learning rate"),
+    weight_decay=(1e-4, "AdamW weight decay"),
+    grad_clip=(1.0, "gradient-norm clip"),
+    logit_mean=(0.0, "mean of the logit-normal timestep density (SD3: 0)"),
+    logit_std=(1.0, "std of the logit-normal timestep density (SD3: 1)"),
+    cond_dropout=(0.0, "probability of training an item on the empty prompt (0: the LoRA leaves the base's unconditional alone, see section 2)"),
+    base_reg=(0.0, "lambda of the regulariser lambda * ||v_theta - v_base||^2 at the same x_t (0 = off)"),
+    lora_rank=(32, "LoRA rank r"),
+    lora_alpha=(64, "LoRA alpha (scale alpha / r)"),
+    ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is saved)"),
+    ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
+    probe=(16, "probe items: the first N positions of step 0's batch (fixed items, sigma, noise) whose flow loss is logged (0 = off)"),
+    probe_every=(50, "probe loss every N steps (and at step 0)"),
+    log_every=(10, "log.jsonl record every N steps"),
+    seed=(0, "seed of prompt choice, sampling noise, batches, sigmas and training noise"),
+    save_every=(100, "checkpoint every N steps (and at the end)"),
+    resume=(True, "continue from the latest checkpoint in --out if there is one"),
+)
+cfg = sde.parse_settings(__doc__, SETTINGS)
+
+# -----------------------------------------------------------------------------
+# Set-up: distributed, world, teachers, settings derived from the world
+
+dist = sde.setup_distributed()
+if dist.device.type == "cpu":  # share the cores between local ranks
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+world = sde.load_world(cfg.world, dist.device)
+transformer = world.transformer
+sample_steps = cfg.sample_steps or world.defaults["eval_steps"]
+guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
+task_weights = rewards.parse_weights(cfg.task)
+for name in task_weights:
+    if name not in world.tasks:
+        raise SystemExit(f"error: --task name {name!r} is not a task of the {world.kind} world {world.tasks}")
+out = cfg.out or os.path.join(sde.HERE, "results", world.kind, "runs", "sft-init")
+cache_dir = cfg.cache or os.path.join(out, "cache")
+
+if cfg.teachers:
+    teacher_files = {}
+    for part in cfg.teachers.split(","):
+        task, sep, path = part.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"error: --teachers part {part!r} is not task=file")
+        teacher_files[task.strip()] = path.strip()
+elif world.kind == "tiny":
+    teacher_files = {t: os.path.join(sde.HERE, "assets", "tiny_experts", f"{t}.safetensors") for t in world.tasks}
+else:
+    raise SystemExit("error: --teachers is required outside the tiny world (task=file pairs)")
+missing = [t for t in task_weights if t not in teacher_files]
+if missing:
+    raise SystemExit(f"error: tasks {missing} have no teacher in --teachers {sorted(teacher_files)}")
+for t in task_weights:
+    if not os.path.isfile(teacher_files[t]):
+        raise SystemExit(f"error: teacher file {teacher_files[t]} (task {t}) does not exist")
+if cfg.best_of < 1 or cfg.prompts_per_task < 1:
+    raise SystemExit("error: --best-of and --prompts-per-task must be >= 1")
+
+first, n_local = sde.shard(cfg.batch, dist, what="items per step (--batch)")  # this rank's block of each global batch
+train_prompts = {t: sde.read_prompts(sde.prompt_file(world, t, "train")) for t in task_weights}
+
+
+def file_digest(path):
+    """sha256 of a file: the cache key names the teacher by content, not by path or mtime."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# 1. Teacher samples, generated once. Item k of task t: prompt perm_t[k mod P] of a seeded shuffle of
+#    the training prompts, candidate c's noise from sample_seed(seed, task id, k, c). A shard is a
+#    contiguous block of one task's items, self-describing (its prompts and generation key are in its
+#    metadata), so a rerun keeps every shard whose key and prompts match and generates the rest.
+
+def task_items(task):
+    """(prompts, metadata, item ids) of the task's prompts_per_task cached items."""
+    prompts, metadata = train_prompts[task]
+    perm = np.random.default_rng([cfg.seed, world.tasks.index(task)]).permutation(len(prompts))
+    ids = list(range(cfg.prompts_per_task))
+    return [prompts[perm[k % len(prompts)]] for k in ids], [metadata[perm[k % len(prompts)]] for k in ids], ids
+
+
+def generation_key(task):
+    """Everything a cached sample depends on besides its prompt and item id."""
+    return dict(task=task, teacher=file_digest(teacher_files[task]), world=world.name, steps=sample_steps,
+                guidance_scale=guidance, noise_level=cfg.sample_noise_level, best_of=cfg.best_of, seed=cfg.seed)
+
+
+shards = []  # every shard of the cache: dict(task, file, lo, hi), in task order
+keys = {t: generation_key(t) for t in task_weights}
+items = {t: task_items(t) for t in task_weights}
+for t in task_weights:
+    for lo in range(0, cfg.prompts_per_task, cfg.shard_size):
+        hi = min(lo + cfg.shard_size, cfg.prompts_per_task)
+        shards.append(dict(task=t, file=f"{t}_{lo:06d}_{hi:06d}.safetensors", lo=lo, hi=hi))
+
+
+def shard_is_complete(s):
+    path = os.path.join(cache_dir, s["file"])
+    if not os.path.isfile(path):
+        return False
+    try:
+        _, meta = sde.load_tensors(path)
+        info = json.loads(meta["info"])
+    except Exception:  # a foreign or corrupt file: regenerate it
+        return False
+    return info["key"] == keys[s["task"]] and info["prompts"] == items[s["task"]][0][s["lo"]: s["hi"]]
+
+
+complete = [shard_is_complete(s) for s in shards]
+todo = [s for s, done in zip(shards, complete) if not done]
+if dist.world_size > 1:  # every rank must see the same to-do list before any rank writes a shard
+    torch.distributed.barrier()
+if dist.master:
+    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | tasks {task_weights} | teachers "
+          + ", ".join(f"{t}={teacher_files[t]}" for t in task_weights))
+    print(f"cache {cache_dir}: {cfg.prompts_per_task} items/task x {len(task_weights)} tasks, best-of-{cfg.best_of}, "
+          f"{'ODE' if cfg.sample_noise_level == 0 else f'SDE a={cfg.sample_noise_level}'} {sample_steps} steps, CFG {guidance}")
+    print(f"cache: reused {len(shards) - len(todo)} of {len(shards)} shards, generating {len(todo)}")
+
+# Shards are dealt round-robin to the ranks; every rank writes its own shards (atomic files) and waits.
+mine = todo[dist.rank:: dist.world_size]
+loaded_teachers = []
+for s in tqdm(mine, desc="teacher samples", disable=not dist.master):
+    t = s["task"]
+    name = f"teacher_{t}"
+    if name not in loaded_teachers:
+        sde.load_lora(transformer, teacher_files[t], name, trainable=False)
+        loaded_teachers.append(name)
+    prompts, metadata, ids = (x[s["lo"]: s["hi"]] for x in items[t])
+    n = len(ids)
+    # best-of-N: candidates are laid out item-major, (n * N,), candidate c of item k at k * N + c
+    cand_prompts = [p for p in prompts for _ in range(cfg.best_of)]
+    cand_meta = [m for m in metadata for _ in range(cfg.best_of)]
+    seeds = [sde.sample_seed(cfg.seed, world.tasks.index(t), k, c) for k in ids for c in range(cfg.best_of)]
+    transformer.eval()
+    with sde.adapter(transformer, name):
+        traj = sde.sample(world, cand_prompts, sample_steps, guidance, cfg.sample_noise_level, seeds=seeds, batch_size=cfg.sample_batch)
+    reward = rewards.get_reward(t, world.kind)(traj["images"], cand_prompts, cand_meta).view(n, cfg.best_of)  # (n, N)
+    best = reward.argmax(dim=1)  # the first of equal rewards
+    x0 = traj["latents"][:, -1].view(n, cfg.best_of, *world.latent_shape)[torch.arange(n), best]  # (n, C, h, w)
+    info = dict(key=keys[t], prompts=prompts, metadata=metadata, ids=ids,
+                seeds=[seeds[k * cfg.best_of + int(best[k])] for k in range(n)], reward_mean_of_candidates=reward.mean().item())
+    sde.save_tensors(os.path.join(cache_dir, s["file"]), dict(x0=x0, reward=reward[torch.arange(n), best]),
+                     metadata={"info": json.dumps(info)})
+    if s["lo"] == 0 and dist.master:
+        images = world.decode(x0[:16])
+        sde.save_grid(images, os.path.join(cache_dir, f"samples_{t}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
+if loaded_teachers:  # the teachers are done: only the base and the student remain on the transformer
+    with warnings.catch_warnings():  # peft notes which adapter it makes active; the student is set below
+        warnings.simplefilter("ignore")
+        transformer.delete_adapters(loaded_teachers)
+if dist.world_size > 1:
+    torch.distributed.barrier()
+
+# The whole cache in memory, items in shard order: global item ids 0..M-1; task_ranges[t] = (first id, count).
+x0_all, reward_all, prompts_all, meta_all, task_ranges = [], [], [], [], {}
+for s in shards:
+    tensors, meta = sde.load_tensors(os.path.join(cache_dir, s["file"]))
+    info = json.loads(meta["info"])
+    start = task_ranges.setdefault(s["task"], (len(prompts_all), 0))[0]
+    x0_all.append(tensors["x0"])
+    reward_all.append(tensors["reward"])
+    prompts_all += info["prompts"]
+    meta_all += info["metadata"]
+    task_ranges[s["task"]] = (start, len(prompts_all) - start)
+x0_all, reward_all = torch.cat(x0_all).float(), torch.cat(reward_all)  # (M, C, h, w), (M,)
+if dist.master:
+    sde.write_json(os.path.join(cache_dir, "index.json"), dict(
+        keys=keys, shards=shards, items=len(prompts_all),
+        reward={t: reward_all[a: a + n].mean().item() for t, (a, n) in task_ranges.items()}))
+
+# -----------------------------------------------------------------------------
+# 2. The student: a fresh LoRA on the frozen base (or --init), AdamW, EMA
+
+torch.manual_seed(cfg.seed)  # a fresh LoRA's A is random: the same init whether or not teachers were loaded first
+if cfg.init:
+    sde.load_lora(transformer, cfg.init, "student", trainable=True)
+else:
+    sde.add_lora(transformer, "student", cfg.lora_rank, cfg.lora_alpha)
+transformer.set_adapter("student")
+params = sde.lora_parameters(transformer, "student")
+for p in params.values():  # LoRA weights train in float32 even when the base is bf16
+    p.data = p.data.float()
+    p.requires_grad_(True)
+param_list = list(params.values())
+optimizer = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_decay)
+ema = {k: p.detach().clone().float() for k, p in params.items()}
+
+if dist.master:
+    os.makedirs(out, exist_ok=True)
+    sde.write_json(os.path.join(out, "config.json"), dict(vars(cfg), out=out, cache=cache_dir, teachers=teacher_files,
+                                                           sample_steps=sample_steps, guidance_scale=guidance, world_size=dist.world_size))
+    print("cache size: " + ", ".join(f"{t} {n} items (teacher reward {reward_all[a: a + n].mean().item():.3f})"
+                                      for t, (a, n) in task_ranges.items()))
+    print(f"{cfg.steps} steps x {cfg.batch} items = {cfg.steps * cfg.batch / len(prompts_all):.1f} passes over {len(prompts_all)} cached items | "
+          f"{n_local} items/rank/step in forwards of {cfg.train_batch} | {sum(p.numel() for p in param_list):,} trainable params "
+          f"(r={transformer.peft_config['student'].r}) | lr {cfg.lr} | cond-dropout {cfg.cond_dropout} | base-reg {cfg.base_reg} | "
+          f"EMA {cfg.ema_decay} every {cfg.ema_every} | out {out}")
+    if cfg.steps < cfg.ema_every:
+        print(f"warning: {cfg.steps} steps < --ema-every {cfg.ema_every}: the saved EMA adapter equals the initial one")
+
+start_step = 0
+state = sde.load_checkpoint(out) if cfg.resume else None
+if state is not None:
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state["params"][k])
+    ema = {k: v.float() for k, v in state["ema"].items()}
+    optimizer.load_state_dict(state["optimizer"])
+    start_step = state["step"]
+    if dist.master:
+        print(f"resumed from {out} at step {start_step}")
+
+
+def draw(step, positions):
+    """The items and randomness of global batch positions `positions` at `step`, a function of
+    (seed, step, position) only: resume and world size do not change the run.
+    Returns (item ids (n,), sigma (n,), noise (n, C, h, w), drop (n,) bool)."""
+    ids, sigmas, noises, drops = [], [], [], []
+    names = list(task_weights)
+    odds = np.array([task_weights[t] for t in names], dtype=np.float64)
+    for b in positions:
+        rng = np.random.default_rng([cfg.seed, step, b, 1])
+        a, n = task_ranges[names[rng.choice(len(names), p=odds / odds.sum())]]
+        ids.append(a + int(rng.integers(n)))
+        g = torch.Generator().manual_seed(sde.sample_seed(cfg.seed, step, b))
+        # logit-normal sigma (SD3, "logit_normal" weighting scheme), then the world's shift as SD3's
+        # training scheduler applies it (shift 3.0 on SD3; 1.0 in the tiny world)
+        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn((), generator=g))
+        sigmas.append(sde.shift_sigma(u, world.defaults["shift"]))
+        noises.append(torch.randn(world.latent_shape, generator=g))
+        drops.append(torch.rand((), generator=g).item() < cfg.cond_dropout)
+    return torch.tensor(ids), torch.stack(sigmas), torch.stack(noises), torch.tensor(drops, dtype=torch.bool)
+
+
+def flow_loss(ids, sigma, noise, drop, base_reg):
+    """Per-item losses (n,) of SD3's rectified-flow objective, and the base-regulariser term (n,):
+        x_t = (1 - sigma) x_0 + sigma noise,   v* = noise - x_0,
+        L = mean_dims ||v_theta(x_t, sigma, c) - v*||^2  +  lambda mean_dims ||v_theta - v_base||^2
+    No CFG in training (guidance 1: one conditional forward); dropped items see the empty prompt."""
+    x0 = x0_all[ids].to(world.device)
+    noise = noise.to(world.device)
+    s = sigma.to(world.device).view(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    target = noise - x0
+    embeds, pooled = world.encode_prompts(["" if d else prompts_all[i] for i, d in zip(ids.tolist(), drop.tolist())])
+    v = sde.predict_velocity(world, x_t, sigma, embeds, pooled, 1.0)
+    loss = ((v - target) ** 2).mean(dim=(1, 2, 3))
+    reg = torch.zeros_like(loss)
+    if base_reg > 0:
+        with torch.no_grad(), sde.adapter(transformer, None):  # the frozen base: adapters disabled
+            v_base = sde.predict_velocity(world, x_t, sigma, embeds, pooled, 1.0)
+        reg = ((v - v_base) ** 2).mean(dim=(1, 2, 3))
+    return loss, reg
+
+
+# The probe is positions 0..probe-1 of step 0's draw: with probe <= batch it is (the start of) the first
+# step's own batch, so log.jsonl shows what one step does to the loss of the batch it was computed on.
+probe = draw(0, range(cfg.probe)) if cfg.probe else None
+
+
+@torch.no_grad()
+def probe_loss():
+    """Flow loss of the current (raw, not EMA) student on the fixed probe items, and of predicting v = 0
+    (the scale: 1 - probe / zero is the fraction of the target's energy the student explains)."""
+    ids, sigma, noise, drop = probe
+    losses = torch.cat([flow_loss(*(x[c] for x in (ids, sigma, noise, drop)), 0.0)[0].cpu() for c in torch.arange(len(ids)).split(cfg.train_batch)])
+    zero = ((noise - x0_all[ids]) ** 2).mean(dim=(1, 2, 3))
+    return losses.mean().item(), zero.mean().item()
+
+
+def save_outputs(step):
+    """Exact-resume checkpoint + the EMA adapter that later stages use, written atomically (master only)."""
+    if not dist.master:
+        return
+    sde.save_checkpoint(out, step, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
+                                        optimizer=optimizer.state_dict(), step=step))
+    # save_lora wants peft's state-dict keys, which lack the adapter name that named_parameters() has
+    sde.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"),
+                  state_dict={k.replace(".student.", "."): v for k, v in ema.items()})
+
+
+# -----------------------------------------------------------------------------
+# Training loop. Each rank holds global batch positions [first, first + n_local); it back-propagates
+# sum(its losses) / batch, so the summed gradient is the global mean whatever the world size.
+#
+# Conditioning dropout defaults to 0: SD3 drops captions in pre-training so that ONE network also
+# learns the unconditional velocity; here the base already has it, and training the LoRA's
+# unconditional branch on the teachers' CFG-sharpened samples would pull v_uncond toward v_cond and
+# shrink the guidance direction that produced them. --cond-dropout 0.1 restores SD3's recipe.
+
+if dist.master and probe is not None and start_step == 0:
+    p, zero = probe_loss()
+    sde.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=0, probe_loss=p, probe_zero=zero), echo=False)
+    tqdm.write(f"step 0: probe loss {p:.6f} (v = 0 would give {zero:.4f})")
+
+stats = dict(loss=[], reg=[], grad_norm=[])
+for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.master, initial=start_step, total=cfg.steps):
+    timer = sde.Timer()
+
+    # 1. This rank's items of the global batch, with their sigma, noise and dropout
+    ids, sigma, noise, drop = draw(step, range(first, first + n_local))
+
+    # 2. Rectified-flow loss (SD3) + optional base regulariser, gradient summed over micro-batches
+    transformer.train()
+    optimizer.zero_grad(set_to_none=True)
+    with timer("training"):
+        losses, regs = [], []
+        for mb in torch.arange(n_local).split(cfg.train_batch):
+            loss, reg = flow_loss(ids[mb], sigma[mb], noise[mb], drop[mb], cfg.base_reg)
+            ((loss + cfg.base_reg * reg).sum() / cfg.batch).backward()
+            losses.append(loss.detach())
+            regs.append(reg.detach())
+
+    # 3. Summed gradients over ranks, clip, AdamW, EMA
+    sde.all_reduce_sum(param_list, dist)
+    grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
+    optimizer.step()
+    if (step + 1) % cfg.ema_every == 0:
+        sde.ema_update(ema, params, cfg.ema_decay)
+
+    # 4. Log (global means over ranks), probe, checkpoints
+    stats["loss"].append(sde.gather_cat(torch.cat(losses), dist).mean().item())
+    stats["reg"].append(sde.gather_cat(torch.cat(regs), dist).mean().item())
+    stats["grad_norm"].append(grad_norm.item())
+    record = {}
+    if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        record = dict(loss=float(np.mean(stats["loss"])), base_reg=float(np.mean(stats["reg"])),
+                      grad_norm=float(np.mean(stats["grad_norm"])), **{f"sec_{k}": v for k, v in timer.seconds.items()})
+        stats = dict(loss=[], reg=[], grad_norm=[])
+    if dist.master:
+        if probe is not None and ((step + 1) % cfg.probe_every == 0 or step + 1 == cfg.steps):
+            record["probe_loss"], record["probe_zero"] = probe_loss()
+        if record:
+            sde.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=step + 1, **record), echo=False)
+            tqdm.write(f"step {step + 1}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
+    if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        save_outputs(step + 1)
+
+if dist.world_size > 1:
+    torch.distributed.destroy_process_group()
