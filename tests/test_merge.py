@@ -224,6 +224,8 @@ def _bad(toy_world, tmp_path, case):
         return [good, good], ["--weights", "1,nan"], r"NaN or inf"
     if case == "weights-negative":
         return [good, good], ["--weights", "1,-1", "--method", "ties"], r"negative weight, meaningless for ties"
+    if case == "weights-zero":
+        return [good, good], ["--weights", "0,0"], r"all zero"
     if case == "empty":
         return [], [], r"--adapters is empty"
     if case == "fold-base":
@@ -233,7 +235,7 @@ def _bad(toy_world, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["targets", "shapes", "ranks-lora-mean", "not-safetensors", "not-lora", "missing",
-                                  "weights-count", "weights-nan", "weights-negative", "empty", "fold-base"])
+                                  "weights-count", "weights-nan", "weights-negative", "weights-zero", "empty", "fold-base"])
 def test_bad_inputs_stop_with_one_error_line_and_write_nothing(toy_world, tmp_path, case):
     adapters, extra, pattern = _bad(toy_world, tmp_path, case)
     out = tmp_path / "out" / "merged.safetensors"
