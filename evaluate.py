@@ -1,0 +1,421 @@
+"""
+evaluate.py: the paper's tables from any set of checkpoints (Flow-OPD, arXiv 2605.08063, section 5).
+
+Every model is the one shared base with (or without) a LoRA adapter, sampled as the paper evaluates:
+the deterministic ODE (noise level 0) with the world's evaluation steps and CFG (40 steps, 4.5 on
+SD3.5-M), and the same prompts and seeds for every model, so differences are the models':
+    seed of image k of prompt i = seed + i * images_per_prompt + k
+Tables (printed as Markdown, saved as JSON + Markdown under --out):
+  main     each task on its own test split with its own reward, and the paper's Average: on SD3
+           mean(GenEval, OCR, DeQA / 5, PickScore / 26) (rewards.paper_average: DeQA is a 1-5 MOS,
+           PickScore ~ 18-24 and Flow-GRPO divides it by 26); in the tiny world every reward is
+           already in [0, 1] and the Average is the plain mean.
+  ood      held-out compositions, T2I-CompBench-style categories (tiny world: prompts/tiny/ood_test.txt;
+           SD3 needs T2I-CompBench's own evaluators, which are not shipped: the table says so).
+  quality  quality rewards on a common prompt set (the deqa + pickscore test prompts) and, in the tiny
+           world, within-prompt diversity (needs images_per_prompt >= 2).
+Plus grid_<model>.png (the first prompts of every task, same seeds for all models), grid_compare.png
+(one row per model) and main.png (the main table as bars: the seesaw at a glance).
+
+Resumable: every prompt's per-image scores are cached in --cache, one JSON per (model, prompt set),
+named by a hash of the model file's sha256, the base weights and the sampling settings (a changed
+checkpoint is re-evaluated; --limit only takes a prefix, so raising it reuses what is there). An
+interrupted run continues; a rerun with everything cached samples nothing.
+
+Commands:
+  # CPU, tiny world (2 cores: a few minutes with --limit 16)
+  python evaluate.py --world tiny --models base,grpo-ocr=results/tiny/runs/grpo-ocr/adapter.safetensors --limit 16
+  # 1 GPU, SD3.5-Medium (GenEval / DeQA reward servers running, see rewards.py)
+  python evaluate.py --world /models/stable-diffusion-3.5-medium --models base,opd=results/sd3/runs/opd/adapter.safetensors
+  # N GPUs on one node: prompts are split over ranks, identical numbers to 1 process
+  torchrun --standalone --nproc_per_node 8 evaluate.py --world /models/stable-diffusion-3.5-medium --models ...
+  # 4 nodes x 8 GPUs
+  torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $MASTER:29500 evaluate.py --world ... --models ...
+"""
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import rewards
+import sde
+
+# -----------------------------------------------------------------------------
+# Settings. None means "the world's default" (sde.World.defaults; the paper's values on SD3.5-M).
+
+SETTINGS = dict(
+    world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
+    models=("base", "comma-separated 'base' (no adapter) and label=path/to/adapter.safetensors entries"),
+    tables=("main,ood,quality", "which tables to make: main, ood, quality"),
+    tasks=("", "tasks of the main table (default: all of the world's; e.g. 'ocr,pickscore' without reward servers)"),
+    quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore')"),
+    images_per_prompt=(None, int, "images per prompt (default: tiny 2, sd3 4 as GenEval)"),
+    limit=(0, "evaluate the first K prompts of each prompt file (0 = all)"),
+    steps=(None, int, "ODE steps (default: the world's eval_steps; 40 on SD3)"),
+    guidance_scale=(None, float, "CFG scale (default: the world's; 4.5 on SD3)"),
+    seed=(0, "base seed: image k of prompt i starts from noise seeded seed + i * images_per_prompt + k"),
+    batch_size=(32, "images per sampling forward, per rank"),
+    chunk_prompts=(16, "prompts per rank between cache writes (what an interruption can lose)"),
+    grid_prompts=(2, "prompts per main-table task in the sample grids (image k = 0 of each)"),
+    deqa_scale=(1.0, "sd3 only: multiply the DeQA server's answers (5 against yifan123/reward-server, which answers in [0.2, 1])"),
+    threads=(0, "CPU only: torch threads per rank (0 = cores / ranks; 1 when the cores are shared with other work)"),
+    out=(None, str, "folder of the tables and plots (default results/<world kind>)"),
+    cache=(None, str, "folder of the per-image score cache (default <out>/eval_cache)"),
+)
+cfg = sde.parse_settings(__doc__, SETTINGS)
+
+OOD_CATEGORIES = ("colour", "shape", "spatial", "numeracy")  # tiny_world's held-out compositions
+QUALITY_SETS = ("deqa", "pickscore")  # the quality table's common prompts: these tasks' test splits
+NOT_WIRED = "ImageReward, HPS-v2.1 and the QwenVL judge of the paper's quality table are not wired in"
+
+# -----------------------------------------------------------------------------
+# Set-up: distributed, world, models, prompt sets and what each set is scored with
+
+dist = sde.setup_distributed()
+if dist.device.type == "cpu":  # share the cores between local ranks
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world_size))
+world = sde.load_world(cfg.world, dist.device)
+sd3 = world.kind == "sd3"
+steps = cfg.steps or world.defaults["eval_steps"]
+guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
+K = cfg.images_per_prompt or (4 if sd3 else 2)
+tables = [t.strip() for t in cfg.tables.split(",") if t.strip()]
+for t in tables:
+    if t not in ("main", "ood", "quality"):
+        raise SystemExit(f"error: unknown table {t!r}: main, ood or quality")
+main_tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or list(world.tasks)
+for t in main_tasks:
+    if t not in world.tasks:
+        raise SystemExit(f"error: --tasks {t!r} is not a task of the {world.kind} world {world.tasks}")
+quality_metrics = [m.strip() for m in (cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore")).split(",")]
+if "quality" in tables and K < 2 and not sd3:
+    raise SystemExit("error: the quality table's diversity compares images of one prompt: use --images-per-prompt 2 or more")
+out = cfg.out or os.path.join(sde.HERE, "results", world.kind)
+cache_dir = cfg.cache or os.path.join(out, "eval_cache")
+
+models = {}  # label -> LoRA path (None = the base model)
+for entry in (e.strip() for e in cfg.models.split(",") if e.strip()):
+    label, sep, path = entry.partition("=")
+    if not sep and label != "base":
+        raise SystemExit(f"error: --models entry {entry!r}: write 'base' or label=path/to/adapter.safetensors")
+    if sep and not os.path.isfile(path):
+        raise SystemExit(f"error: --models {label}: LoRA file {path} does not exist")
+    if label in models or not re.fullmatch(r"[\w.+-]+", label):
+        raise SystemExit(f"error: --models label {label!r} is repeated or has characters other than letters, digits, _ . + -")
+    models[label] = path or None
+
+# prompt set -> the rewards its images are scored with (a set shared by two tables is sampled once)
+set_metrics = {}
+if "main" in tables:
+    for t in main_tasks:
+        set_metrics.setdefault(t, set()).add(t)
+if "quality" in tables:
+    for t in QUALITY_SETS:
+        set_metrics.setdefault(t, set()).update(quality_metrics + ([] if sd3 else ["diversity"]))
+if "ood" in tables and not sd3:
+    set_metrics["ood"] = {"ood"}
+prompt_sets = {}  # set -> (file, prompts, metadata), first --limit prompts
+for name in set_metrics:
+    path = sde.prompt_file(world, name, "test")
+    prompts, metadata = sde.read_prompts(path)
+    n = min(cfg.limit, len(prompts)) if cfg.limit > 0 else len(prompts)
+    prompt_sets[name] = (path, prompts[:n], metadata[:n])
+
+options = {"deqa": dict(scale=cfg.deqa_scale)} if sd3 else {}
+scorers = {m: rewards.get_reward(m, world.kind, **options.get(m, {}))
+           for ms in set_metrics.values() for m in ms if m not in ("ood", "diversity")}
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def base_fingerprint(transformer):
+    """A cheap identity of the base weights (the first 4096 values of every 8th tensor): a rebuilt
+    tiny base, or another SD3 folder, must not reuse cached scores."""
+    h = hashlib.sha256(world.name.encode())
+    for i, (n, p) in enumerate(transformer.state_dict().items()):
+        if i % 8 == 0 and "lora_" not in n:
+            h.update(n.encode() + p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+base_id = base_fingerprint(world.transformer)
+model_ids = {label: sha256_file(path) if path else "base" for label, path in models.items()}
+sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale=guidance,
+                shift=world.defaults["shift"], images_per_prompt=K, seed=cfg.seed, noise_level=0.0)
+
+
+def cache_path(label, name):
+    """One JSON per (model, prompt set), named by everything its scores depend on."""
+    key = dict(sampling, model=model_ids[label], prompts=sha256_file(prompt_sets[name][0]),
+               options=options if name in ("deqa", "pickscore") else {})
+    return os.path.join(cache_dir, f"{label}-{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json")
+
+
+def read_cache(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["prompts"]
+
+
+def has_scores(entry, prompt, metrics):
+    """A cached prompt counts only if it is the same prompt and holds every metric asked for now."""
+    if entry is None or entry.get("prompt") != prompt:
+        return False
+    return all(any(k.startswith("ood_") for k in entry) if m == "ood" else m in entry for m in metrics)
+
+
+def seeds_of(i):
+    return [cfg.seed + i * K + k for k in range(K)]
+
+
+# columns of the gathered score tensor of a prompt set: (prompts, K, columns); NaN = not scored
+def columns_of(name):
+    cols = sorted(m for m in set_metrics[name] if m not in ("ood", "diversity"))
+    if "ood" in set_metrics[name]:
+        cols += [f"ood_{c}" for c in OOD_CATEGORIES]
+    if "diversity" in set_metrics[name]:
+        cols.append("diversity")  # a per-prompt value, repeated over the K images
+    return cols
+
+
+def score_prompts(name, images, units):
+    """Score the images of whole prompts: images (len(units) * K, 3, H, W) -> (len(units), K, columns)."""
+    _, prompts, metadata = prompt_sets[name]
+    cols = columns_of(name)
+    p = [prompts[i] for i in units for _ in range(K)]
+    meta = [metadata[i] for i in units for _ in range(K)]
+    scores = torch.full((len(units) * K, len(cols)), float("nan"))
+    for c, col in enumerate(cols):
+        if col in scorers:
+            scores[:, c] = scorers[col](images, p, meta)
+    if "ood" in set_metrics[name]:  # one call per image: the categories are per prompt
+        for j in range(len(p)):
+            for cat, value in rewards.ood_scores(images[j: j + 1], p[j: j + 1], world.kind).items():
+                if cat not in OOD_CATEGORIES:
+                    raise SystemExit(f"error: OOD category {cat!r} is not one of {OOD_CATEGORIES}")
+                scores[j, cols.index(f"ood_{cat}")] = value
+    scores = scores.reshape(len(units), K, len(cols))
+    if "diversity" in set_metrics[name]:
+        for u, i in enumerate(units):
+            scores[u, :, -1] = rewards.diversity(images[u * K: (u + 1) * K], [prompts[i]] * K, world.kind)
+    return scores
+
+
+def barrier():
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+
+
+grid_sets = [t for t in main_tasks if t in prompt_sets] or list(prompt_sets)
+grid_units = [(t, i) for t in grid_sets for i in range(min(cfg.grid_prompts, len(prompt_sets[t][1])))]
+if dist.master:
+    os.makedirs(out, exist_ok=True)
+    sde.write_json(os.path.join(out, "eval_config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, images_per_prompt=K,
+                                                               world_size=dist.world_size, models=models, model_sha256=model_ids))
+    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | ODE {steps} steps, CFG {guidance}, "
+          f"shift {world.defaults['shift']} | {K} images/prompt, seeds {cfg.seed} + i * {K} + k | tables {tables}")
+    for name, (path, prompts, _) in prompt_sets.items():
+        print(f"  set {name:10s} {len(prompts):5d} prompts x {K} = {len(prompts) * K:6d} images, scored by {columns_of(name)} ({os.path.relpath(path, sde.HERE)})")
+    print(f"{sum(len(p[1]) for p in prompt_sets.values()) * K} images per model, {len(models)} models {list(models)} | cache {cache_dir}")
+
+# -----------------------------------------------------------------------------
+# Sampling and scoring: for each model, each prompt set, the prompts the cache lacks
+
+transformer = world.transformer
+grids = {}  # label -> (grid images, 3, H, W)
+for label, path in models.items():
+    adapter_name = None
+    todo = {}
+    for name in prompt_sets:  # every rank reads the cache before the master writes any of it
+        cached = read_cache(cache_path(label, name))
+        _, prompts, _ = prompt_sets[name]
+        todo[name] = [i for i in range(len(prompts)) if not has_scores(cached.get(str(i)), prompts[i], set_metrics[name])]
+    grid_file = os.path.join(cache_dir, f"{label}-grid-{hashlib.sha256(json.dumps([sampling, model_ids[label], grid_units, [prompt_sets[t][1][i] for t, i in grid_units]]).encode()).hexdigest()[:12]}.safetensors")
+    need_grid = dist.master and not os.path.isfile(grid_file)
+    barrier()
+    n_todo = sum(len(v) for v in todo.values())
+    if dist.master:
+        print(f"{label}: {n_todo} of {sum(len(p[1]) for p in prompt_sets.values())} prompts to sample ({n_todo * K} images), rest cached")
+    if path and (n_todo or need_grid):
+        adapter_name = "eval_" + re.sub(r"\W", "_", label)
+        sde.load_lora(transformer, path, adapter_name)
+
+    with sde.adapter(transformer, adapter_name):
+        bar = tqdm(total=n_todo * K, desc=label, unit="img", disable=not dist.master or n_todo == 0)
+        for name, missing in todo.items():
+            _, prompts, _ = prompt_sets[name]
+            file = cache_path(label, name)
+            cached = read_cache(file) if dist.master else {}
+            step = cfg.chunk_prompts * dist.world_size
+            for c in range(0, len(missing), step):
+                units = missing[c: c + step]
+                n_local = math.ceil(len(units) / dist.world_size)
+                mine = units[dist.rank::dist.world_size]  # strided: ranks get near-equal shares
+                scores = torch.full((n_local, K, len(columns_of(name))), float("nan"))
+                if mine:
+                    batch_prompts = [prompts[i] for i in mine for _ in range(K)]
+                    seeds = [s for i in mine for s in seeds_of(i)]
+                    images = sde.sample(world, batch_prompts, steps, guidance, noise_level=0, seeds=seeds,
+                                        batch_size=cfg.batch_size)["images"]  # (len(mine) * K, 3, H, W) in [0, 1]
+                    scores[: len(mine)] = score_prompts(name, images, mine)
+                ids = torch.tensor(mine + [-1] * (n_local - len(mine)))  # -1 = padding row
+                all_scores = sde.gather_cat(scores.to(dist.device), dist).cpu()  # (n_local * world_size, K, columns)
+                all_ids = sde.gather_cat(ids.to(dist.device), dist).cpu()
+                if dist.master:
+                    for row, i in enumerate(all_ids.tolist()):
+                        if i < 0:
+                            continue
+                        entry = {"prompt": prompts[i]}
+                        for col, values in zip(columns_of(name), all_scores[row].T):
+                            if col == "diversity":
+                                entry[col] = values[0].item()
+                            elif not values.isnan().all():
+                                entry[col] = values.tolist()
+                        cached[str(i)] = entry
+                    sde.write_json(file, dict(settings=dict(sampling, model=model_ids[label], set=name), prompts=cached))
+                bar.update(len(units) * K)
+        bar.close()
+
+        if need_grid:  # image k = 0 of the first prompts of each task: the same seeds as in the tables
+            grid_prompts = [prompt_sets[t][1][i] for t, i in grid_units]
+            images = sde.sample(world, grid_prompts, steps, guidance, noise_level=0, seeds=[seeds_of(i)[0] for _, i in grid_units],
+                                batch_size=cfg.batch_size)["images"]
+            sde.save_tensors(grid_file, {"images": images})
+    if adapter_name:
+        transformer.delete_adapters(adapter_name)
+    if dist.master:
+        grids[label] = sde.load_tensors(grid_file)[0]["images"]
+    barrier()
+
+# -----------------------------------------------------------------------------
+# Tables (master): means over the cached per-image scores of the prompts evaluated now
+
+
+def mean_of(label, name, col):
+    """Mean of one column over every image of the set's first --limit prompts (NaN where not scored)."""
+    cached = read_cache(cache_path(label, name))
+    values = [v for i in range(len(prompt_sets[name][1])) for v in np.atleast_1d(cached[str(i)].get(col, []))]
+    return float(np.mean(values)) if values else None
+
+
+def fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(title, columns, rows, note=""):
+    lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(r[c] if isinstance(r[c], str) else fmt(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines + ([f"", note] if note else [])) + "\n"
+
+
+def save_table(name, title, columns, rows, note=""):
+    sde.write_json(os.path.join(out, f"{name}.json"), dict(rows=rows, **({"note": note} if note else {}), settings=sampling,
+                                                           prompts={s: len(prompt_sets[s][1]) for s in prompt_sets}))
+    text = markdown(title, columns, rows, note)
+    sde.atomic_write(os.path.join(out, f"{name}.md"), text)
+    print("\n" + text)
+
+
+if dist.master:
+    n_prompts = ", ".join(f"{s} {len(prompt_sets[s][1])}" for s in prompt_sets)
+    setting_note = f"ODE {steps} steps, CFG {guidance}, {K} images/prompt, seed {cfg.seed}; prompts: {n_prompts}."
+
+    if "main" in tables:
+        rows = []
+        for label in models:
+            row = {"model": label}
+            for t in rewards.TINY_REWARDS:  # the paper's column order: geneval, ocr, deqa, pickscore
+                row[t] = mean_of(label, t, t) if t in main_tasks else None
+            if sd3 and row["pickscore"] is not None:
+                row["pickscore"] *= rewards.PICKSCORE_SCALE  # the reward is logit/26; the paper reports the logit
+            parts = [row[t] for t in rewards.TINY_REWARDS]
+            if None in parts:
+                row["average"] = None
+            else:  # sd3: mean(GenEval, OCR, DeQA/5, PickScore/26); tiny: every reward is in [0, 1] already
+                row["average"] = rewards.paper_average(*parts) if sd3 else float(np.mean(parts))
+            rows.append(row)
+        main_rows = rows
+        avg = "mean(GenEval, OCR, DeQA/5, PickScore/26)" if sd3 else "the plain mean (tiny-world rewards are in [0, 1])"
+        save_table("main", "Main table: each task on its own test split", ["model", *rewards.TINY_REWARDS, "average"], rows,
+                   f"Average = {avg}. {setting_note}")
+
+    if "ood" in tables:
+        columns = ["model", *OOD_CATEGORIES, "overall"]
+        if sd3:
+            save_table("ood", "Out-of-domain compositions (T2I-CompBench)", columns, [],
+                       "Not evaluated: the SD3 OOD numbers need T2I-CompBench's own evaluators (BLIP-VQA, UniDet, ...), "
+                       "which are not shipped with this code; run them on images sampled with these settings.")
+        else:
+            rows = []
+            for label in models:
+                row = {"model": label, **{c: mean_of(label, "ood", f"ood_{c}") for c in OOD_CATEGORIES}}
+                present = [row[c] for c in OOD_CATEGORIES if row[c] is not None]
+                row["overall"] = float(np.mean(present)) if present else None  # mean of the category means
+                rows.append(row)
+            save_table("ood", "Out-of-domain compositions (held-out, GenEval-strict correctness)", columns, rows,
+                       f"Overall = mean of the category means. {setting_note}")
+
+    if "quality" in tables:
+        metrics = quality_metrics + ([] if sd3 else ["diversity"])
+        rows = []
+        for label in models:
+            row = {"model": label}
+            for m in metrics:  # pooled over both prompt sets, each image (or prompt, for diversity) counted once
+                values = [(mean_of(label, s, m), len(prompt_sets[s][1])) for s in QUALITY_SETS]
+                values = [(v, n) for v, n in values if v is not None]
+                row[m] = sum(v * n for v, n in values) / sum(n for _, n in values) if values else None
+                if sd3 and m == "pickscore" and row[m] is not None:
+                    row[m] *= rewards.PICKSCORE_SCALE
+            rows.append(row)
+        note = f"Prompts: the {' + '.join(QUALITY_SETS)} test splits. " + (
+            f"{NOT_WIRED}." if sd3 else "Diversity = mean pairwise RMS pixel distance between the images of one prompt.")
+        save_table("quality", "Quality", ["model", *metrics], rows, f"{note} {setting_note}")
+
+    # -------------------------------------------------------------------------
+    # Pictures: one grid per model, one comparison grid (a row per model), the main table as bars
+
+    scale = max(1, 128 // world.defaults["resolution"])
+    for label, images in grids.items():
+        sde.save_grid(images, os.path.join(out, f"grid_{label}.png"), nrow=len(images), scale=scale)
+    sde.save_grid(torch.cat(list(grids.values())), os.path.join(out, "grid_compare.png"), nrow=len(grid_units), scale=scale)
+    print(f"grids: columns = {', '.join(f'{t}[{i}]' for t, i in grid_units)}; grid_compare.png rows = {', '.join(grids)}")
+    if "main" in tables:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        norm = {"deqa": rewards.DEQA_MAX, "pickscore": rewards.PICKSCORE_SCALE} if sd3 else {}
+        metrics = [*rewards.TINY_REWARDS, "average"]
+        fig, ax = plt.subplots(figsize=(1.6 * len(metrics) + 0.4 * len(main_rows), 3.5))
+        width = 0.8 / len(main_rows)
+        for r, row in enumerate(main_rows):  # missing columns (tasks not evaluated) drawn as 0
+            heights = [(row[m] or 0) / norm.get(m, 1) for m in metrics]
+            ax.bar(np.arange(len(metrics)) + (r - (len(main_rows) - 1) / 2) * width, heights, width, label=row["model"])
+        ax.set_xticks(range(len(metrics)), [m + (f" / {norm[m]:g}" if m in norm else "") for m in metrics])
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8, ncol=min(4, len(main_rows)))
+        ax.set_title(f"{world.kind}: main table")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120)
+        plt.close(fig)
+        sde.atomic_write(os.path.join(out, "main.png"), buffer.getvalue())
+    print(f"tables and pictures in {out}")
+
+if dist.world_size > 1:
+    torch.distributed.destroy_process_group()

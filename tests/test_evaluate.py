@@ -1,0 +1,145 @@
+"""evaluate.py: the paper's Average column from its own numbers, and the real script on the tiny world:
+deterministic, 2 processes == 1 process, a resumed (partly cached) evaluation == a fresh one, a full
+cache samples nothing, and main.json's schema."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import rewards
+import sde
+from helpers import run_script, torchrun_script
+
+HAVE_TINY = os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors"))
+needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason="the tiny world's base weights (assets/tiny_base.safetensors) are not built yet")
+FAST = ["--world", "tiny", "--limit", "3", "--images-per-prompt", "2", "--steps", "6", "--grid-prompts", "1", "--chunk-prompts", "2",
+        "--threads", "1"]  # 1 thread: oversubscribed cores make torch's thread pool crawl
+COLUMNS = ("geneval", "ocr", "deqa", "pickscore")
+
+# The paper's main table (SD3.5-M): GenEval, OCR, DeQA (1-5), PickScore (logit), and its Average column.
+PAPER = {
+    "base": (0.63, 0.59, 4.07, 21.64, 0.72),
+    "GRPO-GenEval": (0.94, 0.65, 4.01, 21.53, 0.81),
+    "GRPO-OCR": (0.64, 0.92, 4.06, 21.69, 0.80),
+    "GRPO-DeQA": (0.64, 0.66, 4.23, 23.02, 0.76),
+    "GRPO-PickScore": (0.51, 0.69, 4.22, 23.19, 0.73),
+    "GRPO-Mix": (0.73, 0.83, 4.33, 21.84, 0.82),
+    "OPD, SFT init": (0.91, 0.92, 4.29, 21.83, 0.88),
+    "OPD, Merge init": (0.92, 0.94, 4.35, 23.08, 0.90),
+}
+
+
+def test_paper_average_reproduces_the_papers_column():
+    # mean(GenEval, OCR, DeQA / 5, PickScore / 26), rounded to the paper's 2 decimals, for all eight rows
+    for model, (geneval, ocr, deqa, pickscore, average) in PAPER.items():
+        assert round(rewards.paper_average(geneval, ocr, deqa, pickscore), 2) == pytest.approx(average, abs=1e-9), model
+
+
+def read(out, table="main"):
+    with open(os.path.join(out, f"{table}.json")) as f:
+        return json.load(f)["rows"]
+
+
+def assert_same_base(*outs):
+    """Two runs compare only on the same base weights: say so plainly when the tiny base was rebuilt
+    between them (tiny_world.py pretrain rewrites assets/tiny_base.safetensors every 2 minutes)."""
+    bases = {json.load(open(os.path.join(out, "main.json")))["settings"]["base"] for out in outs}
+    assert len(bases) == 1, "assets/tiny_base.safetensors changed between the runs (being rebuilt?): rerun the tests"
+
+
+@pytest.fixture(scope="module")
+def adapter_file(tmp_path_factory):
+    """A LoRA whose B matrices are small seeded noise: a checkpoint that differs from the base."""
+    path = tmp_path_factory.mktemp("lora") / "adapter.safetensors"
+    world = sde.load_world("tiny", "cpu")
+    sde.add_lora(world.transformer, "x", rank=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sde.lora_parameters(world.transformer, "x").items():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    sde.save_lora(world.transformer, "x", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, adapter_file):
+    out = tmp_path_factory.mktemp("eval") / "one"
+    log = run_script("evaluate.py", *FAST, "--models", f"base,lora={adapter_file}", "--out", out)
+    return out, log
+
+
+@needs_tiny
+def test_main_table_schema_and_outputs(one_process):
+    out, log = one_process
+    rows = read(out)
+    assert [r["model"] for r in rows] == ["base", "lora"]
+    for row in rows:
+        assert set(row) == {"model", *COLUMNS, "average"}
+        assert all(0 <= row[c] <= 1 for c in (*COLUMNS, "average")), row
+        assert row["average"] == pytest.approx(sum(row[c] for c in COLUMNS) / 4)  # tiny world: the plain mean
+    for name in ("main.md", "ood.json", "quality.json", "main.png", "grid_base.png", "grid_lora.png", "grid_compare.png"):
+        assert os.path.isfile(out / name), name
+    assert {"colour", "shape", "spatial", "numeracy", "overall"} <= set(read(out, "ood")[0])
+    assert {"deqa", "pickscore", "diversity"} <= set(read(out, "quality")[0])
+    assert "| base |" in log and "30 images per model" in log  # the printed table; 3 prompts x 5 sets x 2 images
+
+
+@needs_tiny
+def test_evaluation_is_deterministic(one_process, adapter_file, tmp_path):
+    out, _ = one_process
+    run_script("evaluate.py", *FAST, "--models", f"base,lora={adapter_file}", "--out", tmp_path)
+    assert_same_base(out, tmp_path)
+    for table in ("main", "ood", "quality"):
+        assert read(out, table) == read(tmp_path, table), table
+
+
+@needs_tiny
+def test_two_processes_equal_one(one_process, adapter_file, tmp_path):
+    out, _ = one_process
+    torchrun_script(2, "evaluate.py", *FAST, "--models", f"base,lora={adapter_file}", "--out", tmp_path)
+    assert_same_base(out, tmp_path)
+    for table in ("main", "ood", "quality"):
+        for a, b in zip(read(out, table), read(tmp_path, table), strict=True):
+            assert a.keys() == b.keys()
+            assert [a[k] for k in a if k != "model"] == pytest.approx([b[k] for k in b if k != "model"], abs=1e-6), table
+
+
+@needs_tiny
+def test_resume_from_a_partial_cache_and_a_full_cache_samples_nothing(one_process, adapter_file, tmp_path):
+    out, _ = one_process
+    cache = tmp_path / "cache"
+    shutil.copytree(out / "eval_cache", cache)
+    files = sorted(os.listdir(cache))
+    # an interrupted evaluation: one set never written, another with only its first prompt
+    os.remove(cache / next(f for f in files if f.startswith("lora-geneval-")))
+    partial = cache / next(f for f in files if f.startswith("base-ocr-"))
+    state = json.load(open(partial))
+    state["prompts"] = {"0": state["prompts"]["0"]}
+    sde.write_json(partial, state)
+    args = [*FAST, "--models", f"base,lora={adapter_file}", "--out", tmp_path / "tables", "--cache", cache]
+    log = run_script("evaluate.py", *args)
+    assert_same_base(out, tmp_path / "tables")
+    assert "base: 2 of 15 prompts to sample" in log and "lora: 3 of 15 prompts to sample" in log
+    for table in ("main", "ood", "quality"):
+        assert read(out, table) == read(tmp_path / "tables", table), table
+    stamps = {f: os.path.getmtime(cache / f) for f in os.listdir(cache)}
+    log = run_script("evaluate.py", *args)
+    assert "base: 0 of 15 prompts to sample" in log and "lora: 0 of 15 prompts to sample" in log
+    assert stamps == {f: os.path.getmtime(cache / f) for f in os.listdir(cache)}  # nothing sampled, nothing rewritten
+    assert read(out) == read(tmp_path / "tables")
+
+
+@needs_tiny
+def test_a_changed_checkpoint_is_re_evaluated(one_process, adapter_file, tmp_path):
+    out, _ = one_process
+    changed = tmp_path / "adapter.safetensors"
+    weights, config = sde.read_lora(str(adapter_file))
+    sde.write_lora(str(changed), {k: 2 * v if "lora_B" in k else v for k, v in weights.items()}, config)
+    shutil.copytree(out / "eval_cache", tmp_path / "cache")
+    log = run_script("evaluate.py", *FAST, "--tables", "main", "--models", f"lora={changed}", "--out", tmp_path / "tables",
+                     "--cache", tmp_path / "cache")
+    assert "lora: 12 of 12 prompts to sample" in log  # same label, new weights: nothing reused
