@@ -51,7 +51,7 @@ SETTINGS = dict(
     steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
     timestep_fraction=(0.99, "train the first floor(T * fraction) steps (0.99 -> 9 of 10, Flow-GRPO)"),
     guidance_scale=(None, float, "CFG scale for sampling and training (default: the world's; 4.5 on SD3)"),
-    noise_level=(0.7, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise"),
+    noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise (default: the world's; 0.7 on SD3)"),
     std_scope=("global", "advantage std over the whole batch ('global', Flow-GRPO) or per prompt ('group')"),
     adv_clip=(5.0, "advantages are clipped to +-adv_clip"),
     clip_range=(1e-4, "PPO clip range eps (Flow-GRPO's, small because log-probs are per-dimension means)"),
@@ -67,6 +67,7 @@ SETTINGS = dict(
     full_finetune=(False, "train every transformer weight instead of a LoRA (reference = a frozen copy)"),
     ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is evaluated and saved)"),
     ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
+    threads=(0, "CPU threads per process (0 = the cores shared out between local ranks)"),
     seed=(0, "seed of prompt draws and sampling noise (per sample: seed, epoch, index)"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
@@ -79,10 +80,11 @@ cfg = sde.parse_settings(__doc__, SETTINGS)
 
 dist = sde.setup_distributed()
 if dist.device.type == "cpu":  # share the cores between local ranks
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world_size))
 world = sde.load_world(cfg.world, dist.device)
 steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
+cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
 train_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))  # the trained timestep indices
 task_weights = rewards.parse_weights(cfg.task)
 extra_weights = rewards.parse_weights(cfg.reward) if cfg.reward else {}

@@ -72,7 +72,7 @@ SETTINGS = dict(
     steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
     timestep_fraction=(0.99, "distil the first floor(T * fraction) steps"),
     guidance_scale=(None, float, "CFG scale for student and teachers (default: the world's)"),
-    noise_level=(0.7, "a in s_t = a sqrt(t / (1 - t))"),
+    noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)) (default: the world's; 0.7 on SD3)"),
     clip_range=(1e-4, "pg / pg-sample: PPO clip range"),
     adv_clip=(5.0, "pg / pg-sample: rewards used as advantages are clamped to +-adv_clip (official: 5)"),
     lr=(1e-4, "AdamW learning rate (official OPD config: 1e-4)"),
@@ -85,6 +85,7 @@ SETTINGS = dict(
     ema_decay=(0.9, "EMA decay of the student's weights (the EMA is saved)"),
     ema_every=(8, "EMA update interval in optimizer steps"),
     score=(True, "score the student's samples with the task rewards (logged only, never trained on)"),
+    threads=(0, "CPU threads per process (0 = the cores shared out between local ranks)"),
     seed=(0, "seed of prompt draws and sampling noise"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
@@ -99,11 +100,12 @@ if cfg.opd_loss not in ("direct", "pg", "pg-sample"):
 
 dist = sde.setup_distributed()
 if dist.device.type == "cpu":  # share the cores between local ranks
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world_size))
 world = sde.load_world(cfg.world, dist.device)
 transformer = world.transformer
 steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
+cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
 train_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))
 task_weights = rewards.parse_weights(cfg.task)
 out = cfg.out or os.path.join(sde.HERE, "results", world.kind, "runs", "opd")

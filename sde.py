@@ -220,7 +220,8 @@ def load_world(name="tiny", device=None, dtype=None):
         transformer.requires_grad_(False)
         defaults = dict(
             resolution=tiny_world.IMAGE_SIZE, shift=tiny_world.SHIFT, train_steps=10,
-            eval_steps=tiny_world.DEFAULT_STEPS_EVAL, guidance_scale=tiny_world.DEFAULT_GUIDANCE, noise_level=0.7,
+            eval_steps=tiny_world.DEFAULT_STEPS_EVAL, guidance_scale=tiny_world.DEFAULT_GUIDANCE,
+            noise_level=tiny_world.DEFAULT_NOISE_LEVEL,
         )
         decode = lambda latents: tiny_world.latents_to_images(latents.float().cpu())
         return World("tiny", "tiny", transformer, _cached(encode), decode, tuple(tiny_world.LATENT_SHAPE),

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The whole Flow-OPD pipeline on the tiny world, from a clean clone, on a CPU:
+#   Stage 1   four single-task Flow-GRPO experts + the GRPO-Mix baseline       grpo_expert.py
+#   Cold      merge the experts (task arithmetic) | SFT on their samples        merge.py | sft_init.py
+#   Stage 2   multi-teacher OPD from each cold start, with and without MAR      opd.py
+#   Tables    the paper's main / OOD / quality tables                           evaluate.py
+#
+#   bash reproduce.sh            # full run (about 30 minutes on 2 CPU cores)
+#   bash reproduce.sh --quick    # the same tables with fewer steps (about 5 minutes)
+#
+# Every stage skips work whose output exists (the scripts resume from their checkpoints), so a rerun
+# after an interruption continues. Results: results/tiny/ (quick: results/tiny-quick/).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+
+# ---- set-up: a local virtual environment with the pinned requirements (once)
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r requirements.txt
+fi
+PY=.venv/bin/python
+export HF_HUB_OFFLINE=1
+
+# ---- budgets: (full, quick)
+if [ $QUICK = 1 ]; then
+  OUT=results/tiny-quick; EXPERT_EPOCHS=4; MIX_EPOCHS=4; SFT_STEPS=20; SFT_ITEMS=16; OPD_EPOCHS=3; EVAL_LIMIT=16
+else
+  OUT=results/tiny; EXPERT_EPOCHS=30; MIX_EPOCHS=40; SFT_STEPS=300; SFT_ITEMS=128; OPD_EPOCHS=20; EVAL_LIMIT=0
+fi
+RUNS=$OUT/runs
+TASKS="geneval ocr deqa pickscore"
+
+# ---- Stage 1: one Flow-GRPO expert per task, then GRPO-Mix (GenEval:OCR:PickScore 3:1:1 + DeQA 1:1)
+for t in $TASKS; do
+  echo "== expert $t"
+  $PY grpo_expert.py --task $t --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$t
+done
+echo "== GRPO-Mix"
+$PY grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 --lr 1e-4 --epochs $MIX_EPOCHS --out $RUNS/grpo-mix
+
+TEACHERS=""
+ADAPTERS=""
+for t in $TASKS; do
+  TEACHERS="$TEACHERS${TEACHERS:+,}$t=$RUNS/grpo-$t/adapter.safetensors"
+  ADAPTERS="$ADAPTERS${ADAPTERS:+,}$RUNS/grpo-$t/adapter.safetensors"
+done
+
+# ---- Cold start: merge (no training) and SFT on the teachers' samples
+echo "== merge"
+[ -f $RUNS/merge/adapter.safetensors ] || $PY merge.py --adapters $ADAPTERS --method task-arithmetic --out $RUNS/merge/adapter.safetensors
+echo "== SFT init"
+$PY sft_init.py --teachers $TEACHERS --steps $SFT_STEPS --prompts-per-task $SFT_ITEMS --out $RUNS/sft-init
+
+# ---- Stage 2: OPD from each cold start (MAR on), and from the merge without MAR
+echo "== OPD (merge init)"
+$PY opd.py --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-merge
+echo "== OPD (SFT init)"
+$PY opd.py --student $RUNS/sft-init/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-sft
+echo "== OPD (merge init, no MAR)"
+$PY opd.py --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --mar-weight 0 --epochs $OPD_EPOCHS --out $RUNS/opd-merge-nomar
+
+# ---- Tables
+MODELS="base"
+for t in $TASKS; do MODELS="$MODELS,grpo-$t=$RUNS/grpo-$t/adapter.safetensors"; done
+MODELS="$MODELS,grpo-mix=$RUNS/grpo-mix/adapter.safetensors,merge-init=$RUNS/merge/adapter.safetensors"
+MODELS="$MODELS,sft-init=$RUNS/sft-init/adapter.safetensors,opd-sft=$RUNS/opd-sft/adapter.safetensors"
+MODELS="$MODELS,opd-merge=$RUNS/opd-merge/adapter.safetensors,opd-merge-nomar=$RUNS/opd-merge-nomar/adapter.safetensors"
+echo "== evaluate"
+$PY evaluate.py --models $MODELS --limit $EVAL_LIMIT --out $OUT

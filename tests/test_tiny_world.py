@@ -1,0 +1,162 @@
+"""Tests of the tiny world: rewards rank ground truth above corruptions, the scene generator is
+deterministic, the latent map is invertible, prompts parse (or fail loudly), the shipped base loads."""
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tiny_world as tw  # noqa: E402
+
+N = 24  # test prompts per task: enough for stable means, fast on a CPU
+
+
+def truth_of(prompts, seed=0):
+    return tw.render_batch(prompts, np.random.default_rng(seed))
+
+
+# -----------------------------------------------------------------------------
+# rewards
+
+@pytest.mark.parametrize("task", tw.TASKS)
+def test_rewards_rank_truth_above_corruptions(task):
+    prompts = tw.read_prompts(task, "test")[:N]
+    truth = truth_of(prompts)
+    rng = np.random.default_rng(1)
+    corruptions = {
+        "noise": torch.from_numpy(rng.random(truth.shape, dtype=np.float32)),
+        "blank": torch.full_like(truth, 0.05),
+        "blur": torch.from_numpy(ndimage.gaussian_filter(truth.numpy(), (0, 0, 1.0, 1.0))),
+    }
+    r_truth = tw.score(task, truth, prompts)
+    assert r_truth.shape == (len(prompts),) and r_truth.min() >= 0 and r_truth.max() <= 1
+    assert r_truth.mean() >= 0.9, f"{task} ground truth scores only {r_truth.mean():.3f}"
+    for name, images in corruptions.items():
+        r = tw.score(task, images, prompts).mean()
+        assert r < r_truth.mean() - 0.01, f"{task}: {name} {r:.3f} >= truth {r_truth.mean():.3f}"
+    for name in ("noise", "blank"):  # near the reward's minimum
+        assert tw.score(task, corruptions[name], prompts).mean() < 0.15, f"{task}: {name} too high"
+
+
+def _swap_colour(prompt):
+    """The same prompt with every named colour changed to another one."""
+    colours = list(tw.COLOURS)
+    words = [colours[(colours.index(w) + 3) % len(colours)] if w in colours else w for w in prompt.split()]
+    return " ".join(words).replace("a orange", "an orange").replace("an red", "a red") \
+        .replace("an yellow", "a yellow").replace("an white", "a white").replace("an cyan", "a cyan")
+
+
+def test_wrong_colour_scores_lower():
+    prompts = [p for p in tw.read_prompts("geneval", "test") if any(c in p.split() for c in tw.COLOURS)][:N]
+    wrong = truth_of([_swap_colour(p) for p in prompts])
+    assert tw.score("geneval", wrong, prompts).mean() < 0.3
+    big = tw.read_prompts("pickscore", "test")[:N]
+    assert tw.score("pickscore", truth_of([_swap_colour(p) for p in big]), big).mean() < \
+        tw.score("pickscore", truth_of(big), big).mean() - 0.05
+
+
+def test_wrong_text_scores_lower():
+    prompts = tw.read_prompts("ocr", "test")[:N]
+    wrong = ['a sign that says "' + p.split('"')[1][::-1].translate(str.maketrans("AEHK27", "CFLP34")) + '"'
+             for p in prompts]
+    assert tw.score("ocr", truth_of(prompts), prompts).mean() == 1.0
+    assert tw.score("ocr", truth_of(wrong), prompts).mean() < 0.6
+
+
+def test_ocr_rule_and_recogniser():
+    assert tw.ocr_reward("K7", "xk7y") == 1.0               # substring counts as exact
+    assert tw.ocr_reward("K7A", "K7") == pytest.approx(2 / 3)
+    assert tw.ocr_reward("AB", "") == 0.0
+    img = truth_of(['a sign that says "P4X"'])
+    white = tw._colour_classes(tw._to_hwc(img)) == list(tw.COLOURS).index("white")
+    assert tw._recognise(white[0]) == "P4X"
+
+
+def test_detector_reads_counts_and_positions():
+    prompts = ["a photo of three red squares", "a photo of a blue circle left of a green ring",
+               "a photo of a yellow triangle below a white square"]
+    assert tw.score("geneval", truth_of(prompts), prompts).tolist() == [1.0, 1.0, 1.0]
+    # the same scenes judged against the wrong count / relation
+    wrong = ["a photo of four red squares", "a photo of a blue circle right of a green ring",
+             "a photo of a yellow triangle above a white square"]
+    assert tw.score("geneval", truth_of(prompts), wrong).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_pickscore_prefers_big_centred_subjects():
+    small = tw.read_prompts("geneval", "test")[:N]
+    big = tw.read_prompts("pickscore", "test")[:N]
+    assert tw.score("pickscore", truth_of(small), small).mean() < tw.score("pickscore", truth_of(big), big).mean() - 0.1
+
+
+def test_score_ood_and_diversity():
+    prompts = tw.read_prompts("ood", "test")
+    res = tw.score_ood(truth_of(prompts), prompts)
+    assert set(res) == set(tw.OOD_CATEGORIES) and min(res.values()) == 1.0
+    assert tw.score_ood(torch.full((len(prompts), 3, 32, 32), 0.05), prompts) == {c: 0.0 for c in tw.OOD_CATEGORIES}
+    rep = ["a photo of a red circle"] * 4
+    assert tw.diversity(truth_of(rep[:1]).repeat(4, 1, 1, 1), rep) == 0.0
+    assert tw.diversity(truth_of(rep), rep) > 0.05
+
+# -----------------------------------------------------------------------------
+# prompts and scenes
+
+def test_render_deterministic_per_seed():
+    p = "a photo of a red circle and a blue square"
+    a, b = tw.render(p, np.random.default_rng(5)), tw.render(p, np.random.default_rng(5))
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3) and np.array_equal(a, b)
+    assert not np.array_equal(a, tw.render(p, np.random.default_rng(6)))
+    assert tw.make_prompt("geneval", np.random.default_rng(3)) == tw.make_prompt("geneval", np.random.default_rng(3))
+
+
+def test_unknown_word_raises_clear_error():
+    with pytest.raises(ValueError, match="'dragon'.*a photo of a red dragon"):
+        tw.score("geneval", torch.zeros(1, 3, 32, 32), ["a photo of a red dragon"])
+    with pytest.raises(ValueError, match="cannot parse"):
+        tw.parse("a photo of red a circle")
+
+
+def test_splits_are_clean():
+    for task in tw.TASKS:
+        train, test = tw.read_prompts(task, "train"), tw.read_prompts(task, "test")
+        assert not set(train) & set(test), task
+        assert all(tw.ood_category(tw.parse(p)) is None for p in train + test), task
+        assert all(len(tw.tokenize(p)) <= tw.MAX_TOKENS for p in train + test)
+    ood = tw.read_prompts("ood", "test")
+    assert {tw.ood_category(tw.parse(p)) for p in ood} == set(tw.OOD_CATEGORIES)
+    rng = np.random.default_rng(0)
+    assert not {tw.make_prompt(t, rng) for t in tw.TASKS for _ in range(300)} & set(ood)
+
+# -----------------------------------------------------------------------------
+# latents, text encoder, the shipped base
+
+def test_latent_map_round_trips():
+    x = torch.randint(0, 256, (4, 3, 32, 32)).float() / 255
+    z = tw.images_to_latents(x)
+    assert z.shape == (4, *tw.LATENT_SHAPE) and z.min() >= -1 and z.max() <= 1
+    back = tw.latents_to_images(z)
+    assert torch.equal((back * 255).round(), (x * 255).round()) and (back - x).abs().max() < 1e-6
+    assert tw.latents_to_images(torch.full((1, *tw.LATENT_SHAPE), 3.0)).max() == 1.0  # clamps
+
+
+def test_checkpoint_card_matches_file():
+    with open(os.path.splitext(tw.CHECKPOINT)[0] + ".json") as f:
+        card = json.load(f)
+    with open(tw.CHECKPOINT, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == card["sha256"]
+    assert {"command", "seed", "steps", "loss"} <= set(card)
+
+
+def test_base_loads_and_samples():
+    transformer, encode = tw.load_base()
+    emb, pooled = encode(["a photo of a red circle", ""])
+    assert emb.shape == (2, tw.MAX_TOKENS, tw.TEXT_DIM) and pooled.shape == (2, tw.POOLED_DIM)
+    assert not torch.allclose(encode(["a photo of a red circle left of a blue square"])[0],
+                              encode(["a photo of a blue square left of a red circle"])[0])  # order matters
+    images = tw.sample(transformer, encode, ["a photo of a red circle", 'a sign that says "K7"'], steps=4)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    assert images.std() > 0.05  # not a constant image

@@ -1,0 +1,919 @@
+"""
+A synthetic text-to-image world in which the whole Flow-OPD method runs on a CPU in minutes.
+
+32x32 RGB scenes of coloured shapes and short glyph strings, drawn procedurally from a caption
+grammar of ~60 words. Four tasks mirror the paper's rewards with real, hand-written scorers:
+  geneval    strict per-prompt correctness (colour segmentation + connected components + shape test)
+  ocr        template-matching recogniser for the file's 3x5 font, Flow-GRPO's edit-distance reward
+  deqa       no-reference quality: sharp edges, clean flat regions, some content
+  pickscore  a fixed "human preference": big, centred, colourful, contrasting, clean subjects
+The "VAE" is an exact invertible pixel-unshuffle, the "text encoder" a frozen word embedding, and
+the denoiser is diffusers' SD3Transformer2DModel with a ~2.3M-parameter config.
+
+Commands (2 CPU cores):
+  python tiny_world.py prompts                      # write prompts/tiny/*.txt (deterministic)
+  python tiny_world.py pretrain --minutes 20 --seed 0 --out assets/tiny_base.safetensors
+The shipped base was made on a shared 2-core machine, one thread each (see assets/tiny_base.json):
+  python tiny_world.py pretrain --minutes 20 --seed 0 --threads 1
+  python tiny_world.py pretrain --minutes 11 --seed 1 --threads 1 --init assets/tiny_base.safetensors
+  python tiny_world.py calibrate                    # reward table, base scores, sample grids
+This file imports only torch, numpy, PIL, scipy, diffusers and the stdlib: it is the ground floor.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
+# -----------------------------------------------------------------------------
+# settings
+IMAGE_SIZE = 32                 # pixels per side
+LATENT_SHAPE = (12, 16, 16)     # pixel-unshuffle x2 of (3, 32, 32)
+TASKS = ("geneval", "ocr", "deqa", "pickscore")
+MAX_TOKENS = 16                 # L: text tokens per prompt (captions are <= 16 tokens)
+TEXT_DIM = 64                   # D: per-token embedding width (joint_attention_dim)
+POOLED_DIM = 64                 # P: pooled embedding width (pooled_projection_dim)
+TEXT_SEED = 1234                # seed of the frozen word-embedding table (also stored in the checkpoint)
+SHIFT = 1.0                     # sigma-schedule shift. 1.0, not SD3's 3.0: in pixel space the SDE's last
+                                # steps' noise stays in the image (no VAE decoder smooths it), and shift 3
+                                # makes those steps large (measured: pickscore of SDE samples 0.42 at shift 1,
+                                # 0.00 at shift 3, a = 0.7; ODE samples score alike at both)
+DEFAULT_NOISE_LEVEL = 0.5       # SDE noise a for RL in this world (0.7 on SD3): same reason, measured pickscore
+                                # of SDE samples 0.63 at a = 0.5 vs 0.42 at a = 0.7
+DEFAULT_STEPS_EVAL = 20         # Euler ODE steps for evaluation
+DEFAULT_GUIDANCE = 3.0          # classifier-free guidance scale (4.5 over-saturates this tiny base)
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKPOINT = os.path.join(HERE, "assets", "tiny_base.safetensors")
+PROMPT_DIR = os.path.join(HERE, "prompts", "tiny")
+
+# -----------------------------------------------------------------------------
+# vocabulary, palette, font
+
+COLOURS = {  # object colours (RGB in [0,1]); pairwise far apart so nearest-colour segmentation is exact
+    "red": (0.90, 0.10, 0.10), "green": (0.10, 0.75, 0.15), "blue": (0.15, 0.25, 0.95),
+    "yellow": (0.95, 0.90, 0.10), "white": (0.95, 0.95, 0.95), "purple": (0.65, 0.15, 0.85),
+    "cyan": (0.10, 0.85, 0.90), "orange": (1.00, 0.55, 0.05),
+}
+BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "gray": (0.35, 0.35, 0.38), "brown": (0.40, 0.25, 0.15)}
+SHAPES = ("circle", "square", "triangle", "ring")
+NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4}
+RELATIONS = ("left of", "right of", "above", "below")
+SIGN_COLOURS = ("red", "green", "blue", "purple")  # never white: the text is white
+
+# 3x5 bitmap font, drawn at 2x (6x10 px per glyph, 2 px gaps). Every glyph touches its left and right
+# columns, so a glyph is always exactly 6 px wide and the recogniser can cut cells by width alone;
+# look-alikes (0/O, 1/I, 5/S, 8/B) are left out on purpose.
+FONT = {
+    "A": [".#.", "#.#", "###", "#.#", "#.#"], "C": ["###", "#..", "#..", "#..", "###"],
+    "E": ["###", "#..", "###", "#..", "###"], "F": ["###", "#..", "##.", "#..", "#.."],
+    "H": ["#.#", "#.#", "###", "#.#", "#.#"], "K": ["#.#", "##.", "#..", "##.", "#.#"],
+    "L": ["#..", "#..", "#..", "#..", "###"], "P": ["##.", "#.#", "##.", "#..", "#.."],
+    "T": ["###", ".#.", ".#.", ".#.", ".#."], "U": ["#.#", "#.#", "#.#", "#.#", "###"],
+    "X": ["#.#", "#.#", ".#.", "#.#", "#.#"], "Y": ["#.#", "#.#", ".#.", ".#.", ".#."],
+    "2": ["##.", "..#", ".#.", "#..", "###"], "3": ["##.", "..#", ".##", "..#", "##."],
+    "4": ["#.#", "#.#", "###", "..#", "..#"], "7": ["###", "..#", ".#.", "#..", "#.."],
+}
+GLYPHS = "".join(FONT)
+GLYPH_SCALE, GLYPH_GAP = 2, 2
+TEMPLATES = np.array([[[c == "#" for c in row] for row in FONT[g]] for g in GLYPHS], np.float32)  # (16,5,3)
+
+WORDS = (["<pad>", "a", "an", "photo", "of", "and", "left", "right", "above", "below", "big", "on",
+          "background", "sign", "that", "says", '"'] + list(COLOURS) + list(BACKGROUNDS) + list(SHAPES)
+         + [s + "s" for s in SHAPES] + list(NUMBERS) + list(GLYPHS))
+WORD_ID = {w: i for i, w in enumerate(WORDS)}
+
+# Held-out compositions: never in pretraining or the train/test splits, only in ood_test.txt.
+OOD_PAIRS = {("cyan", "triangle"), ("orange", "square"), ("purple", "ring")}   # colour binding
+OOD_COOCCUR = {"ring", "triangle"}                                              # shapes together
+OOD_RELATION = ("triangle", "above", "circle")                                  # spatial
+OOD_COUNTS = {(4, "triangle"), (3, "ring")}                                     # numeracy
+OOD_CATEGORIES = ("colour", "shape", "spatial", "numeracy")
+
+# -----------------------------------------------------------------------------
+# caption grammar: tokenise and parse (the rewards read everything from the prompt text)
+
+def tokenize(prompt):
+    """Words outside quotes (lower-cased) and single characters inside them; unknown -> ValueError."""
+    tokens, parts = [], prompt.split('"')
+    if len(parts) not in (1, 3):
+        raise ValueError(f"unbalanced quotes in prompt {prompt!r}")
+    for k, part in enumerate(parts):
+        if k == 1:  # quoted text: one token per glyph of the font
+            bad = [c for c in part.replace(" ", "") if c not in FONT]
+            if bad:
+                raise ValueError(f"unknown glyph {bad[0]!r} in prompt {prompt!r} (the font has {GLYPHS})")
+            tokens += ['"'] + list(part.replace(" ", "")) + ['"']
+        else:
+            tokens += part.lower().split()
+    for t in tokens:
+        if t not in WORD_ID or t == "<pad>":
+            raise ValueError(f"unknown word {t!r} in prompt {prompt!r}")
+    if len(tokens) > MAX_TOKENS:
+        raise ValueError(f"prompt has {len(tokens)} tokens > {MAX_TOKENS}: {prompt!r}")
+    return tokens
+
+
+def _object(words, i):
+    """Parse `a|an|two.. [big] [colour] shape[s]` at words[i]; returns (object dict, next index)."""
+    if words[i] not in ("a", "an") and words[i] not in NUMBERS:
+        raise ValueError
+    count = NUMBERS.get(words[i], 1)
+    i += 1
+    big = words[i] == "big"
+    i += big
+    colour = words[i] if words[i] in COLOURS else None
+    i += colour is not None
+    shape = words[i]
+    if count > 1 and shape.endswith("s"):
+        shape = shape[:-1]
+    if shape not in SHAPES or (count > 1) != words[i].endswith("s"):
+        raise ValueError
+    return dict(count=count, big=big, colour=colour, shape=shape), i + 1
+
+
+def parse(prompt):
+    """Prompt -> scene spec: {kind, objects, relation, text, background}. Raises ValueError."""
+    tokens = tokenize(prompt)
+    if tokens[:4] == ["a", "sign", "that", "says"]:
+        text = "".join(tokens[5:-1])
+        if tokens[4] != '"' or tokens[-1] != '"' or not 1 <= len(text) <= 3:
+            raise ValueError(f"cannot parse sign prompt {prompt!r}")
+        return dict(kind="ocr", objects=[], relation=None, text=text, background=None)
+    words = tokens
+    try:
+        assert words[:3] == ["a", "photo", "of"]
+        background = None
+        if words[-4:-2] == ["on", "a"] and words[-1] == "background" and words[-2] in BACKGROUNDS:
+            background, words = words[-2], words[:-4]
+        first, i = _object(words, 3)
+        objects, relation = [first], None
+        if i < len(words):
+            rel = " ".join(words[i:i + 2]) if words[i] in ("left", "right") else words[i]
+            assert rel == "and" or rel in RELATIONS
+            second, i = _object(words, i + len(rel.split()))
+            assert first["count"] == 1 and second["count"] == 1
+            objects.append(second)
+            relation = None if rel == "and" else rel
+        assert i == len(words)
+    except (AssertionError, ValueError, IndexError):
+        raise ValueError(f"cannot parse prompt {prompt!r}") from None
+    return dict(kind="scene", objects=objects, relation=relation, text=None, background=background)
+
+
+def geneval_category(spec):
+    """GenEval's six categories, read off the spec."""
+    objs = spec["objects"]
+    if len(objs) == 2:
+        if spec["relation"]:
+            return "position"
+        return "colour_attr" if objs[0]["colour"] or objs[1]["colour"] else "two_object"
+    if objs[0]["count"] > 1:
+        return "counting"
+    return "colors" if objs[0]["colour"] else "single_object"
+
+
+def held_out(spec):
+    """The held-out compositions a spec contains, as a list of OOD categories (empty: in-distribution)."""
+    objs, found = spec["objects"], []
+    if any((o["colour"], o["shape"]) in OOD_PAIRS for o in objs):
+        found.append("colour")
+    if {o["shape"] for o in objs} == OOD_COOCCUR:
+        found.append("shape")
+    if len(objs) == 2 and (objs[0]["shape"], spec["relation"], objs[1]["shape"]) == OOD_RELATION:
+        found.append("spatial")
+    if any((o["count"], o["shape"]) in OOD_COUNTS for o in objs):
+        found.append("numeracy")
+    return found
+
+
+def ood_category(spec):
+    """The OOD category of a spec (its first held-out composition), None if in-distribution."""
+    found = held_out(spec)
+    return found[0] if found else None
+
+# -----------------------------------------------------------------------------
+# prompt generators (one per task) and the split files
+
+def _article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _phrase(colour, shape, big=False):
+    words = (["big"] if big else []) + ([colour] if colour else []) + [shape]
+    return f"{_article(words[0])} {' '.join(words)}"
+
+
+def _geneval_prompt(rng, category):
+    c1, c2 = rng.choice(list(COLOURS), 2, replace=False)
+    s1, s2 = rng.choice(SHAPES, 2, replace=False)
+    bg = f" on a {rng.choice(list(BACKGROUNDS))} background" if rng.random() < 0.5 else ""
+    if category == "single_object":  # backgrounds only widen these two small categories
+        return f"a photo of {_phrase(None, s1)}{bg}"
+    if category == "colors":
+        return f"a photo of {_phrase(c1, s1)}"
+    if category == "counting":
+        n = int(rng.integers(2, 5))
+        colour = f"{c1} " if rng.random() < 0.5 else ""
+        return f"a photo of {list(NUMBERS)[n - 1]} {colour}{s1}s"
+    if category == "two_object":
+        return f"a photo of {_phrase(None, s1)} and {_phrase(None, s2)}{bg}"
+    if category == "colour_attr":
+        return f"a photo of {_phrase(c1, s1)} and {_phrase(c2, s2)}"
+    rel = RELATIONS[rng.integers(len(RELATIONS))]
+    return f"a photo of {_phrase(c1, s1)} {rel} {_phrase(c2, s2)}"
+
+
+GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "colour_attr")
+
+
+def _raw_prompt(task, rng):
+    if task == "geneval":
+        return _geneval_prompt(rng, GENEVAL_CATEGORIES[rng.integers(len(GENEVAL_CATEGORIES))])
+    if task == "ocr":
+        n = int(rng.choice([1, 2, 3], p=[0.45, 0.45, 0.1]))  # mostly short: 3 glyphs are hard for the tiny base
+        return f'a sign that says "{"".join(rng.choice(list(GLYPHS), n))}"'
+    bg = f" on a {rng.choice(list(BACKGROUNDS))} background" if rng.random() < 0.6 else ""
+    c1, c2 = rng.choice(list(COLOURS), 2, replace=False)
+    s1, s2 = rng.choice(SHAPES, 2, replace=False)
+    if task == "deqa":  # generic scene captions; the reward ignores the prompt
+        if rng.random() < 0.5:
+            return f"a photo of {_phrase(c1, s1)}{bg}"
+        return f"a photo of {_phrase(c1, s1)} and {_phrase(c2, s2)}{bg}"
+    if task == "pickscore":  # big subjects in saturated colours: what the preference score likes
+        c1 = rng.choice([c for c in COLOURS if c != "white"])
+        return f"a photo of {_phrase(c1, s1, big=True)}{bg}"
+    raise ValueError(f"unknown task {task!r}")
+
+
+def make_prompt(task, rng):
+    """A fresh in-distribution prompt of a task (held-out OOD compositions are rejected)."""
+    while True:
+        prompt = _raw_prompt(task, rng)
+        if ood_category(parse(prompt)) is None:
+            return prompt
+
+
+def _ood_prompt(rng, category):
+    """A candidate prompt built around the held-out composition of a category."""
+    colours = list(COLOURS)
+    if category == "colour":
+        c, s = sorted(OOD_PAIRS)[rng.integers(len(OOD_PAIRS))]
+        if rng.random() < 0.3:
+            return f"a photo of {_phrase(c, s)}"
+        return f"a photo of {_phrase(c, s)} and {_phrase(rng.choice(colours), rng.choice(SHAPES))}"
+    if category == "shape":
+        if rng.random() < 0.1:
+            return "a photo of a ring and a triangle"
+        return f"a photo of {_phrase(rng.choice(colours), 'ring')} and {_phrase(rng.choice(colours), 'triangle')}"
+    if category == "spatial":
+        return f"a photo of {_phrase(rng.choice(colours), 'triangle')} above {_phrase(rng.choice(colours), 'circle')}"
+    n, s = sorted(OOD_COUNTS)[rng.integers(len(OOD_COUNTS))]
+    colour = f"{rng.choice(colours)} " if rng.random() < 0.8 else ""
+    return f"a photo of {list(NUMBERS)[n - 1]} {colour}{s}s"
+
+
+def _ood_prompts(rng, per_category=32):
+    """Distinct prompts per category, each holding exactly one held-out composition."""
+    out = []
+    for category in OOD_CATEGORIES:
+        found = []
+        for _ in range(100 * per_category):
+            p = _ood_prompt(rng, category)
+            if p not in found and held_out(parse(p)) == [category]:
+                found.append(p)
+            if len(found) == per_category:
+                break
+        out += found
+    return out
+
+
+SPLIT_SIZES = {"geneval": (480, 120), "ocr": (160, 64), "deqa": (300, 64), "pickscore": (70, 30)}  # (train, test)
+# pickscore's grammar (big subject x colour x shape x background) has only ~100 distinct prompts
+
+
+def write_prompt_files(seed=0):
+    """Deterministic train/test splits; test prompts never appear in train."""
+    os.makedirs(PROMPT_DIR, exist_ok=True)
+    for k, task in enumerate(TASKS):
+        rng = np.random.default_rng(seed * 100 + k)
+        n_train, n_test = SPLIT_SIZES[task]
+        if task == "geneval":  # balanced over the six categories
+            per_cat, train, test = (n_train + n_test) // len(GENEVAL_CATEGORIES), [], []
+            for cat in GENEVAL_CATEGORIES:
+                lst = []
+                for _ in range(20 * per_cat):  # single_object has only 16 distinct prompts
+                    p = _geneval_prompt(rng, cat)
+                    if len(lst) < per_cat and p not in lst and ood_category(parse(p)) is None:
+                        lst.append(p)
+                k = min(n_test // len(GENEVAL_CATEGORIES), len(lst) // 2)
+                test, train = test + lst[:k], train + lst[k:]
+        else:
+            seen = []
+            for _ in range(100 * (n_train + n_test)):
+                p = make_prompt(task, rng)
+                if p not in seen:
+                    seen.append(p)
+                if len(seen) == n_train + n_test:
+                    break
+            assert len(seen) == n_train + n_test, f"{task}: only {len(seen)} distinct prompts"
+            # every k-th distinct prompt goes to test: common (short) prompts come first, so a plain
+            # head/tail cut would leave test with only the rare ones
+            k = len(seen) // n_test
+            test = seen[::k][:n_test]
+            train = [p for p in seen if p not in test]
+        for split, lst in (("train", train), ("test", test)):
+            with open(os.path.join(PROMPT_DIR, f"{task}_{split}.txt"), "w") as f:
+                f.write("\n".join(lst) + "\n")
+    with open(os.path.join(PROMPT_DIR, "ood_test.txt"), "w") as f:
+        f.write("\n".join(_ood_prompts(np.random.default_rng(seed + 99))) + "\n")
+
+
+def read_prompts(task, split):
+    """task in TASKS or "ood" (only split "test" exists for ood)."""
+    name = "ood_test" if task == "ood" else f"{task}_{split}"
+    with open(os.path.join(PROMPT_DIR, f"{name}.txt")) as f:
+        return [line.strip() for line in f if line.strip()]
+
+# -----------------------------------------------------------------------------
+# renderer: a ground-truth scene for a prompt
+
+_YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5  # pixel centres
+
+
+def _shape_mask(shape, cx, cy, r):
+    dx, dy = _XX - cx, _YY - cy
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if shape == "ring":
+        d2 = dx ** 2 + dy ** 2
+        return (d2 <= r ** 2) & (d2 >= (0.5 * r) ** 2)
+    if shape == "square":
+        return (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
+    # triangle pointing up: half-width grows linearly from apex (top) to base (bottom)
+    return (np.abs(dx) <= (dy + r) / 2) & (dy <= r) & (dy >= -r)
+
+
+def _background(rng, name):
+    """A plain colour with a faint smooth texture (amplitude well below the rewards' thresholds)."""
+    base = np.array(BACKGROUNDS[name or rng.choice(list(BACKGROUNDS))], np.float32)
+    tex = ndimage.gaussian_filter(rng.normal(size=(IMAGE_SIZE, IMAGE_SIZE)), 2.0)
+    tex *= 0.025 / (tex.std() + 1e-8)
+    return np.clip(base + tex[..., None], 0, 1)
+
+
+def _place(rng, r, placed):
+    """Rejection-sample a centre for radius r, 2 px clear of the placed (x, y, r) and inside the image."""
+    for _ in range(200):
+        cx, cy = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
+        if all(math.hypot(cx - x, cy - y) > r + q + 2 for x, y, q in placed):
+            return cx, cy
+    return None
+
+
+def render(prompt, rng):
+    """A ground-truth scene for a prompt: uint8 (32, 32, 3). Deterministic given the rng state."""
+    spec = parse(prompt)
+    while True:  # retry the rare layouts where objects do not fit
+        img = _draw(spec, rng)
+        if img is not None:
+            return (img * 255).round().astype(np.uint8)
+
+
+def _draw(spec, rng):
+    img = _background(rng, spec["background"])
+    if spec["kind"] == "ocr":
+        w, h = len(spec["text"]) * (3 * GLYPH_SCALE + GLYPH_GAP) - GLYPH_GAP, 5 * GLYPH_SCALE
+        x0 = int(rng.integers(3, IMAGE_SIZE - w - 2))  # the sign (3 px border) stays inside the image
+        y0 = int(rng.integers(3, IMAGE_SIZE - h - 2))
+        img[y0 - 3:y0 + h + 3, x0 - 3:x0 + w + 3] = COLOURS[SIGN_COLOURS[rng.integers(4)]]
+        for k, ch in enumerate(spec["text"]):
+            glyph = np.kron(np.array(TEMPLATES[GLYPHS.index(ch)]), np.ones((GLYPH_SCALE, GLYPH_SCALE)))
+            xs = x0 + k * (3 * GLYPH_SCALE + GLYPH_GAP)
+            img[y0:y0 + h, xs:xs + 3 * GLYPH_SCALE][glyph > 0] = COLOURS["white"]
+        return img
+    objs = spec["objects"]
+    if objs[0]["big"]:  # one big centred subject
+        o, r = objs[0], rng.uniform(10, 12.5)
+        c = IMAGE_SIZE / 2 + rng.uniform(-1.5, 1.5, size=2)
+        img[_shape_mask(o["shape"], c[0], c[1], r)] = COLOURS[o["colour"]]
+        return img
+    items = [(o["colour"], o["shape"]) for o in objs for _ in range(o["count"])]
+    colours = [c or rng.choice(list(COLOURS)) for c, _ in items]
+    radii = [rng.uniform(5.0, 6.5) if s == "ring" else rng.uniform(4.5, 6.0) for _, s in items]
+    placed = []
+    for k, ((_, shape), colour, r) in enumerate(zip(items, colours, radii)):
+        pos = _place(rng, r, placed)
+        if pos is None:
+            return None
+        if k == 1 and spec["relation"]:  # re-sample the second object until the relation holds clearly
+            for _ in range(200):
+                if _relation_holds(spec["relation"], placed[0][:2], pos, margin=4):
+                    break
+                pos = _place(rng, r, placed)
+                if pos is None:
+                    return None
+            else:
+                return None
+        placed.append((pos[0], pos[1], r))
+        img[_shape_mask(shape, pos[0], pos[1], r)] = COLOURS[colour]
+    return img
+
+
+def _relation_holds(relation, a, b, margin):
+    """Is object a `relation` object b? (x right, y down); centroids, margin in pixels."""
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    return {"left of": dx > margin, "right of": -dx > margin, "above": dy > margin, "below": -dy > margin}[relation]
+
+
+def render_batch(prompts, rng):
+    """Ground-truth scenes as a float tensor (B, 3, 32, 32) in [0, 1]."""
+    imgs = np.stack([render(p, rng) for p in prompts])
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+
+# -----------------------------------------------------------------------------
+# the "VAE" and the "text encoder"
+
+def images_to_latents(images):
+    """(B,3,32,32) in [0,1] -> (B,12,16,16) in [-1,1]; exact and invertible."""
+    return F.pixel_unshuffle(images, 2) * 2 - 1
+
+
+def latents_to_images(latents):
+    return F.pixel_shuffle((latents + 1) / 2, 2).clamp(0, 1)
+
+
+def text_tables(seed=TEXT_SEED):
+    """Frozen word embeddings (random, near-orthogonal) + sinusoidal positions so order matters."""
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randn(len(WORDS), TEXT_DIM, generator=g)
+    pos = torch.arange(MAX_TOKENS)[:, None] / 10000 ** (torch.arange(0, TEXT_DIM, 2) / TEXT_DIM)
+    positions = torch.cat([pos.sin(), pos.cos()], dim=1)
+    return {"text.words": words, "text.positions": positions}
+
+
+def make_encoder(tables, device="cpu"):
+    """encode_prompts(list[str]) -> (embeds (B,L,D), pooled (B,P)); "" is the unconditional prompt."""
+    words, positions = tables["text.words"].to(device), tables["text.positions"].to(device)
+
+    def encode_prompts(prompts):
+        ids = torch.zeros(len(prompts), MAX_TOKENS, dtype=torch.long)  # 0 = <pad>
+        for b, p in enumerate(prompts):
+            toks = tokenize(p) if p else []
+            ids[b, :len(toks)] = torch.tensor([WORD_ID[t] for t in toks], dtype=torch.long)
+        ids = ids.to(device)
+        emb = words[ids]                                        # (B, L, D)
+        real = (ids > 0).float()[..., None]
+        # pooled = mean of the real tokens' word vectors (a bag of words), <pad>'s vector for ""
+        pooled = (emb * real).sum(1) / real.sum(1).clamp(min=1) + words[0] * (real.sum(1) == 0)
+        return emb + positions, pooled
+    return encode_prompts
+
+# -----------------------------------------------------------------------------
+# the denoiser
+
+def build_transformer():
+    """SD3's MMDiT at toy size: 64 image tokens (2x2 patches of 16x16x12) + 16 text tokens."""
+    from diffusers import SD3Transformer2DModel
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=12, out_channels=12, num_layers=4,
+        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=TEXT_DIM,
+        caption_projection_dim=128, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=16)
+
+
+def load_base(path=CHECKPOINT, device="cpu"):
+    """The pretrained base: (transformer in eval mode, encode_prompts)."""
+    from safetensors.torch import load_file
+    state = load_file(path)
+    transformer = build_transformer()
+    transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
+    transformer.to(device).eval().requires_grad_(False)
+    return transformer, make_encoder({k: v for k, v in state.items() if k.startswith("text.")}, device)
+
+
+def sigma_schedule(steps, shift=SHIFT):
+    """SD3's shifted schedule from 1 to ~0, then a final 0: steps+1 values."""
+    s = torch.linspace(1, 1 / 1000, steps)
+    return torch.cat([shift * s / (1 + (shift - 1) * s), torch.zeros(1)])
+
+
+@torch.no_grad()
+def sample(transformer, encode_prompts, prompts, steps=DEFAULT_STEPS_EVAL, guidance=DEFAULT_GUIDANCE,
+           seed=0, shift=SHIFT):
+    """Euler ODE with classifier-free guidance (v = v_u + g (v_c - v_u)); returns images (B,3,32,32)."""
+    device = next(transformer.parameters()).device
+    emb, pooled = encode_prompts(list(prompts) + [""] * len(prompts))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(prompts), *LATENT_SHAPE, generator=g).to(device)
+    sigmas = sigma_schedule(steps, shift).to(device)
+    for i in range(steps):
+        t = sigmas[i].expand(2 * len(prompts))
+        v = transformer(hidden_states=torch.cat([x, x]), encoder_hidden_states=emb, pooled_projections=pooled,
+                        timestep=1000 * t, return_dict=False)[0]
+        v_c, v_u = v.chunk(2)
+        x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + guidance * (v_c - v_u))
+    return latents_to_images(x)
+
+# -----------------------------------------------------------------------------
+# rewards: shared image analysis
+
+_PALETTE = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), np.float32)  # (11, 3)
+_N_OBJ_COLOURS = len(COLOURS)
+MAX_COLOUR_DIST = 0.3   # a pixel farther than this from every palette colour is "unassigned"
+MIN_OBJECT_AREA = 12    # connected components smaller than this are specks, not objects
+MIN_SHAPE_IOU = 0.5     # a component must overlap its best ideal shape this much to count
+
+
+def _to_hwc(images):
+    """(B,3,H,W) float tensor/array in [0,1] -> float32 numpy (B,H,W,3)."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 2, 3, 1))
+
+
+def _colour_classes(x):
+    """(B,H,W,3) -> (B,H,W) palette index, -1 where no palette colour is close."""
+    d2 = ((x[..., None, :] - _PALETTE) ** 2).sum(-1)
+    cls = d2.argmin(-1)
+    cls[np.take_along_axis(d2, cls[..., None], -1)[..., 0] > MAX_COLOUR_DIST ** 2] = -1
+    return cls
+
+
+def _detect(cls):
+    """Objects in one image: list of (colour, shape, cx, cy) from per-colour connected components."""
+    found = []
+    for k, colour in enumerate(COLOURS):
+        mask = cls == k
+        if mask.sum() < MIN_OBJECT_AREA:
+            continue
+        labels, n = ndimage.label(mask)
+        for sl, lab in zip(ndimage.find_objects(labels), range(1, n + 1)):
+            comp = labels[sl] == lab
+            area = comp.sum()
+            if area < MIN_OBJECT_AREA:
+                continue
+            shape = _classify_shape(labels == lab, sl)
+            if shape:
+                ys, xs = np.nonzero(comp)
+                found.append((colour, shape, xs.mean() + sl[1].start + 0.5, ys.mean() + sl[0].start + 0.5))
+    return found
+
+
+def _classify_shape(mask, sl):
+    """Best-IoU ideal shape drawn into the component's bounding box; None below MIN_SHAPE_IOU
+    (a ragged blob is not an object, as a detector's confidence threshold would say)."""
+    h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+    cy, cx = (sl[0].start + sl[0].stop) / 2, (sl[1].start + sl[1].stop) / 2
+    r = (w + h) / 4
+    best, best_iou = None, MIN_SHAPE_IOU
+    for shape in SHAPES:
+        ideal = _shape_mask(shape, cx, cy, r / 0.8 if shape == "square" else r)
+        iou = (ideal & mask).sum() / (ideal | mask).sum()
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best
+
+
+def _matches(obj, want):
+    return obj[1] == want["shape"] and (want["colour"] is None or obj[0] == want["colour"])
+
+
+def _geneval_correct(spec, found):
+    """GenEval's strict rule: every clause of the prompt must hold."""
+    objs = spec["objects"]
+    if len(objs) == 1:
+        n = sum(_matches(f, objs[0]) for f in found)
+        return n == objs[0]["count"] if objs[0]["count"] > 1 else n >= 1
+    a = [f for f in found if _matches(f, objs[0])]
+    b = [f for f in found if _matches(f, objs[1])]
+    if not a or not b:
+        return False
+    if spec["relation"] is None:
+        return True
+    return any(_relation_holds(spec["relation"], fa[2:], fb[2:], margin=1) for fa in a for fb in b)
+
+# -----------------------------------------------------------------------------
+# rewards: the four tasks
+
+def _reward_geneval(x, specs):
+    cls = _colour_classes(x)
+    return np.array([float(_geneval_correct(s, _detect(c))) for s, c in zip(specs, cls)])
+
+
+def _recognise(white):
+    """Read glyphs from a boolean (H,W) mask of text pixels: cut column runs into 6-px cells, then
+    nearest template after block-averaging each cell to 5x3."""
+    labels, n = ndimage.label(white)
+    if n == 0:
+        return ""
+    sizes = ndimage.sum(white, labels, range(1, n + 1))
+    white = np.isin(labels, 1 + np.nonzero(sizes >= 4)[0])  # drop specks
+    cols = np.concatenate([[False], white.any(0), [False]])
+    starts, ends = np.nonzero(cols[1:] & ~cols[:-1])[0], np.nonzero(~cols[1:] & cols[:-1])[0]
+    text = ""
+    for a, b in zip(starts, ends):
+        m = max(1, round((b - a + GLYPH_GAP) / (3 * GLYPH_SCALE + GLYPH_GAP)))
+        edges = np.linspace(a, b + GLYPH_GAP, m + 1)
+        for k in range(m):
+            lo, hi = int(round(edges[k])), max(int(round(edges[k + 1] - GLYPH_GAP)), int(round(edges[k])) + 1)
+            cell = white[:, lo:hi]
+            rows = np.nonzero(cell.any(1))[0]
+            if len(rows) < 3:
+                continue
+            cell = cell[rows[0]:rows[-1] + 1].astype(np.float32)
+            ry = np.minimum((np.arange(cell.shape[0]) * 5) // cell.shape[0], 4)
+            rx = np.minimum((np.arange(cell.shape[1]) * 3) // cell.shape[1], 2)
+            grid = np.zeros((5, 3), np.float32)
+            np.add.at(grid, (ry[:, None], rx[None, :]), cell)
+            grid /= np.maximum(np.bincount(ry, minlength=5)[:, None] * np.bincount(rx, minlength=3)[None, :], 1)
+            d = ((TEMPLATES - grid) ** 2).sum((1, 2))
+            text += GLYPHS[d.argmin()] if d.min() < 2.5 else "?"
+    return text
+
+
+def _levenshtein(a, b):
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def ocr_reward(target, recognised):
+    """Flow-GRPO's rule: lowercase, no spaces; distance 0 if the target is a substring."""
+    target, recognised = target.lower().replace(" ", ""), recognised.lower().replace(" ", "")
+    d = 0 if target in recognised else _levenshtein(recognised, target)
+    return 1 - min(d, len(target)) / len(target)
+
+
+def _reward_ocr(x, specs):
+    white = _colour_classes(x) == list(COLOURS).index("white")
+    return np.array([ocr_reward(s["text"], _recognise(w)) for s, w in zip(specs, white)])
+
+
+def _quality_terms(x):
+    """Per-image (noise, sharpness, content) in [0,1]. Ground truth is piecewise flat with hard
+    edges: its gradients are either ~0 (texture) or large (edges); blur makes middling gradients,
+    noise makes pixels disagree with their 3x3 median."""
+    gx = np.abs(np.diff(x, axis=2, append=x[:, :, -1:])).max(-1)
+    gy = np.abs(np.diff(x, axis=1, append=x[:, -1:])).max(-1)
+    g = np.maximum(gx, gy)                                      # (B, H, W)
+    edge = (g > 0.25).mean((1, 2))
+    mid = ((g > 0.15) & (g <= 0.25)).mean((1, 2))  # > 0.15: faint grain (std <= 0.03) is not blur
+    resid = np.abs(x - ndimage.median_filter(x, size=(1, 3, 3, 1))).max(-1)
+    speckle = (resid > 0.12).mean((1, 2))
+    noise = np.clip(1 - (speckle - 0.02) / 0.10, 0, 1)
+    sharp = np.clip(1 - (mid / (edge + mid + 1e-6) - 0.15) / 0.35, 0, 1)
+    content = np.clip(edge / 0.02, 0, 1)
+    return noise, sharp, content
+
+
+def _reward_deqa(x, specs):
+    noise, sharp, content = _quality_terms(x)
+    return noise * sharp * content
+
+
+def _reward_pickscore(x, specs):
+    """A fixed preference: a big (>= 25% of the image), centred, colourful subject that stands out
+    from the background, in the colours the prompt names, on a clean image. It dislikes small
+    off-centre objects, so it fights GenEval's position/counting prompts a little. Score in [0,1]:
+    clean * (0.85 + 0.15 sharp) * (0.3 size + 0.2 centred + 0.2 colourful + 0.15 contrast + 0.15 colour match)."""
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)   # (B, 4W, 3)
+    bg = np.median(border, axis=1)                                                   # (B, 3)
+    fg = np.sqrt(((x - bg[:, None, None]) ** 2).sum(-1)) > 0.25                      # (B, H, W)
+    area = fg.mean((1, 2))
+    n = np.maximum(fg.sum((1, 2)), 1)
+    cx = (fg * _XX).sum((1, 2)) / n - IMAGE_SIZE / 2
+    cy = (fg * _YY).sum((1, 2)) / n - IMAGE_SIZE / 2
+    fg_mean = (x * fg[..., None]).sum((1, 2)) / n[:, None]
+    chroma = ((x.max(-1) - x.min(-1)) * fg).sum((1, 2)) / n
+    size_s = np.clip(area / 0.25, 0, 1)
+    centre_s = np.clip(1 - (np.hypot(cx, cy) - 2) / 8, 0, 1) * (area > 0)
+    colour_s = np.clip(chroma / 0.6, 0, 1)
+    contrast_s = np.clip(np.sqrt(((fg_mean - bg) ** 2).sum(-1)) / 0.5, 0, 1) * (area > 0)
+    cls = _colour_classes(x)
+    match_s = np.ones(len(x))
+    for b, spec in enumerate(specs):
+        named = [o["colour"] for o in spec["objects"] if o["colour"]]
+        if named:
+            match_s[b] = np.mean([(cls[b] == list(COLOURS).index(c)).sum() >= 20 for c in named])
+    noise, sharp, _ = _quality_terms(x)  # people dislike noise most, blur a little
+    return noise * (0.85 + 0.15 * sharp) * (0.3 * size_s + 0.2 * centre_s + 0.2 * colour_s + 0.15 * contrast_s + 0.15 * match_s)
+
+
+_REWARDS = {"geneval": _reward_geneval, "ocr": _reward_ocr, "deqa": _reward_deqa, "pickscore": _reward_pickscore}
+
+
+def score(task, images, prompts):
+    """One of the four rewards: images (B,3,32,32) in [0,1], prompts list[str] -> (B,) in [0,1]."""
+    specs = [parse(p) for p in prompts]
+    if task == "ocr" and any(s["kind"] != "ocr" for s in specs):
+        raise ValueError("the ocr reward needs sign prompts (a sign that says \"...\")")
+    if task == "geneval" and any(s["kind"] != "scene" for s in specs):
+        raise ValueError("the geneval reward needs scene prompts (a photo of ...)")
+    return _REWARDS[task](_to_hwc(images), specs).astype(np.float64)
+
+
+def score_ood(images, prompts):
+    """GenEval-strict correctness averaged per held-out category (colour, shape, spatial, numeracy)."""
+    specs = [parse(p) for p in prompts]
+    correct = _reward_geneval(_to_hwc(images), specs)
+    cats = np.array([ood_category(s) for s in specs])
+    return {c: float(correct[cats == c].mean()) for c in OOD_CATEGORIES if (cats == c).any()}
+
+
+def diversity(images, prompts):
+    """Mean pairwise RMS pixel distance between images of the same prompt (prompts with >= 2 images)."""
+    x = _to_hwc(images).reshape(len(prompts), -1)
+    groups = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    dists = []
+    for idx in groups.values():
+        if len(idx) > 1:
+            g = x[idx]
+            d = np.sqrt(((g[:, None] - g[None]) ** 2).mean(-1))
+            dists.append(d[np.triu_indices(len(idx), 1)].mean())
+    return float(np.mean(dists)) if dists else 0.0
+
+# -----------------------------------------------------------------------------
+# pretraining: rectified flow on freshly drawn scenes of every task (never the OOD compositions)
+
+PRETRAIN_MIX = {"geneval": 0.4, "ocr": 0.4, "deqa": 0.1, "pickscore": 0.1}  # task sampling weights
+BATCH_SIZE = 48          # scenes per step
+LR = 1e-3                # AdamW peak learning rate (linear warmup, then constant)
+WARMUP_STEPS = 200       # learning-rate warmup
+WEIGHT_DECAY = 0.01      # AdamW weight decay
+EMA_DECAY = 0.999        # the saved weights are an exponential moving average
+PROMPT_DROPOUT = 0.1     # fraction of captions replaced by "" so that CFG works
+SAVE_EVERY_S = 120       # seconds between atomic checkpoints
+
+
+def _save(path, transformer, tables, card):
+    from safetensors.torch import save_file
+    state = {f"transformer.{k}": v.detach().contiguous() for k, v in transformer.state_dict().items()}
+    state.update(tables)
+    tmp = path + ".tmp"
+    save_file(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    with open(path, "rb") as f:
+        card["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    with open(tmp, "w") as f:
+        json.dump(card, f, indent=2)
+    os.replace(tmp, os.path.splitext(path)[0] + ".json")
+
+
+def pretrain(minutes, seed, out, threads, init):
+    import copy
+    from tqdm import tqdm
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    transformer = build_transformer().train()
+    previous = None
+    if init:  # continue from saved (EMA) weights with a fresh optimizer; the card keeps the history
+        transformer.load_state_dict(load_base(init)[0].state_dict())
+        with open(os.path.splitext(init)[0] + ".json") as f:
+            previous = json.load(f)
+    ema = copy.deepcopy(transformer).requires_grad_(False)
+    tables = text_tables()
+    encode_prompts = make_encoder(tables)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.99))
+    n_params = sum(p.numel() for p in transformer.parameters())
+    print(f"transformer: {n_params / 1e6:.2f}M parameters; batch {BATCH_SIZE}; {minutes} minutes")
+    card = dict(command="python " + " ".join(sys.argv), seed=seed, minutes=minutes, threads=threads, batch_size=BATCH_SIZE,
+                lr=LR, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
+                init=init, previous=previous)
+    tasks, weights = list(PRETRAIN_MIX), list(PRETRAIN_MIX.values())
+    t_start = last_save = time.time()
+    step, loss_avg = 0, None
+    bar = tqdm(total=int(minutes * 60), unit="s", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s {postfix}")
+    while time.time() - t_start < minutes * 60:
+        # data: captions from every task's generator, their ground-truth scenes, 10% dropped to ""
+        prompts = [make_prompt(tasks[rng.choice(4, p=weights)], rng) for _ in range(BATCH_SIZE)]
+        x0 = images_to_latents(render_batch(prompts, rng))                   # (B, 12, 16, 16)
+        prompts = ["" if rng.random() < PROMPT_DROPOUT else p for p in prompts]
+        emb, pooled = encode_prompts(prompts)
+        # rectified flow (SD3): logit-normal sigma, x_t = (1 - sigma) x0 + sigma noise, target v = noise - x0
+        sigma = torch.sigmoid(torch.randn(BATCH_SIZE))
+        noise = torch.randn_like(x0)
+        xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+        v = transformer(hidden_states=xt, encoder_hidden_states=emb, pooled_projections=pooled,
+                        timestep=1000 * sigma, return_dict=False)[0]
+        loss = F.mse_loss(v, noise - x0)
+        # update
+        for group in opt.param_groups:
+            group["lr"] = LR * min(1.0, (step + 1) / WARMUP_STEPS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(EMA_DECAY, (step + 1) / (step + 10))  # short EMA at the start
+            for pe, p in zip(ema.parameters(), transformer.parameters()):
+                pe.lerp_(p, 1 - decay)
+        step += 1
+        loss_avg = loss.item() if loss_avg is None else 0.99 * loss_avg + 0.01 * loss.item()
+        bar.n = int(time.time() - t_start)
+        bar.set_postfix(step=step, loss=f"{loss_avg:.4f}")
+        # log / save
+        if time.time() - last_save > SAVE_EVERY_S:
+            _save(out, ema, tables, dict(card, steps=step, loss=round(loss_avg, 5)))
+            last_save = time.time()
+    bar.close()
+    _save(out, ema, tables, dict(card, steps=step, loss=round(loss_avg, 5)))
+    print(f"done: {step} steps, loss (EMA of batch losses) {loss_avg:.4f}, saved {out}")
+
+# -----------------------------------------------------------------------------
+# calibration: rewards on ground truth vs corruptions, and the base model on every test split
+
+def _grid(images, nrow):
+    """(B,3,32,32) -> PIL image, nrow per row, upscaled x3 for viewing."""
+    x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    b = len(x) // nrow * nrow
+    x = x[:b].reshape(-1, nrow, IMAGE_SIZE, IMAGE_SIZE, 3).transpose(0, 2, 1, 3, 4)
+    x = x.reshape(-1, nrow * IMAGE_SIZE, 3)
+    return Image.fromarray(x).resize((x.shape[1] * 3, x.shape[0] * 3), Image.NEAREST)
+
+
+def calibrate(n, steps, guidance, shift, threads):
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    print(f"{'task':10s} {'truth':>6s} {'noise':>6s} {'blank':>6s} {'blur':>6s} {'base':>6s} {'sd':>6s}   (n={n} test prompts, "
+          f"base: {steps} Euler steps, cfg {guidance}, shift {shift})")
+    transformer, encode_prompts = load_base()
+    grids_truth, grids_base = [], []
+    for task in TASKS:
+        prompts = read_prompts(task, "test")[:n]
+        truth = render_batch(prompts, rng)
+        noise = torch.from_numpy(rng.random(truth.shape, dtype=np.float32))
+        blank = torch.full_like(truth, 0.05)
+        blur = torch.from_numpy(ndimage.gaussian_filter(truth.numpy(), (0, 0, 1.0, 1.0)))
+        t0 = time.time()
+        base = sample(transformer, encode_prompts, prompts, steps, guidance, seed=1, shift=shift)
+        t_sample = time.time() - t0
+        row = [score(task, im, prompts) for im in (truth, noise, blank, blur, base)]
+        print(f"{task:10s} " + " ".join(f"{r.mean():6.3f}" for r in row) + f" {row[-1].std():6.3f}"
+              f"   ({t_sample:.1f}s sampling)")
+        grids_truth.append(truth[:8])
+        grids_base.append(base[:8])
+    ood = read_prompts("ood", "test")
+    base = sample(transformer, encode_prompts, ood, steps, guidance, seed=1, shift=shift)
+    print("ood (base):", {k: round(v, 3) for k, v in score_ood(base, ood).items()},
+          " ood (truth):", {k: round(v, 3) for k, v in score_ood(render_batch(ood, rng), ood).items()})
+    rep = [p for p in read_prompts("geneval", "test")[:8] for _ in range(4)]
+    print(f"diversity (4 samples x 8 geneval prompts): base "
+          f"{diversity(sample(transformer, encode_prompts, rep, steps, guidance, seed=2, shift=shift), rep):.3f}, "
+          f"truth {diversity(render_batch(rep, rng), rep):.3f}")
+    # timing: one transformer forward at batch 16 with CFG (32 effective)
+    emb, pooled = encode_prompts(["a photo of a red circle"] * 32)
+    x = torch.randn(32, *LATENT_SHAPE)
+    with torch.no_grad():
+        for k in range(6):
+            if k == 1:
+                t0 = time.time()
+            transformer(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled,
+                        timestep=torch.full((32,), 500.0), return_dict=False)
+    print(f"forward, batch 16 with CFG (32 rows): {(time.time() - t0) / 5 * 1000:.1f} ms; "
+          f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters")
+    os.makedirs(os.path.join(HERE, "assets"), exist_ok=True)
+    _grid(torch.cat(grids_truth), 8).save(os.path.join(HERE, "assets", "tiny_ground_truth.png"))
+    _grid(torch.cat(grids_base), 8).save(os.path.join(HERE, "assets", "tiny_base_samples.png"))
+    print("wrote assets/tiny_ground_truth.png and assets/tiny_base_samples.png (rows: " + ", ".join(TASKS) + ")")
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prompts", help="write prompts/tiny/*.txt")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("pretrain", help="train the base model")
+    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=CHECKPOINT)
+    p.add_argument("--init", default=None, help="continue from this checkpoint's weights (fresh optimizer)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads; 1 on a machine shared with other jobs "
+                   "(2 threads competing with another process for 2 cores run ~30x slower)")
+    p = sub.add_parser("calibrate", help="reward table + base scores + sample grids")
+    p.add_argument("--n", type=int, default=64, help="test prompts per task")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS_EVAL)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--shift", type=float, default=SHIFT)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = parser.parse_args()
+    if args.cmd == "prompts":
+        write_prompt_files(args.seed)
+    elif args.cmd == "pretrain":
+        pretrain(args.minutes, args.seed, args.out, args.threads, args.init)
+    else:
+        calibrate(args.n, args.steps, args.guidance, args.shift, args.threads)
