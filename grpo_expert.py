@@ -209,7 +209,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                 optimizer.zero_grad(set_to_none=True)
                 n_chunk = len(chunk)  # global count: every rank divides by it, so the summed gradient is the global mean
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first  # this rank's share, local indices
-                for mb in mine.split(cfg.train_batch):
+                for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     adv = advantages[mb + first].to(dist.device)
                     for j in train_steps:
                         x_t, x_next = latents[mb, j], latents[mb, j + 1]

@@ -267,7 +267,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
             for chunk in perm.chunk(cfg.updates_per_epoch):
                 optimizer.zero_grad(set_to_none=True)
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
-                for mb in mine.split(cfg.train_batch):
+                for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     for jj, j in enumerate(train_steps):
                         s, s_next, x_t = sigmas[j].item(), sigmas[j + 1].item(), latents[mb, j]
                         with sde.adapter(transformer, "student"):

@@ -5,8 +5,8 @@
 #   Stage 2   multi-teacher OPD from each cold start, with and without MAR      opd.py
 #   Tables    the paper's main / OOD / quality tables                           evaluate.py
 #
-#   bash reproduce.sh            # full run (about 30 minutes on 2 CPU cores)
-#   bash reproduce.sh --quick    # the same tables with fewer steps (about 5 minutes)
+#   bash reproduce.sh            # full run (about 40 minutes on 2 CPU cores)
+#   bash reproduce.sh --quick    # the same tables with far fewer steps (a smoke run: minutes, numbers meaningless)
 #
 # Every stage skips work whose output exists (the scripts resume from their checkpoints), so a rerun
 # after an interruption continues. Results: results/tiny/ (quick: results/tiny-quick/).
@@ -27,20 +27,21 @@ export HF_HUB_OFFLINE=1
 
 # ---- budgets: (full, quick)
 if [ $QUICK = 1 ]; then
-  OUT=results/tiny-quick; EXPERT_EPOCHS=4; MIX_EPOCHS=4; SFT_STEPS=20; SFT_ITEMS=16; OPD_EPOCHS=3; EVAL_LIMIT=16
+  OUT=results/tiny-quick; EXPERT_EPOCHS=2; MIX_EPOCHS=2; SFT_STEPS=10; SFT_ITEMS=8; OPD_EPOCHS=2; EVAL_LIMIT=8
 else
-  OUT=results/tiny; EXPERT_EPOCHS=30; MIX_EPOCHS=40; SFT_STEPS=300; SFT_ITEMS=128; OPD_EPOCHS=20; EVAL_LIMIT=0
+  OUT=results/tiny; EXPERT_EPOCHS=20; MIX_EPOCHS=20; SFT_STEPS=200; SFT_ITEMS=64; OPD_EPOCHS=10; EVAL_LIMIT=32
 fi
+LR=1e-3  # tiny-world learning rate of the experts (Flow-GRPO's 3e-4 is slow for a 20-epoch CPU budget)
 RUNS=$OUT/runs
 TASKS="geneval ocr deqa pickscore"
 
 # ---- Stage 1: one Flow-GRPO expert per task, then GRPO-Mix (GenEval:OCR:PickScore 3:1:1 + DeQA 1:1)
 for t in $TASKS; do
   echo "== expert $t"
-  $PY grpo_expert.py --task $t --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$t
+  $PY grpo_expert.py --task $t --lr $LR --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$t
 done
 echo "== GRPO-Mix"
-$PY grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 --lr 1e-4 --epochs $MIX_EPOCHS --out $RUNS/grpo-mix
+$PY grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 --lr $LR --epochs $MIX_EPOCHS --out $RUNS/grpo-mix
 
 TEACHERS=""
 ADAPTERS=""

@@ -400,6 +400,7 @@ def write_lora(path, weights, config):
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=weights, transformer_lora_adapter_metadata=config)
+        os.chmod(os.path.join(tmp, "pytorch_lora_weights.safetensors"), 0o644)
         os.replace(os.path.join(tmp, "pytorch_lora_weights.safetensors"), path)
 
 
@@ -621,6 +622,7 @@ def atomic_write(path, data):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results and checkpoints are for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

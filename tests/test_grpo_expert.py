@@ -14,8 +14,8 @@ from helpers import read_adapter, read_log, run_script, torchrun_script
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors")),
                                 reason="the tiny world's base weights are not built yet")
-FAST = ["--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4", "--sample-batch", "8", "--train-batch", "8",
-        "--grid-every", "0", "--lora-rank", "4", "--lora-alpha", "8"]
+FAST = ["--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4", "--noise-level", "0.2", "--sample-batch", "8", "--train-batch", "8",
+        "--grid-every", "0", "--lora-rank", "4", "--lora-alpha", "8", "--ema-decay", "0", "--ema-every", "1"]  # saved = raw weights
 
 
 def test_advantages_on_known_numbers():
@@ -59,7 +59,7 @@ def test_first_update_is_on_policy_with_zero_kl(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    args = ["--task", "ocr", "--save-every", "1", *FAST]
+    args = ["--task", "pickscore", "--save-every", "1", *FAST]  # a graded reward: every group has spread
     run_script("grpo_expert.py", "--epochs", "3", "--out", str(tmp_path / "straight"), *args)
     run_script("grpo_expert.py", "--epochs", "2", "--out", str(tmp_path / "resumed"), *args)
     run_script("grpo_expert.py", "--epochs", "3", "--out", str(tmp_path / "resumed"), *args)
@@ -73,7 +73,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_two_processes_equal_one(tmp_path):
-    args = ["--task", "geneval", "--epochs", "2", *FAST]
+    args = ["--task", "pickscore", "--epochs", "2", *FAST]
     run_script("grpo_expert.py", "--out", str(tmp_path / "one"), *args)
     torchrun_script(2, "grpo_expert.py", "--out", str(tmp_path / "two"), *args)
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
@@ -81,4 +81,6 @@ def test_two_processes_equal_one(tmp_path):
     assert one[-1]["opt_step"] > 0 and min(r["kept"] for r in one) > 0  # groups with reward spread: real updates
     a, b = read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        # the summed gradients differ in float rounding; Adam steps by ~lr * sign(g), so an element with a
+        # near-zero gradient can move differently by a fraction of lr (3e-4 here, 1e-4 in opd)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
