@@ -129,17 +129,9 @@ if dist.master:
     print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, trained steps {train_steps} | "
           f"{cfg.updates_per_epoch * cfg.inner_epochs} optimizer steps/epoch | {sum(p.numel() for p in param_list):,} trainable params | beta {beta} | out {out}")
 
-start_epoch, opt_step = 0, 0
-state = sde.load_checkpoint(out) if cfg.resume else None
-if state is not None:
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state["params"][k])
-    ema = {k: v.float() for k, v in state["ema"].items()}
-    optimizer.load_state_dict(state["optimizer"])
-    start_epoch, opt_step = state["epoch"], state["opt_step"]
-    if dist.master:
-        print(f"resumed from {out} at epoch {start_epoch}")
+start_epoch, opt_step = sde.load_train_state(out, params, ema, optimizer) if cfg.resume else (0, 0)
+if start_epoch and dist.master:
+    print(f"resumed from {out} at epoch {start_epoch}")
 
 
 @torch.no_grad()
@@ -154,8 +146,7 @@ def save_outputs(epoch):
     """Exact-resume checkpoint + the EMA adapter that later stages use, written atomically (master only)."""
     if not dist.master:
         return
-    sde.save_checkpoint(out, epoch, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
-                                         optimizer=optimizer.state_dict(), epoch=epoch, opt_step=opt_step))
+    sde.save_train_state(out, epoch, params, ema, optimizer, opt_step)
     if cfg.full_finetune:
         sde.save_tensors(os.path.join(out, "transformer.safetensors"), {k: v for k, v in ema.items()})
     else:

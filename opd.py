@@ -188,17 +188,9 @@ if dist.master:
     print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, distilled steps {train_steps} | "
           f"{sum(p.numel() for p in param_list):,} trainable params | out {out}")
 
-start_epoch, opt_step = 0, 0
-state = sde.load_checkpoint(out) if cfg.resume else None
-if state is not None:
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state["params"][k])
-    ema = {k: v.float() for k, v in state["ema"].items()}
-    optimizer.load_state_dict(state["optimizer"])
-    start_epoch, opt_step = state["epoch"], state["opt_step"]
-    if dist.master:
-        print(f"resumed from {out} at epoch {start_epoch}")
+start_epoch, opt_step = sde.load_train_state(out, params, ema, optimizer) if cfg.resume else (0, 0)
+if start_epoch and dist.master:
+    print(f"resumed from {out} at epoch {start_epoch}")
 
 
 @torch.no_grad()
@@ -317,8 +309,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
             sde.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
     if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
         if dist.master:
-            sde.save_checkpoint(out, epoch + 1, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
-                                                     optimizer=optimizer.state_dict(), epoch=epoch + 1, opt_step=opt_step))
+            sde.save_train_state(out, epoch + 1, params, ema, optimizer, opt_step)
             sde.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"), state_dict=ema)
 
 if dist.world_size > 1:

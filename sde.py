@@ -698,6 +698,27 @@ def load_checkpoint(run_dir):
     return _unflatten(json.loads(meta["state"]), tensors)
 
 
+def save_train_state(run_dir, epoch, params, ema, optimizer, opt_step):
+    """The RL scripts' checkpoint: trainable weights, their EMA, the optimizer, the counters. Their
+    sampling noise and prompt draws derive from (seed, epoch, index), so no RNG state is needed."""
+    return save_checkpoint(run_dir, epoch, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
+                                                optimizer=optimizer.state_dict(), epoch=epoch, opt_step=opt_step))
+
+
+def load_train_state(run_dir, params, ema, optimizer):
+    """Restore what save_train_state wrote (in place); returns (epoch, opt_step), (0, 0) when none."""
+    state = load_checkpoint(run_dir)
+    if state is None:
+        return 0, 0
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state["params"][k])
+        for k, v in ema.items():
+            v.copy_(state["ema"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"], state["opt_step"]
+
+
 def rng_state():
     return dict(torch=torch.get_rng_state(), numpy=json.dumps(np.random.get_state()[1].tolist()),
                 python=json.dumps(random.getstate()[1]))

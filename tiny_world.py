@@ -638,7 +638,8 @@ def _recognise(white):
     return text
 
 
-def _levenshtein(a, b):
+def levenshtein(a, b):
+    """Edit distance with unit costs (two-row dynamic programme); rewards.py uses this one too."""
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         cur = [i]
@@ -651,7 +652,7 @@ def _levenshtein(a, b):
 def ocr_reward(target, recognised):
     """Flow-GRPO's rule: lowercase, no spaces; distance 0 if the target is a substring."""
     target, recognised = target.lower().replace(" ", ""), recognised.lower().replace(" ", "")
-    d = 0 if target in recognised else _levenshtein(recognised, target)
+    d = 0 if target in recognised else levenshtein(recognised, target)
     return 1 - min(d, len(target)) / len(target)
 
 
