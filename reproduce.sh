@@ -5,7 +5,7 @@
 #   Stage 2   multi-teacher OPD from each cold start, with and without MAR      opd.py
 #   Tables    the paper's main / OOD / quality tables                           evaluate.py
 #
-#   bash reproduce.sh            # full run (about 40 minutes on 2 CPU cores)
+#   bash reproduce.sh            # full run (about 30 minutes on 2 CPU cores)
 #   bash reproduce.sh --quick    # the same tables with far fewer steps (a smoke run: minutes, numbers meaningless)
 #
 # Every stage skips work whose output exists (the scripts resume from their checkpoints), so a rerun
