@@ -133,14 +133,6 @@ scorers = {m: rewards.get_reward(m, world.kind, **options.get(m, {}))
            for ms in set_metrics.values() for m in ms if m not in ("ood", "diversity")}
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def base_fingerprint(transformer):
     """A cheap identity of the base weights (the first 4096 values of every 8th tensor): a rebuilt
     tiny base, or another SD3 folder, must not reuse cached scores."""
@@ -152,14 +144,14 @@ def base_fingerprint(transformer):
 
 
 base_id = base_fingerprint(world.transformer)
-model_ids = {label: sha256_file(path) if path else "base" for label, path in models.items()}
+model_ids = {label: sde.file_sha256(path) if path else "base" for label, path in models.items()}
 sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale=guidance,
                 shift=world.defaults["shift"], images_per_prompt=K, seed=cfg.seed, noise_level=0.0)
 
 
 def cache_path(label, name):
     """One JSON per (model, prompt set), named by everything its scores depend on."""
-    key = dict(sampling, model=model_ids[label], prompts=sha256_file(prompt_sets[name][0]),
+    key = dict(sampling, model=model_ids[label], prompts=sde.file_sha256(prompt_sets[name][0]),
                options=options if name in ("deqa", "pickscore") else {})
     return os.path.join(cache_dir, f"{label}-{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json")
 

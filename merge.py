@@ -24,7 +24,6 @@ Notation: adapter k has factors A_k (r_k, in), B_k (out, r_k) per module and sca
 (alpha_k / sqrt(r_k) with rsLoRA), so its weight update ("task vector") is dW_k = s_k B_k A_k (out, in).
 """
 
-import hashlib
 import math
 import os
 import time
@@ -91,14 +90,6 @@ device = torch.device(cfg.device)
 
 # -----------------------------------------------------------------------------
 # read the adapters: per module (A_k, B_k, s_k); check each is a plain LoRA and all agree on modules/shapes
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_adapter(path):
@@ -280,7 +271,7 @@ if base_state is not None:
 
 card = dict(
     method=cfg.method,
-    inputs=[dict(path=os.path.abspath(p), sha256=sha256(p), r=c["r"], lora_alpha=c["lora_alpha"],
+    inputs=[dict(path=os.path.abspath(p), sha256=sde.file_sha256(p), r=c["r"], lora_alpha=c["lora_alpha"],
                  use_rslora=bool(c.get("use_rslora")), weight=w) for p, c, w in zip(paths, configs, weights)],
     weights=weights,
     density=cfg.density if cfg.method == "ties" else None,
@@ -291,7 +282,7 @@ card = dict(
     reconstruction_error=dict(overall=overall, max=max(errors.values()), per_module=errors),
     lora_mean_vs_mean_of_updates=lora_mean_gap,
     out=os.path.abspath(cfg.out),
-    out_sha256=sha256(cfg.out),
+    out_sha256=sde.file_sha256(cfg.out),
     folded=os.path.abspath(folded_path) if folded_path else None,
     settings=vars(cfg),
     seconds=round(time.time() - t_start, 2),

@@ -110,17 +110,7 @@ train_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))
 task_weights = rewards.parse_weights(cfg.task)
 out = cfg.out or os.path.join(sde.HERE, "results", world.kind, "runs", "opd")
 
-if cfg.teachers:
-    teacher_files = {}
-    for part in cfg.teachers.split(","):
-        task, sep, path = part.partition("=")
-        if not sep or not path:
-            raise SystemExit(f"error: --teachers part {part!r} is not task=file")
-        teacher_files[task.strip()] = path.strip()
-elif world.kind == "tiny":
-    teacher_files = {t: os.path.join(sde.HERE, "assets", "tiny_experts", f"{t}.safetensors") for t in world.tasks}
-else:
-    raise SystemExit("error: --teachers is required outside the tiny world (task=file pairs)")
+teacher_files = sde.parse_teachers(cfg.teachers, world)  # {task: LoRA file}
 
 # Routing table alpha[task][teacher]: hard routing is alpha = 1 for the prompt's own task's teacher.
 routing = {t: {t: 1.0} for t in task_weights}

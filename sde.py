@@ -807,6 +807,33 @@ def prompt_file(world, task, split):
     raise SystemExit(f"error: no prompt file for task {task!r} split {split!r} in {folder} (expected {task}_{split}.txt or .jsonl)")
 
 
+def file_sha256(path):
+    """sha256 of a file's bytes: names a checkpoint or prompt file by content (cache keys, cards)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_teachers(spec, world):
+    """--teachers 'geneval=a.safetensors,ocr=b.safetensors' -> {task: file}. Empty in the tiny world:
+    the shipped experts assets/tiny_experts/<task>.safetensors; empty elsewhere: one error line."""
+    if not spec:
+        if world.kind != "tiny":
+            raise SystemExit("error: --teachers is required outside the tiny world (task=file pairs)")
+        return {t: os.path.join(HERE, "assets", "tiny_experts", f"{t}.safetensors") for t in world.tasks}
+    teacher_files = {}
+    for part in spec.split(","):
+        task, sep, path = part.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"error: --teachers part {part!r} is not task=file")
+        teacher_files[task.strip()] = path.strip()
+    return teacher_files
+
+
 def draw_prompts(task_prompts, task_weights, n, seed, epoch):
     """n (task, prompt, metadata) triples for one epoch, the same on every rank and after a resume (a
     generator seeded by seed and epoch). Each prompt's task is drawn with the weights' odds.

@@ -30,7 +30,6 @@ log.jsonl, checkpoints/ (exact resume: rerun the same command), cache/ (teacher 
 share one cache between runs: a rerun reuses its complete shards and generates only missing ones).
 """
 
-import hashlib
 import json
 import math
 import os
@@ -102,17 +101,7 @@ for name in task_weights:
 out = cfg.out or os.path.join(sde.HERE, "results", world.kind, "runs", "sft-init")
 cache_dir = cfg.cache or os.path.join(out, "cache")
 
-if cfg.teachers:
-    teacher_files = {}
-    for part in cfg.teachers.split(","):
-        task, sep, path = part.partition("=")
-        if not sep or not path:
-            raise SystemExit(f"error: --teachers part {part!r} is not task=file")
-        teacher_files[task.strip()] = path.strip()
-elif world.kind == "tiny":
-    teacher_files = {t: os.path.join(sde.HERE, "assets", "tiny_experts", f"{t}.safetensors") for t in world.tasks}
-else:
-    raise SystemExit("error: --teachers is required outside the tiny world (task=file pairs)")
+teacher_files = sde.parse_teachers(cfg.teachers, world)  # {task: LoRA file}
 missing = [t for t in task_weights if t not in teacher_files]
 if missing:
     raise SystemExit(f"error: tasks {missing} have no teacher in --teachers {sorted(teacher_files)}")
@@ -124,15 +113,6 @@ if cfg.best_of < 1 or cfg.prompts_per_task < 1:
 
 first, n_local = sde.shard(cfg.batch, dist, what="items per step (--batch)")  # this rank's block of each global batch
 train_prompts = {t: sde.read_prompts(sde.prompt_file(world, t, "train")) for t in task_weights}
-
-
-def file_digest(path):
-    """sha256 of a file: the cache key names the teacher by content, not by path or mtime."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -151,7 +131,7 @@ def task_items(task):
 
 def generation_key(task):
     """Everything a cached sample depends on besides its prompt and item id."""
-    return dict(task=task, teacher=file_digest(teacher_files[task]), world=world.name, steps=sample_steps,
+    return dict(task=task, teacher=sde.file_sha256(teacher_files[task]), world=world.name, steps=sample_steps,
                 guidance_scale=guidance, noise_level=cfg.sample_noise_level, best_of=cfg.best_of, seed=cfg.seed)
 
 
