@@ -19,7 +19,7 @@ Plus grid_<model>.png (the first prompts of every task, same seeds for all model
 
 Resumable: every prompt's per-image scores are cached in --cache, one JSON per (model, prompt set),
 named by a hash of the model file's sha256, the base weights and the sampling settings (a changed
-checkpoint is re-evaluated; --limit only takes a prefix, so raising it reuses what is there). An
+checkpoint is re-evaluated; an entry is reused only if its prompt is the same). An
 interrupted run continues; a rerun with everything cached samples nothing.
 
 Commands:
@@ -57,7 +57,7 @@ SETTINGS = dict(
     tasks=("", "tasks of the main table (default: all of the world's; e.g. 'ocr,pickscore' without reward servers)"),
     quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore')"),
     images_per_prompt=(None, int, "images per prompt (default: tiny 2, sd3 4 as GenEval)"),
-    limit=(0, "evaluate the first K prompts of each prompt file (0 = all)"),
+    limit=(0, "evaluate K prompts of each prompt file, evenly spread over it so every category is represented (0 = all)"),
     steps=(None, int, "ODE steps (default: the world's eval_steps; 40 on SD3)"),
     guidance_scale=(None, float, "CFG scale (default: the world's; 4.5 on SD3)"),
     seed=(0, "base seed: image k of prompt i starts from noise seeded seed + i * images_per_prompt + k"),
@@ -121,14 +121,19 @@ if "quality" in tables:
         set_metrics.setdefault(t, set()).update(quality_metrics + ([] if sd3 else ["diversity"]))
 if "ood" in tables and not sd3:
     set_metrics["ood"] = {"ood"}
-prompt_sets = {}  # set -> (file, prompts, metadata), first --limit prompts
+prompt_sets = {}  # set -> (file, prompts, metadata): --limit prompts evenly spread over the file
 for name in set_metrics:
     path = sde.prompt_file(world, name, "test")
     prompts, metadata = sde.read_prompts(path)
     n = min(cfg.limit, len(prompts)) if cfg.limit > 0 else len(prompts)
-    prompt_sets[name] = (path, prompts[:n], metadata[:n])
+    # files are often grouped by category (GenEval's, our OOD set): a prefix would test only the first
+    keep = np.linspace(0, len(prompts) - 1, n).round().astype(int).tolist() if n else []
+    prompt_sets[name] = (path, [prompts[i] for i in keep], [metadata[i] for i in keep])
 
-options = {"deqa": dict(scale=cfg.deqa_scale)} if sd3 else {}
+# GenEval is reported strict (every clause holds; training uses the partial-credit "scores")
+options = {"geneval": dict(field="strict_rewards")}
+if sd3:
+    options["deqa"] = dict(scale=cfg.deqa_scale)
 scorers = {m: rewards.get_reward(m, world.kind, **options.get(m, {}))
            for ms in set_metrics.values() for m in ms if m not in ("ood", "diversity")}
 
@@ -298,7 +303,7 @@ for label, path in models.items():
 
 
 def mean_of(label, name, col):
-    """Mean of one column over every image of the set's first --limit prompts (NaN where not scored)."""
+    """Mean of one column over every image of the set's --limit prompts (NaN where not scored)."""
     cached = read_cache(cache_path(label, name))
     values = [v for i in range(len(prompt_sets[name][1])) for v in np.atleast_1d(cached[str(i)].get(col, []))]
     return float(np.mean(values)) if values else None

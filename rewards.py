@@ -325,11 +325,16 @@ _SD3_SCORERS = {
 _CACHE = {}  # (name, options) -> model-backed scorer, so every caller shares one loaded model
 
 
-def _tiny_scorer(name):
+def _tiny_scorer(name, field="scores"):
+    """field (geneval only), as the sd3 client: "scores" = partial credit (training), "strict_rewards" =
+    every clause holds (evaluation)."""
+    if field not in ("scores", "strict_rewards"):
+        raise ValueError(f"tiny geneval field must be 'scores' or 'strict_rewards', got {field!r}")
+
     def score(images, prompts, metadata):
         import tiny_world  # lazily: rewards.py must import without the tiny world
 
-        return tiny_world.score(name, images, prompts)
+        return tiny_world.score(name, images, prompts, strict=field == "strict_rewards")
 
     return score
 
@@ -339,9 +344,10 @@ def get_reward(name: str, world: str = "sd3", **options):
     if world == "tiny":
         if name not in TINY_REWARDS:
             raise ValueError(f"unknown reward {name!r} for world 'tiny'; known: {', '.join(TINY_REWARDS)}")
-        if options:
-            raise ValueError(f"tiny-world rewards take no options, got {sorted(options)}")
-        scorer = _tiny_scorer(name)
+        if set(options) - ({"field"} if name == "geneval" else set()):
+            raise ValueError(f"tiny-world reward {name!r} takes {'only field' if name == 'geneval' else 'no options'}, "
+                             f"got {sorted(options)}")
+        scorer = _tiny_scorer(name, **options)
     elif world == "sd3":
         if name not in _SD3_SCORERS:
             raise ValueError(f"unknown reward {name!r} for world 'sd3'; known: {', '.join(SD3_REWARDS)}")

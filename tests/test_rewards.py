@@ -56,16 +56,23 @@ def test_tiny_world_wrapper_and_combined(monkeypatch):
     # a stand-in tiny_world: the wrapper's job is routing, shape and dtype, not the scores themselves
     calls = []
 
-    def score(task, images, prompts):
-        calls.append(task)
+    def score(task, images, prompts, strict=True):
+        calls.append((task, strict))
         base = {"geneval": 0.1, "ocr": 0.2, "deqa": 0.3, "pickscore": 0.4}[task]
-        return np.arange(len(prompts), dtype=np.float64) + base
+        return np.arange(len(prompts), dtype=np.float64) + base + (strict and task == "geneval")
 
     monkeypatch.setitem(sys.modules, "tiny_world", types.SimpleNamespace(score=score, TASKS=rewards.TINY_REWARDS))
     images, prompts = torch.rand(3, 3, 8, 8), ["a", "b", "c"]
     r = get_reward("ocr", world="tiny")(images, prompts)
-    assert r.dtype == torch.float32 and r.shape == (3,) and calls == ["ocr"]
+    assert r.dtype == torch.float32 and r.shape == (3,) and calls == [("ocr", False)]
     assert torch.allclose(r, torch.tensor([0.2, 1.2, 2.2]))
+    # geneval: partial credit by default (training), strict on request (evaluation); no other options
+    get_reward("geneval", world="tiny", field="strict_rewards")(images, prompts)
+    assert calls[-1] == ("geneval", True)
+    with pytest.raises(ValueError, match="field"):
+        get_reward("geneval", world="tiny", field="rewards")
+    with pytest.raises(ValueError, match="no options"):
+        get_reward("ocr", world="tiny", field="scores")
 
     total, parts = combined_reward("geneval:3,pickscore", "tiny")(images, prompts, None)
     assert set(parts) == {"geneval", "pickscore"}

@@ -72,9 +72,11 @@ def test_ocr_rule_and_recogniser():
     assert tw.ocr_reward("K7", "xk7y") == 1.0               # substring counts as exact
     assert tw.ocr_reward("K7A", "K7") == pytest.approx(2 / 3)
     assert tw.ocr_reward("AB", "") == 0.0
-    img = truth_of(['a sign that says "P4X"'])
+    img = truth_of(['a sign that says "P4"', 'a sign that says "X"'])
     white = tw._colour_classes(tw._to_hwc(img)) == list(tw.COLOURS).index("white")
-    assert tw._recognise(white[0]) == "P4X"
+    assert [tw._recognise(w) for w in white] == ["P4", "X"]
+    with pytest.raises(ValueError, match="cannot parse sign"):
+        tw.parse(f'a sign that says "{"K" * (tw.MAX_GLYPHS + 1)}"')
 
 
 def test_detector_reads_counts_and_positions():
@@ -85,6 +87,18 @@ def test_detector_reads_counts_and_positions():
     wrong = ["a photo of four red squares", "a photo of a blue circle right of a green ring",
              "a photo of a yellow triangle above a white square"]
     assert tw.score("geneval", truth_of(prompts), wrong).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_geneval_partial_credit_by_hand():
+    """The training reward: mean over clauses, half credit for the right shape in the wrong colour,
+    counts graded by |found - n| / n; the strict rule (evaluation) gives 0 to all of these."""
+    scene = truth_of(["a photo of three red squares"])
+    cases = {"a photo of three red squares": 1.0, "a photo of two red squares": 0.5,
+             "a photo of four red squares": 0.75, "a photo of three blue squares": 0.5,
+             "a photo of a red square below a green circle": (1 + 0 + 0) / 3}
+    for prompt, want in cases.items():
+        assert tw.score("geneval", scene, [prompt], strict=False)[0] == pytest.approx(want), prompt
+        assert tw.score("geneval", scene, [prompt])[0] == float(want == 1.0), prompt
 
 
 def test_pickscore_prefers_big_centred_subjects():
