@@ -52,6 +52,7 @@ SETTINGS = dict(
     timestep_fraction=(0.99, "train the first floor(T * fraction) steps (0.99 -> 9 of 10, Flow-GRPO)"),
     guidance_scale=(None, float, "CFG scale for sampling and training (default: the world's; 4.5 on SD3)"),
     noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise (default: the world's; 0.7 on SD3)"),
+    sde_window=(None, int, "Flow-GRPO-Fast: only this many consecutive steps (window start drawn per epoch in the first half) are SDE steps and trained; 0 = all (Flow-GRPO; default: the world's, 0 on SD3, 2 on tiny)"),
     std_scope=("global", "advantage std over the whole batch ('global', Flow-GRPO) or per prompt ('group')"),
     adv_clip=(5.0, "advantages are clipped to +-adv_clip"),
     clip_range=(1e-4, "PPO clip range eps (Flow-GRPO's, small because log-probs are per-dimension means)"),
@@ -85,7 +86,9 @@ world = sde.load_world(cfg.world, dist.device)
 steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
-train_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))  # the trained timestep indices
+cfg.sde_window = world.defaults.get("sde_window", 0) if cfg.sde_window is None else cfg.sde_window
+n_trained = int(math.floor(steps * cfg.timestep_fraction))  # trained timestep indices: the first n_trained (Flow-GRPO),
+                                                              # or the epoch's SDE window (sde.sde_window_steps)
 task_weights = rewards.parse_weights(cfg.task)
 extra_weights = rewards.parse_weights(cfg.reward) if cfg.reward else {}
 for name in list(task_weights) + list(extra_weights):
@@ -126,7 +129,8 @@ if dist.master:
     os.makedirs(out, exist_ok=True)
     sde.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size))
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | tasks {task_weights} extra {extra_weights}")
-    print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, trained steps {train_steps} | "
+    print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, "
+          f"trained steps {f'a window of {cfg.sde_window}' if cfg.sde_window else list(range(n_trained))} | "
           f"{cfg.updates_per_epoch * cfg.inner_epochs} optimizer steps/epoch | {sum(p.numel() for p in param_list):,} trainable params | beta {beta} | out {out}")
 
 start_epoch, opt_step = sde.load_train_state(out, params, ema, optimizer) if cfg.resume else (0, 0)
@@ -164,11 +168,14 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     prompts = [chosen[i // cfg.group_size][1] for i in index.tolist()]
     metadata = [chosen[i // cfg.group_size][2] for i in index.tolist()]
     seeds = [sde.sample_seed(cfg.seed, epoch, i) for i in index.tolist()]  # per-sample seeding
+    sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)  # all steps unless windowed
+    train_steps = sde_steps if cfg.sde_window else list(range(n_trained))
 
     # 1. On-policy sampling: G SDE trajectories per prompt, with their per-step log-probs
     transformer.eval()
     with timer("sampling"):
-        traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch)
+        traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch,
+                          sde_steps=sde_steps)
         latents, old_log_probs = traj["latents"], traj["log_probs"]  # (n_local, T+1, C, h, w), (n_local, T)
         embeds, pooled, sigmas = traj["embeds"], traj["pooled"], traj["sigmas"]
         images = traj["images"]  # (n_local, 3, H, W) in [0, 1]

@@ -73,6 +73,7 @@ SETTINGS = dict(
     timestep_fraction=(0.99, "distil the first floor(T * fraction) steps"),
     guidance_scale=(None, float, "CFG scale for student and teachers (default: the world's)"),
     noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)) (default: the world's; 0.7 on SD3)"),
+    sde_window=(None, int, "only this many consecutive steps of the student's trajectories are SDE steps (Flow-GRPO-Fast, as grpo_expert.py; 0 = all; default: the world's). direct distils every trained step; pg / pg-sample only the window's (the steps with a sampled action)"),
     clip_range=(1e-4, "pg / pg-sample: PPO clip range"),
     adv_clip=(5.0, "pg / pg-sample: rewards used as advantages are clamped to +-adv_clip (official: 5)"),
     lr=(1e-4, "AdamW learning rate (official OPD config: 1e-4)"),
@@ -106,7 +107,8 @@ transformer = world.transformer
 steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
-train_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))
+cfg.sde_window = world.defaults.get("sde_window", 0) if cfg.sde_window is None else cfg.sde_window
+first_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))  # distilled steps (per epoch: see the loop)
 task_weights = rewards.parse_weights(cfg.task)
 out = cfg.out or os.path.join(sde.HERE, "results", world.kind, "runs", "opd")
 
@@ -175,7 +177,8 @@ if dist.master:
                                                          routing=routing, world_size=dist.world_size))
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | loss {cfg.opd_loss} | MAR lambda {cfg.mar_weight} anchor {cfg.mar_teacher}")
     print(f"teachers {teacher_files} | routing {routing}")
-    print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, distilled steps {train_steps} | "
+    print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, SDE window {cfg.sde_window or 'all'}, distilled steps "
+          f"{first_steps if cfg.opd_loss == 'direct' or not cfg.sde_window else 'the window'} | "
           f"{sum(p.numel() for p in param_list):,} trainable params | out {out}")
 
 start_epoch, opt_step = sde.load_train_state(out, params, ema, optimizer) if cfg.resume else (0, 0)
@@ -204,10 +207,13 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     prompts = [chosen[i // cfg.group_size][1] for i in index]
     metadata = [chosen[i // cfg.group_size][2] for i in index]
     seeds = [sde.sample_seed(cfg.seed, epoch, i) for i in index]
+    sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)
+    train_steps = first_steps if cfg.opd_loss == "direct" or not cfg.sde_window else sde_steps
 
     # 1. On-policy sampling: the student's own SDE trajectories (x_t ~ rho_theta)
     with timer("sampling"), sde.adapter(transformer, "student"):
-        traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch)
+        traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch,
+                          sde_steps=sde_steps)
     latents, old_log_probs = traj["latents"], traj["log_probs"]  # (n_local, T+1, C, h, w), (n_local, T)
     embeds, pooled, sigmas = traj["embeds"], traj["pooled"], traj["sigmas"]
 

@@ -189,7 +189,8 @@ class World:
 
 # The settings of the paper (Flow-GRPO's): 512 px, shift 3.0, T = 10 SDE steps for training,
 # 40 ODE steps for evaluation, CFG 4.5, noise level a = 0.7.
-SD3_DEFAULTS = dict(resolution=512, shift=3.0, train_steps=10, eval_steps=40, guidance_scale=4.5, noise_level=0.7, max_sequence_length=128)
+SD3_DEFAULTS = dict(resolution=512, shift=3.0, train_steps=10, eval_steps=40, guidance_scale=4.5, noise_level=0.7, max_sequence_length=128,
+                    sde_window=0)  # 0: every step is stochastic (Flow-GRPO, the paper); see sde_window_steps
 TASKS = ("geneval", "ocr", "deqa", "pickscore")
 
 
@@ -221,7 +222,7 @@ def load_world(name="tiny", device=None, dtype=None):
         defaults = dict(
             resolution=tiny_world.IMAGE_SIZE, shift=tiny_world.SHIFT, train_steps=10,
             eval_steps=tiny_world.DEFAULT_STEPS_EVAL, guidance_scale=tiny_world.DEFAULT_GUIDANCE,
-            noise_level=tiny_world.DEFAULT_NOISE_LEVEL,
+            noise_level=tiny_world.DEFAULT_NOISE_LEVEL, sde_window=tiny_world.DEFAULT_SDE_WINDOW,
         )
         decode = lambda latents: tiny_world.latents_to_images(latents.float().cpu())
         return World("tiny", "tiny", transformer, _cached(encode), decode, tuple(tiny_world.LATENT_SHAPE),
@@ -307,16 +308,32 @@ def seed_generators(seeds):
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
+def sde_window_steps(steps, window, seed, epoch):
+    """Flow-GRPO-Fast's SDE window: only `window` consecutive steps are stochastic (and trained), the
+    rest are exact ODE steps. The window starts at a step drawn per epoch (the same on every rank)
+    from the first half of the trajectory, where composition is decided. window 0 = every step
+    (Flow-GRPO). The reward of an image then depends on the noise of those few steps only, and no
+    late-step noise is left in the image: credit assignment is far sharper for the same samples."""
+    if not window:
+        return list(range(steps))
+    if window > steps:
+        raise ValueError(f"sde window {window} is longer than the trajectory ({steps} steps)")
+    last_start = max(steps // 2 - window, 0)
+    start = int(torch.randint(0, last_start + 1, (1,), generator=torch.Generator().manual_seed(sample_seed(seed, epoch, -99))))
+    return list(range(start, start + window))
+
+
 @torch.no_grad()
 def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, generator=None, seeds=None, decode=True,
-           batch_size=None):
+           batch_size=None, sde_steps=None):
     """Run the SDE (noise_level > 0) or the ODE (noise_level = 0) from pure noise.
 
     prompts: list of B strings. seeds: B integers; sample i draws its initial noise and every step's
     noise from its own generator seeded with seeds[i], so it is the same sample whatever batch or
     process it is drawn in (this is what lets distributed runs equal single-process runs). Without
     seeds they are drawn from `generator` (a torch.Generator, or the global RNG). batch_size: images
-    per forward (None = all at once).
+    per forward (None = all at once). sde_steps: the step indices that use noise_level (None = all);
+    the others are deterministic Euler steps with log_prob 0 (sde_window_steps).
     Returns a dict: latents (B, T+1, C, h, w) float32 on the world's device (x_1 ... x_0),
     log_probs (B, T), sigmas (T+1,), embeds/pooled (the prompts' conditioning), seeds, images
     (B, 3, H, W) float32 in [0, 1] on the CPU when decode."""
@@ -335,7 +352,8 @@ def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, gen
         latents, log_probs = [x], []
         for i in range(steps):
             v = predict_velocity(world, x, sigmas[i].item(), embeds, pooled, guidance_scale, null)
-            x, log_prob, _, _ = sde_step_with_logprob(v, sigmas[i].item(), sigmas[i + 1].item(), x, noise_level, generator=gens)
+            a = noise_level if sde_steps is None or i in sde_steps else 0.0
+            x, log_prob, _, _ = sde_step_with_logprob(v, sigmas[i].item(), sigmas[i + 1].item(), x, a, generator=gens)
             latents.append(x)
             log_probs.append(log_prob)
         part = dict(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1), embeds=embeds, pooled=pooled)

@@ -133,6 +133,25 @@ def test_sample_is_reproducible_and_batch_independent(toy_world):
     assert not torch.allclose(ode["latents"][:, -1], a["latents"][:, -1])
 
 
+def test_sde_window_is_ode_outside_and_sde_inside(toy_world):
+    """Flow-GRPO-Fast's window: the steps outside it are exact Euler steps (log-prob 0), and the window
+    is reproducible per (seed, epoch), inside the first half, and covers every step when 0."""
+    prompts, seeds = ["red circle", "blue square"], [1, 2]
+    ode = sde.sample(toy_world, prompts, steps=6, noise_level=0.0, seeds=seeds)
+    none = sde.sample(toy_world, prompts, steps=6, noise_level=0.7, seeds=seeds, sde_steps=[])
+    torch.testing.assert_close(none["latents"], ode["latents"], rtol=0, atol=0)
+    win = sde.sample(toy_world, prompts, steps=6, noise_level=0.7, seeds=seeds, sde_steps=[1, 2])
+    torch.testing.assert_close(win["latents"][:, :2], ode["latents"][:, :2], rtol=0, atol=0)  # x_1 and the step-0 result
+    assert not torch.allclose(win["latents"][:, 2], ode["latents"][:, 2])
+    assert (win["log_probs"][:, [0, 3, 4, 5]] == 0).all() and (win["log_probs"][:, [1, 2]] != 0).all()
+    assert sde.sde_window_steps(10, 0, seed=0, epoch=3) == list(range(10))
+    starts = {sde.sde_window_steps(10, 2, seed=0, epoch=e)[0] for e in range(40)}
+    assert starts == {0, 1, 2, 3}  # windows of 2 inside the first half (steps 0..4)
+    assert sde.sde_window_steps(10, 2, 0, 7) == sde.sde_window_steps(10, 2, 0, 7)
+    with pytest.raises(ValueError, match="window"):
+        sde.sde_window_steps(4, 5, 0, 0)
+
+
 def test_recomputed_log_prob_equals_the_sampled_one(toy_world):
     """The on-policy sanity check: before any update the PPO ratio is exactly 1."""
     prompts = ["red circle", "blue square"]
