@@ -6,7 +6,9 @@ Flow-GRPO in one paragraph: turn the flow ODE into an SDE so that every denoisin
 policy with a log-probability (sde.py, section 2); sample G images per prompt; score each with a scalar
 reward; normalise rewards within each prompt's group into advantages; raise the log-probability of
 the steps of better-than-average images with PPO's clipped ratio loss, kept near the base model by a
-KL penalty.
+KL penalty. --sde-window K (Flow-GRPO-Fast) makes only K consecutive steps stochastic and trains only
+those; the tiny world uses K = 2 (its pixels keep the late steps' noise: README, "The tiny world"),
+SD3.5-M every step (K = 0), as the paper.
 
 Commands
   tiny world, CPU (minutes):   python grpo_expert.py --task ocr

@@ -5,16 +5,23 @@
 #   Stage 2   multi-teacher OPD from each cold start, with and without MAR      opd.py
 #   Tables    the paper's main / OOD / quality tables                           evaluate.py
 #
-#   bash reproduce.sh            # full run (about 30 minutes on 2 CPU cores)
-#   bash reproduce.sh --quick    # the same tables with far fewer steps (a smoke run: minutes, numbers meaningless)
+#   bash reproduce.sh              # full run (about 30 minutes on 2 CPU cores)
+#   bash reproduce.sh --quick      # the same tables with far fewer steps (minutes; numbers meaningless)
+#   bash reproduce.sh --ablations  # after the full run: merge methods and OPD losses side by side
+#                                  # (results/tiny/ablations/, ~12 minutes)
+#   bash reproduce.sh --smoke      # the pipeline's plumbing in ~2 minutes (what the test suite runs;
+#                                  # REPRO_OUT=folder sets where it writes)
 #
 # Every stage skips work whose output exists (the scripts resume from their checkpoints), so a rerun
 # after an interruption continues. Results: results/tiny/ (quick: results/tiny-quick/).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-QUICK=0
-[ "${1:-}" = "--quick" ] && QUICK=1
+MODE=${1:-full}
+case $MODE in
+  full|--quick|--smoke|--ablations) ;;
+  *) echo "error: reproduce.sh takes no argument or one of --quick, --smoke, --ablations; got '$MODE'" >&2; exit 2 ;;
+esac
 
 # ---- set-up: a local virtual environment with the pinned requirements (once)
 if [ ! -x .venv/bin/python ]; then
@@ -25,11 +32,13 @@ fi
 PY=.venv/bin/python
 export HF_HUB_OFFLINE=1
 
-# ---- budgets: (full, quick)
-if [ $QUICK = 1 ]; then
+# ---- budgets: full (and --ablations), quick, smoke. SMALL shrinks the RL batches in smoke mode only.
+OUT=results/tiny; EXPERT_EPOCHS=50; MIX_EPOCHS=50; SFT_STEPS=200; SFT_ITEMS=64; OPD_EPOCHS=20; EVAL_LIMIT=32; SMALL=""; EVAL_SMALL=""
+if [ $MODE = --quick ]; then
   OUT=results/tiny-quick; EXPERT_EPOCHS=2; MIX_EPOCHS=2; SFT_STEPS=10; SFT_ITEMS=8; OPD_EPOCHS=2; EVAL_LIMIT=8
-else
-  OUT=results/tiny; EXPERT_EPOCHS=50; MIX_EPOCHS=50; SFT_STEPS=200; SFT_ITEMS=64; OPD_EPOCHS=20; EVAL_LIMIT=32
+elif [ $MODE = --smoke ]; then
+  OUT=${REPRO_OUT:-results/tiny-smoke}; EXPERT_EPOCHS=1; MIX_EPOCHS=1; SFT_STEPS=2; SFT_ITEMS=2; OPD_EPOCHS=1; EVAL_LIMIT=1
+  SMALL="--prompts-per-epoch 2 --group-size 4 --grid-every 0"; EVAL_SMALL="--steps 6 --grid-prompts 1"
 fi
 LR=1e-3  # tiny-world learning rate of experts and OPD (Flow-GRPO's 3e-4 / OPD's 1e-4 are slow for a 50-epoch CPU
          # budget; measured: 3e-3 collapses the deqa expert, 1e-3 raises its training reward 0.72 -> 0.82 in 60 epochs)
@@ -41,20 +50,42 @@ EMA="--ema-every 1"
 RUNS=$OUT/runs
 TASKS="geneval ocr deqa pickscore"
 
-# ---- Stage 1: one Flow-GRPO expert per task, then GRPO-Mix (GenEval:OCR:PickScore 3:1:1 + DeQA 1:1)
-for t in $TASKS; do
-  echo "== expert $t"
-  $PY grpo_expert.py --task $t --lr $LR $EMA --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$t
-done
-echo "== GRPO-Mix"
-$PY grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 --lr $LR $EMA --epochs $MIX_EPOCHS --out $RUNS/grpo-mix
-
 TEACHERS=""
 ADAPTERS=""
 for t in $TASKS; do
   TEACHERS="$TEACHERS${TEACHERS:+,}$t=$RUNS/grpo-$t/adapter.safetensors"
   ADAPTERS="$ADAPTERS${ADAPTERS:+,}$RUNS/grpo-$t/adapter.safetensors"
 done
+
+# ---- Ablations (after the full run): the merge methods of merge.py and the three OPD losses of opd.py
+if [ $MODE = --ablations ]; then
+  for t in $TASKS grpo-mix; do
+    f=$RUNS/grpo-${t#grpo-}/adapter.safetensors
+    [ -f $f ] || { echo "error: $f is missing: run 'bash reproduce.sh' (the full run) first" >&2; exit 1; }
+  done
+  for m in lora-mean ties; do
+    echo "== merge ($m)"
+    [ -f $RUNS/merge-$m/adapter.safetensors ] || $PY merge.py --adapters $ADAPTERS --method $m --out $RUNS/merge-$m/adapter.safetensors
+  done
+  for loss in pg pg-sample; do
+    echo "== OPD (merge init, --opd-loss $loss)"
+    $PY opd.py $EMA $OPD --opd-loss $loss --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-merge-$loss
+  done
+  MODELS="base,merge-init=$RUNS/merge/adapter.safetensors,merge-lora-mean=$RUNS/merge-lora-mean/adapter.safetensors"
+  MODELS="$MODELS,merge-ties=$RUNS/merge-ties/adapter.safetensors,opd-merge=$RUNS/opd-merge/adapter.safetensors"
+  MODELS="$MODELS,opd-merge-pg=$RUNS/opd-merge-pg/adapter.safetensors,opd-merge-pg-sample=$RUNS/opd-merge-pg-sample/adapter.safetensors"
+  echo "== evaluate (ablations)"
+  $PY evaluate.py --models $MODELS --limit $EVAL_LIMIT --tables main,ood --out $OUT/ablations --cache $OUT/eval_cache
+  exit 0
+fi
+
+# ---- Stage 1: one Flow-GRPO expert per task, then GRPO-Mix (GenEval:OCR:PickScore 3:1:1 + DeQA 1:1)
+for t in $TASKS; do
+  echo "== expert $t"
+  $PY grpo_expert.py --task $t --lr $LR $EMA $SMALL --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$t
+done
+echo "== GRPO-Mix"
+$PY grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 --lr $LR $EMA $SMALL --epochs $MIX_EPOCHS --out $RUNS/grpo-mix
 
 # ---- Cold start: merge (no training) and SFT on the teachers' samples
 echo "== merge"
@@ -64,11 +95,11 @@ $PY sft_init.py $EMA --teachers $TEACHERS --steps $SFT_STEPS --prompts-per-task 
 
 # ---- Stage 2: OPD from each cold start (MAR on), and from the merge without MAR
 echo "== OPD (merge init)"
-$PY opd.py $EMA $OPD --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-merge
+$PY opd.py $EMA $OPD $SMALL --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-merge
 echo "== OPD (SFT init)"
-$PY opd.py $EMA $OPD --student $RUNS/sft-init/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-sft
+$PY opd.py $EMA $OPD $SMALL --student $RUNS/sft-init/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-sft
 echo "== OPD (merge init, no MAR)"
-$PY opd.py $EMA $OPD --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --mar-weight 0 --epochs $OPD_EPOCHS --out $RUNS/opd-merge-nomar
+$PY opd.py $EMA $OPD $SMALL --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --mar-weight 0 --epochs $OPD_EPOCHS --out $RUNS/opd-merge-nomar
 
 # ---- Tables
 MODELS="base"
@@ -77,4 +108,4 @@ MODELS="$MODELS,grpo-mix=$RUNS/grpo-mix/adapter.safetensors,merge-init=$RUNS/mer
 MODELS="$MODELS,sft-init=$RUNS/sft-init/adapter.safetensors,opd-sft=$RUNS/opd-sft/adapter.safetensors"
 MODELS="$MODELS,opd-merge=$RUNS/opd-merge/adapter.safetensors,opd-merge-nomar=$RUNS/opd-merge-nomar/adapter.safetensors"
 echo "== evaluate"
-$PY evaluate.py --models $MODELS --limit $EVAL_LIMIT --out $OUT
+$PY evaluate.py --models $MODELS --limit $EVAL_LIMIT $EVAL_SMALL --out $OUT

@@ -13,9 +13,11 @@ the denoiser is diffusers' SD3Transformer2DModel with a ~2.3M-parameter config.
 Commands (2 CPU cores):
   python tiny_world.py prompts                      # write prompts/tiny/*.txt (deterministic)
   python tiny_world.py pretrain --minutes 20 --seed 0 --out assets/tiny_base.safetensors
-The shipped base was made on a shared 2-core machine, one thread each (see assets/tiny_base.json):
+The shipped base was made on a shared 2-core machine in four runs (see assets/tiny_base.json):
   python tiny_world.py pretrain --minutes 20 --seed 0 --threads 1
   python tiny_world.py pretrain --minutes 11 --seed 1 --threads 1 --init assets/tiny_base.safetensors
+  python tiny_world.py pretrain --minutes 11 --seed 2 --threads 2 --init assets/tiny_base.safetensors
+  python tiny_world.py pretrain --minutes 20 --seed 3 --threads 2 --init assets/tiny_base.safetensors   # 3x glyphs
   python tiny_world.py calibrate                    # reward table, base scores, sample grids
 This file imports only torch, numpy, PIL, scipy, diffusers and the stdlib: it is the ground floor.
 """

@@ -83,7 +83,11 @@ def test_main_table_schema_and_outputs(one_process):
         assert row["average"] == pytest.approx(sum(row[c] for c in COLUMNS) / 4)  # tiny world: the plain mean
     for name in ("main.md", "ood.json", "quality.json", "main.png", "grid_base.png", "grid_lora.png", "grid_compare.png"):
         assert os.path.isfile(out / name), name
-    assert {"colour", "shape", "spatial", "numeracy", "overall"} <= set(read(out, "ood")[0])
+    ood = read(out, "ood")[0]
+    assert {"colour", "shape", "spatial", "numeracy", "overall"} <= set(ood)
+    # --limit 3 spreads the prompts over the file (grouped by category): 3 categories scored, not 1
+    scored = [c for c in ("colour", "shape", "spatial", "numeracy") if isinstance(ood[c], float) and ood[c] == ood[c]]
+    assert len(scored) == 3, ood
     assert {"deqa", "pickscore", "diversity"} <= set(read(out, "quality")[0])
     assert "| base |" in log and "30 images per model" in log  # the printed table; 3 prompts x 5 sets x 2 images
 
