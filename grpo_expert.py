@@ -88,7 +88,7 @@ world = sde.load_world(cfg.world, dist.device)
 steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
-cfg.sde_window = world.defaults.get("sde_window", 0) if cfg.sde_window is None else cfg.sde_window
+cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg.sde_window
 n_trained = int(math.floor(steps * cfg.timestep_fraction))  # trained timestep indices: the first n_trained (Flow-GRPO),
                                                               # or the epoch's SDE window (sde.sde_window_steps)
 task_weights = rewards.parse_weights(cfg.task)

@@ -60,8 +60,7 @@ done
 
 # ---- Ablations (after the full run): the merge methods of merge.py and the three OPD losses of opd.py
 if [ $MODE = --ablations ]; then
-  for t in $TASKS grpo-mix; do
-    f=$RUNS/grpo-${t#grpo-}/adapter.safetensors
+  for f in ${ADAPTERS//,/ } $RUNS/merge/adapter.safetensors $RUNS/opd-merge/adapter.safetensors; do  # what it reuses
     [ -f $f ] || { echo "error: $f is missing: run 'bash reproduce.sh' (the full run) first" >&2; exit 1; }
   done
   for m in lora-mean ties; do

@@ -183,7 +183,7 @@ class World:
     latent_shape: tuple  # (C, h, w)
     device: torch.device
     dtype: torch.dtype  # the transformer's compute dtype (bf16 on GPU for sd3)
-    defaults: dict  # the world's sampling defaults: shift, train/eval steps, guidance, resolution
+    defaults: dict  # the world's sampling defaults: shift, train/eval steps, guidance, resolution, noise level, SDE window
     tasks: tuple  # task names with a reward in this world
 
 
