@@ -8,7 +8,8 @@ reward; normalise rewards within each prompt's group into advantages; raise the 
 the steps of better-than-average images with PPO's clipped ratio loss, kept near the base model by a
 KL penalty. --sde-window K (Flow-GRPO-Fast) makes only K consecutive steps stochastic and trains only
 those; the tiny world uses K = 2 (its pixels keep the late steps' noise: README, "The tiny world"),
-SD3.5-M every step (K = 0), as the paper.
+SD3.5-M every step (K = 0), as the paper. --same-latent starts a prompt's G images from one initial
+noise, so that a group differs only by the SDE steps' noise (reproduce.sh uses it on the tiny world).
 
 Commands
   tiny world, CPU (minutes):   python grpo_expert.py --task ocr
@@ -55,6 +56,7 @@ SETTINGS = dict(
     guidance_scale=(None, float, "CFG scale for sampling and training (default: the world's; 4.5 on SD3)"),
     noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise (default: the world's; 0.7 on SD3)"),
     sde_window=(None, int, "Flow-GRPO-Fast: only this many consecutive steps (window start drawn per epoch in the first half) are SDE steps and trained; 0 = all (Flow-GRPO; default: the world's, 0 on SD3, 2 on tiny)"),
+    same_latent=(False, "the G images of a prompt start from one shared initial noise x_1 (Flow-GRPO's same_latent, DanceGRPO): the group then differs only by the SDE steps' noise, the actions being trained"),
     std_scope=("global", "advantage std over the whole batch ('global', Flow-GRPO) or per prompt ('group')"),
     adv_clip=(5.0, "advantages are clipped to +-adv_clip"),
     clip_range=(1e-4, "PPO clip range eps (Flow-GRPO's, small because log-probs are per-dimension means)"),
@@ -170,6 +172,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     prompts = [chosen[i // cfg.group_size][1] for i in index.tolist()]
     metadata = [chosen[i // cfg.group_size][2] for i in index.tolist()]
     seeds = [sde.sample_seed(cfg.seed, epoch, i) for i in index.tolist()]  # per-sample seeding
+    init_seeds = [sde.sample_seed(cfg.seed, epoch, -1000 - i // cfg.group_size) for i in index.tolist()] if cfg.same_latent else None
     sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)  # all steps unless windowed
     train_steps = sde_steps if cfg.sde_window else list(range(n_trained))
 
@@ -177,7 +180,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     transformer.eval()
     with timer("sampling"):
         traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch,
-                          sde_steps=sde_steps)
+                          sde_steps=sde_steps, init_seeds=init_seeds)
         latents, old_log_probs = traj["latents"], traj["log_probs"]  # (n_local, T+1, C, h, w), (n_local, T)
         embeds, pooled, sigmas = traj["embeds"], traj["pooled"], traj["sigmas"]
         images = traj["images"]  # (n_local, 3, H, W) in [0, 1]

@@ -325,7 +325,7 @@ def sde_window_steps(steps, window, seed, epoch):
 
 @torch.no_grad()
 def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, generator=None, seeds=None, decode=True,
-           batch_size=None, sde_steps=None):
+           batch_size=None, sde_steps=None, init_seeds=None):
     """Run the SDE (noise_level > 0) or the ODE (noise_level = 0) from pure noise.
 
     prompts: list of B strings. seeds: B integers; sample i draws its initial noise and every step's
@@ -333,7 +333,9 @@ def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, gen
     process it is drawn in (this is what lets distributed runs equal single-process runs). Without
     seeds they are drawn from `generator` (a torch.Generator, or the global RNG). batch_size: images
     per forward (None = all at once). sde_steps: the step indices that use noise_level (None = all);
-    the others are deterministic Euler steps with log_prob 0 (sde_window_steps).
+    the others are deterministic Euler steps with log_prob 0 (sde_window_steps). init_seeds: B integers
+    that seed the initial noise x_1 alone (samples given the same one start from the same x_1, as
+    Flow-GRPO's same_latent / DanceGRPO's shared group noise); None = x_1 from seeds' generators.
     Returns a dict: latents (B, T+1, C, h, w) float32 on the world's device (x_1 ... x_0),
     log_probs (B, T), sigmas (T+1,), embeds/pooled (the prompts' conditioning), seeds, images
     (B, 3, H, W) float32 in [0, 1] on the CPU when decode."""
@@ -348,7 +350,11 @@ def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, gen
     for b in range(0, len(prompts), batch_size):
         gens = seed_generators(seeds[b: b + batch_size])
         embeds, pooled = world.encode_prompts(prompts[b: b + batch_size])
-        x = torch.stack([torch.randn(world.latent_shape, generator=g) for g in gens]).to(world.device)  # x_1 ~ N(0, I)
+        if init_seeds is None:
+            x = torch.stack([torch.randn(world.latent_shape, generator=g) for g in gens])  # x_1 ~ N(0, I)
+        else:
+            x = torch.stack([torch.randn(world.latent_shape, generator=g) for g in seed_generators(init_seeds[b: b + batch_size])])
+        x = x.to(world.device)
         latents, log_probs = [x], []
         for i in range(steps):
             v = predict_velocity(world, x, sigmas[i].item(), embeds, pooled, guidance_scale, null)

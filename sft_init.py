@@ -9,7 +9,8 @@ calls an SFT script it never released, so this one follows Flow-GRPO's SFT recip
                safetensors shards + index.json under <cache>, per-sample seeds (any world size gives
                the same cache), resumable shard by shard
   2. SFT       sigma ~ logit-normal, x_t = (1 - sigma) x_0 + sigma noise, v* = noise - x_0,
-               L = mean ||v_theta(x_t, sigma, c) - v*||^2 (+ lambda ||v_theta - v_base||^2)
+               L = mean ||v^g_theta(x_t, sigma, c) - v*||^2 (+ lambda ||v^g_theta - v^g_base||^2),
+               v^g = v_u + g (v_c - v_u) the guided velocity (g = 1: SD3's plain conditional loss)
 
 Commands
   tiny world, CPU (minutes):   python sft_init.py            (teachers: assets/tiny_experts/<task>.safetensors)
@@ -20,10 +21,16 @@ Commands
   4 nodes x 8 GPUs:            torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d \
                                  --rdzv_endpoint $HEAD:29500 sft_init.py --world <sd3.5m folder> --teachers ...
 
-The student learns the teachers' CFG-GUIDED samples as its conditional velocity, so sampling it with
-CFG again compounds the guidance: on the tiny world (pickscore, best-of-4 base samples, 10 ODE steps)
-the student scored 0.172 at guidance 1.0 vs 0.028 at 4.5 (base: 0.124 / 0.123; cached data 0.181).
-Evaluate and distil from it at a low guidance scale.
+Guidance. The teachers' samples are CFG-guided, and SD3's loss teaches them to the student's
+CONDITIONAL velocity (--train-guidance 1, the default), so a student sampled with CFG applies the
+guidance on top of what it learnt. --train-guidance g puts the loss on the GUIDED velocity
+v_u + g (v_c - v_u) instead: its minimiser is the field whose guided ODE transports noise to the
+teachers' samples (one extra unconditional forward per item). Measured on the tiny world, one teacher
+(the shipped deqa expert), then evaluate.py --tasks deqa --limit 64 on each adapter:
+  python sft_init.py --task deqa --teachers deqa=assets/tiny_experts/deqa.safetensors \
+      --prompts-per-task 256 --steps 600 --ema-every 1 [--train-guidance 3] --out ...
+deqa: base 0.785, teacher 0.880, plain student 0.839, guided (g = 3) student 0.817; so the default
+stays SD3's plain loss.
 
 Outputs in --out: adapter.safetensors (the EMA LoRA, diffusers-loadable: opd.py --student), config.json,
 log.jsonl, checkpoints/ (exact resume: rerun the same command), cache/ (teacher samples; --cache to
@@ -62,6 +69,7 @@ SETTINGS = dict(
     shard_size=(64, "cached items per shard file (the unit of resumable generation)"),
     # 2. SFT
     steps=(1000, "optimizer steps"),
+    train_guidance=(1.0, "CFG scale g of the trained velocity v_u + g (v_c - v_u): 1 = SD3's plain conditional loss; the sampling scale = guidance-aware SFT (see the docstring)"),
     batch=(32, "items per optimizer step, over all ranks"),
     train_batch=(32, "items per training forward, per rank"),
     lr=(3e-4, "AdamW learning rate"),
@@ -94,6 +102,7 @@ world = sde.load_world(cfg.world, dist.device)
 transformer = world.transformer
 sample_steps = cfg.sample_steps or world.defaults["eval_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
+train_guidance = cfg.train_guidance
 task_weights = rewards.parse_weights(cfg.task)
 for name in task_weights:
     if name not in world.tasks:
@@ -113,6 +122,7 @@ if cfg.best_of < 1 or cfg.prompts_per_task < 1:
 
 first, n_local = sde.shard(cfg.batch, dist, what="items per step (--batch)")  # this rank's block of each global batch
 train_prompts = {t: sde.read_prompts(sde.prompt_file(world, t, "train")) for t in task_weights}
+null = world.encode_prompts([""])  # the empty prompt's conditioning, for the guided loss
 
 
 # -----------------------------------------------------------------------------
@@ -239,12 +249,12 @@ ema = {k: p.detach().clone().float() for k, p in params.items()}
 if dist.master:
     os.makedirs(out, exist_ok=True)
     sde.write_json(os.path.join(out, "config.json"), dict(vars(cfg), out=out, cache=cache_dir, teachers=teacher_files,
-                                                           sample_steps=sample_steps, guidance_scale=guidance, world_size=dist.world_size))
+                                                           sample_steps=sample_steps, guidance_scale=guidance, train_guidance=train_guidance, world_size=dist.world_size))
     print("cache size: " + ", ".join(f"{t} {n} items (teacher reward {reward_all[a: a + n].mean().item():.3f})"
                                       for t, (a, n) in task_ranges.items()))
     print(f"{cfg.steps} steps x {cfg.batch} items = {cfg.steps * cfg.batch / len(prompts_all):.1f} passes over {len(prompts_all)} cached items | "
           f"{n_local} items/rank/step in forwards of {cfg.train_batch} | {sum(p.numel() for p in param_list):,} trainable params "
-          f"(r={transformer.peft_config['student'].r}) | lr {cfg.lr} | cond-dropout {cfg.cond_dropout} | base-reg {cfg.base_reg} | "
+          f"(r={transformer.peft_config['student'].r}) | lr {cfg.lr} | trained guidance {train_guidance} | cond-dropout {cfg.cond_dropout} | base-reg {cfg.base_reg} | "
           f"EMA {cfg.ema_decay} every {cfg.ema_every} | out {out}")
     if cfg.steps < cfg.ema_every:
         print(f"warning: {cfg.steps} steps < --ema-every {cfg.ema_every}: the saved EMA adapter equals the initial one")
@@ -284,22 +294,24 @@ def draw(step, positions):
 
 
 def flow_loss(ids, sigma, noise, drop, base_reg):
-    """Per-item losses (n,) of SD3's rectified-flow objective, and the base-regulariser term (n,):
-        x_t = (1 - sigma) x_0 + sigma noise,   v* = noise - x_0,
-        L = mean_dims ||v_theta(x_t, sigma, c) - v*||^2  +  lambda mean_dims ||v_theta - v_base||^2
-    No CFG in training (guidance 1: one conditional forward); dropped items see the empty prompt."""
+    """Per-item losses (n,) of SD3's rectified-flow objective on the guided velocity, and the
+    base-regulariser term (n,):
+        x_t = (1 - sigma) x_0 + sigma noise,   v* = noise - x_0,   v^g = v_u + g (v_c - v_u),
+        L = mean_dims ||v^g_theta(x_t, sigma, c) - v*||^2  +  lambda mean_dims ||v^g_theta - v^g_base||^2
+    g = train_guidance (1: one conditional forward, SD3's loss). Dropped items see the empty prompt
+    (their guided velocity is the unconditional one whatever g)."""
     x0 = x0_all[ids].to(world.device)
     noise = noise.to(world.device)
     s = sigma.to(world.device).view(-1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     target = noise - x0
     embeds, pooled = world.encode_prompts(["" if d else prompts_all[i] for i, d in zip(ids.tolist(), drop.tolist())])
-    v = sde.predict_velocity(world, x_t, sigma, embeds, pooled, 1.0)
+    v = sde.predict_velocity(world, x_t, sigma, embeds, pooled, train_guidance, null)
     loss = ((v - target) ** 2).mean(dim=(1, 2, 3))
     reg = torch.zeros_like(loss)
     if base_reg > 0:
         with torch.no_grad(), sde.adapter(transformer, None):  # the frozen base: adapters disabled
-            v_base = sde.predict_velocity(world, x_t, sigma, embeds, pooled, 1.0)
+            v_base = sde.predict_velocity(world, x_t, sigma, embeds, pooled, train_guidance, null)
         reg = ((v - v_base) ** 2).mean(dim=(1, 2, 3))
     return loss, reg
 

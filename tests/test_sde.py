@@ -152,6 +152,23 @@ def test_sde_window_is_ode_outside_and_sde_inside(toy_world):
         sde.sde_window_steps(4, 5, 0, 0)
 
 
+def test_shared_initial_noise_makes_a_group_differ_only_by_its_sde_steps(toy_world):
+    """init_seeds (grpo_expert.py --same-latent): samples with one init seed start from the same x_1,
+    follow the same ODE path up to the window, and part there; each sample's own seed still drives its
+    step noise, and x_1 is the one an unshared sample with that seed would draw."""
+    prompts, seeds = ["red circle"] * 3, [1, 2, 3]
+    shared = sde.sample(toy_world, prompts, steps=6, noise_level=0.7, seeds=seeds, sde_steps=[2, 3], init_seeds=[9, 9, 9])
+    lat = shared["latents"]
+    for i in (1, 2):  # x_1 identical; the two ODE steps identical up to float rounding of the batch row
+        torch.testing.assert_close(lat[i, 0], lat[0, 0], rtol=0, atol=0)
+        torch.testing.assert_close(lat[i, 1:3], lat[0, 1:3], rtol=0, atol=1e-5)
+    assert (lat[1, 3] - lat[0, 3]).abs().max() > 0.1 and (lat[2, 3] - lat[1, 3]).abs().max() > 0.1  # the window parts them
+    alone = sde.sample(toy_world, prompts[:1], steps=6, noise_level=0.7, seeds=[9], sde_steps=[])
+    torch.testing.assert_close(lat[0, 0], alone["latents"][0, 0], rtol=0, atol=0)
+    unshared = sde.sample(toy_world, prompts, steps=6, noise_level=0.7, seeds=seeds, sde_steps=[2, 3])
+    assert (unshared["latents"][1, 0] - unshared["latents"][0, 0]).abs().max() > 0.1
+
+
 def test_recomputed_log_prob_equals_the_sampled_one(toy_world):
     """The on-policy sanity check: before any update the PPO ratio is exactly 1."""
     prompts = ["red circle", "blue square"]
