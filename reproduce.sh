@@ -7,8 +7,8 @@
 #
 #   bash reproduce.sh              # full run (about 30 minutes on 2 CPU cores)
 #   bash reproduce.sh --quick      # the same tables with far fewer steps (minutes; numbers meaningless)
-#   bash reproduce.sh --ablations  # after the full run: merge methods and OPD losses side by side
-#                                  # (results/tiny/ablations/, ~6 minutes)
+#   bash reproduce.sh --ablations  # after the full run: merge methods, OPD losses, one-teacher OPD
+#                                  # (results/tiny/ablations/, ~10 minutes)
 #   bash reproduce.sh --smoke      # the pipeline's plumbing in ~2 minutes (what the test suite runs;
 #                                  # REPRO_OUT=folder sets where it writes)
 #
@@ -62,7 +62,8 @@ for t in $TASKS; do
   ADAPTERS="$ADAPTERS${ADAPTERS:+,}$RUNS/grpo-$t/adapter.safetensors"
 done
 
-# ---- Ablations (after the full run): the merge methods of merge.py and the three OPD losses of opd.py
+# ---- Ablations (after the full run): the merge methods of merge.py, the three OPD losses of opd.py, and OPD
+#      with a single teacher
 if [ $MODE = --ablations ]; then
   for f in ${ADAPTERS//,/ } $RUNS/merge/adapter.safetensors $RUNS/opd-merge/adapter.safetensors; do  # what it reuses
     [ -f $f ] || { echo "error: $f is missing: run 'bash reproduce.sh' (the full run) first" >&2; exit 1; }
@@ -75,7 +76,12 @@ if [ $MODE = --ablations ]; then
     echo "== OPD (merge init, --opd-loss $loss)"
     $PY opd.py $EMA $OPD --opd-loss $loss --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-merge-$loss
   done
-  MODELS="base,merge-init=$RUNS/merge/adapter.safetensors,merge-lora-mean=$RUNS/merge-lora-mean/adapter.safetensors"
+  # OPD's dense signal with one teacher and no conflicts: the deqa expert distilled into a fresh student
+  # on deqa prompts only (the multi-teacher run spends 1/4 of its prompts on deqa)
+  echo "== OPD, one teacher (deqa expert, deqa prompts, from the base)"
+  $PY opd.py $EMA $OPD --task deqa --teachers deqa=$RUNS/grpo-deqa/adapter.safetensors --epochs $OPD_EPOCHS --out $RUNS/opd-deqa-only
+  MODELS="base,grpo-deqa=$RUNS/grpo-deqa/adapter.safetensors,opd-deqa-only=$RUNS/opd-deqa-only/adapter.safetensors"
+  MODELS="$MODELS,merge-init=$RUNS/merge/adapter.safetensors,merge-lora-mean=$RUNS/merge-lora-mean/adapter.safetensors"
   MODELS="$MODELS,merge-ties=$RUNS/merge-ties/adapter.safetensors,opd-merge=$RUNS/opd-merge/adapter.safetensors"
   MODELS="$MODELS,opd-merge-pg=$RUNS/opd-merge-pg/adapter.safetensors,opd-merge-pg-sample=$RUNS/opd-merge-pg-sample/adapter.safetensors"
   echo "== evaluate (ablations)"
