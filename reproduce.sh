@@ -50,7 +50,7 @@ OPD="--lr $LR --timestep-fraction 0.6"
 EMA="--ema-every 1"
 # The G images of a prompt share their initial noise (Flow-GRPO's same_latent): with the 2-step SDE window
 # they then differ only by the window's noise, the actions being trained. Measured (50 epochs each,
-# evaluate.py --limit 64): deqa expert 0.872 -> 0.880, pickscore expert 0.866 -> 0.900 (base 0.785 / 0.890).
+# evaluate.py --limit 64): deqa expert 0.872 -> 0.880, pickscore expert 0.866 -> 0.899 (base 0.785 / 0.890).
 GRPO="--lr $LR --same-latent"
 RUNS=$OUT/runs
 TASKS="geneval ocr deqa pickscore"

@@ -102,7 +102,6 @@ world = sde.load_world(cfg.world, dist.device)
 transformer = world.transformer
 sample_steps = cfg.sample_steps or world.defaults["eval_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
-train_guidance = cfg.train_guidance
 task_weights = rewards.parse_weights(cfg.task)
 for name in task_weights:
     if name not in world.tasks:
@@ -249,12 +248,12 @@ ema = {k: p.detach().clone().float() for k, p in params.items()}
 if dist.master:
     os.makedirs(out, exist_ok=True)
     sde.write_json(os.path.join(out, "config.json"), dict(vars(cfg), out=out, cache=cache_dir, teachers=teacher_files,
-                                                           sample_steps=sample_steps, guidance_scale=guidance, train_guidance=train_guidance, world_size=dist.world_size))
+                                                           sample_steps=sample_steps, guidance_scale=guidance, world_size=dist.world_size))
     print("cache size: " + ", ".join(f"{t} {n} items (teacher reward {reward_all[a: a + n].mean().item():.3f})"
                                       for t, (a, n) in task_ranges.items()))
     print(f"{cfg.steps} steps x {cfg.batch} items = {cfg.steps * cfg.batch / len(prompts_all):.1f} passes over {len(prompts_all)} cached items | "
           f"{n_local} items/rank/step in forwards of {cfg.train_batch} | {sum(p.numel() for p in param_list):,} trainable params "
-          f"(r={transformer.peft_config['student'].r}) | lr {cfg.lr} | trained guidance {train_guidance} | cond-dropout {cfg.cond_dropout} | base-reg {cfg.base_reg} | "
+          f"(r={transformer.peft_config['student'].r}) | lr {cfg.lr} | trained guidance {cfg.train_guidance} | cond-dropout {cfg.cond_dropout} | base-reg {cfg.base_reg} | "
           f"EMA {cfg.ema_decay} every {cfg.ema_every} | out {out}")
     if cfg.steps < cfg.ema_every:
         print(f"warning: {cfg.steps} steps < --ema-every {cfg.ema_every}: the saved EMA adapter equals the initial one")
@@ -298,7 +297,7 @@ def flow_loss(ids, sigma, noise, drop, base_reg):
     base-regulariser term (n,):
         x_t = (1 - sigma) x_0 + sigma noise,   v* = noise - x_0,   v^g = v_u + g (v_c - v_u),
         L = mean_dims ||v^g_theta(x_t, sigma, c) - v*||^2  +  lambda mean_dims ||v^g_theta - v^g_base||^2
-    g = train_guidance (1: one conditional forward, SD3's loss). Dropped items see the empty prompt
+    g = --train-guidance (1: one conditional forward, SD3's loss). Dropped items see the empty prompt
     (their guided velocity is the unconditional one whatever g)."""
     x0 = x0_all[ids].to(world.device)
     noise = noise.to(world.device)
@@ -306,12 +305,12 @@ def flow_loss(ids, sigma, noise, drop, base_reg):
     x_t = (1 - s) * x0 + s * noise
     target = noise - x0
     embeds, pooled = world.encode_prompts(["" if d else prompts_all[i] for i, d in zip(ids.tolist(), drop.tolist())])
-    v = sde.predict_velocity(world, x_t, sigma, embeds, pooled, train_guidance, null)
+    v = sde.predict_velocity(world, x_t, sigma, embeds, pooled, cfg.train_guidance, null)
     loss = ((v - target) ** 2).mean(dim=(1, 2, 3))
     reg = torch.zeros_like(loss)
     if base_reg > 0:
         with torch.no_grad(), sde.adapter(transformer, None):  # the frozen base: adapters disabled
-            v_base = sde.predict_velocity(world, x_t, sigma, embeds, pooled, train_guidance, null)
+            v_base = sde.predict_velocity(world, x_t, sigma, embeds, pooled, cfg.train_guidance, null)
         reg = ((v - v_base) ** 2).mean(dim=(1, 2, 3))
     return loss, reg
 

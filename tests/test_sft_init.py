@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
     mtimes = {f: os.stat(os.path.join(a, "cache", f)).st_mtime_ns for f in shards}
     second = run(*args, "--out", b, "--cache", os.path.join(a, "cache"), "--steps", "2")  # stops after step 2 ...
     third = run(*args, "--out", b, "--cache", os.path.join(a, "cache"), "--steps", "4")  # ... and resumes to 4
-    return dict(a=a, b=b, first=first, second=second, third=third, shards=shards, mtimes=mtimes)
+    return dict(a=a, b=b, first=first, second=second, third=third, shards=shards, mtimes=mtimes, args=args)
 
 
 def read_log(run_dir):
@@ -65,6 +65,16 @@ def test_one_step_lowers_the_flow_loss_of_its_batch(runs):
     # the target convention (v = noise - x_0, x_t = (1 - sigma) x_0 + sigma noise) is the base's: the
     # pretrained base explains a good part of the target's energy (about half); a flipped target would not
     assert probe[0]["probe_loss"] < 0.75 * probe[0]["probe_zero"], probe[0]
+
+
+def test_guided_loss_is_the_one_trained(runs, tmp_path):
+    # --train-guidance 3 trains v_u + 3 (v_c - v_u): on the same probe items (same sigma and noise) its
+    # step-0 loss is not the conditional one, and one step of it lowers it
+    run(*runs["args"], "--out", str(tmp_path), "--cache", os.path.join(runs["a"], "cache"), "--steps", "1", "--train-guidance", "3")
+    guided = {r["step"]: r["probe_loss"] for r in read_log(str(tmp_path)) if "probe_loss" in r}
+    plain = {r["step"]: r["probe_loss"] for r in read_log(runs["a"]) if "probe_loss" in r}
+    assert abs(guided[0] - plain[0]) > 1e-3 * plain[0], (guided, plain)
+    assert guided[1] < guided[0], guided
 
 
 def test_cache_is_generated_once_and_reused(runs):
