@@ -76,8 +76,8 @@ SIGN_COLOURS = ("red", "green", "blue", "purple")  # never white: the text is wh
 
 # 3x5 bitmap font, drawn at 3x (9x15 px per glyph, 3 px gaps; a sign holds 1 or 2 glyphs). At 2x (and up
 # to 3 glyphs) the 2.3M-parameter base never learned to draw a legible glyph (OCR 0.00 on its test
-# split). Every glyph touches its left and right columns, so a glyph is always exactly 9 px wide and the recogniser can cut cells by width alone;
-# look-alikes (0/O, 1/I, 5/S, 8/B) are left out on purpose.
+# split). Every glyph touches its left and right columns, so a glyph is always exactly 9 px wide and
+# the recogniser can cut cells by width alone; look-alikes (0/O, 1/I, 5/S, 8/B) are left out on purpose.
 FONT = {
     "A": [".#.", "#.#", "###", "#.#", "#.#"], "C": ["###", "#..", "#..", "#..", "###"],
     "E": ["###", "#..", "###", "#..", "###"], "F": ["###", "#..", "##.", "#..", "#.."],
