@@ -13,11 +13,12 @@ the denoiser is diffusers' SD3Transformer2DModel with a ~2.3M-parameter config.
 Commands (2 CPU cores):
   python tiny_world.py prompts                      # write prompts/tiny/*.txt (deterministic)
   python tiny_world.py pretrain --minutes 20 --seed 0 --out assets/tiny_base.safetensors
-The shipped base was made on a shared 2-core machine in four runs (see assets/tiny_base.json):
+The shipped base was made on a shared 2-core machine in five runs (see assets/tiny_base.json):
   python tiny_world.py pretrain --minutes 20 --seed 0 --threads 1
   python tiny_world.py pretrain --minutes 11 --seed 1 --threads 1 --init assets/tiny_base.safetensors
   python tiny_world.py pretrain --minutes 11 --seed 2 --threads 2 --init assets/tiny_base.safetensors
   python tiny_world.py pretrain --minutes 20 --seed 3 --threads 2 --init assets/tiny_base.safetensors   # 3x glyphs
+  python tiny_world.py pretrain --minutes 45 --seed 4 --threads 2 --init assets/tiny_base.safetensors --cooldown
   python tiny_world.py calibrate                    # reward table, base scores, sample grids
 This file imports only torch, numpy, PIL, scipy, diffusers and the stdlib: it is the ground floor.
 """
@@ -52,7 +53,7 @@ DEFAULT_NOISE_LEVEL = 0.7       # SDE noise a for RL, as on SD3 ...
 DEFAULT_SDE_WINDOW = 2          # ... but only on a window of 2 of the 10 steps (Flow-GRPO-Fast; sde.sde_window_steps).
                                 # With noise on every step the samples keep late-step grain (no VAE decoder
                                 # smooths pixels); with a window they are ODE-clean and differ in composition.
-                                # Measured, 12-epoch deqa experts: 0.775 full SDE, 0.813 window, base 0.785
+                                # Measured (four-run base), 12-epoch deqa experts: 0.775 full SDE, 0.813 window, base 0.785
                                 # (README, "The tiny world", has the commands).
 DEFAULT_STEPS_EVAL = 20         # Euler ODE steps for evaluation
 DEFAULT_GUIDANCE = 3.0          # classifier-free guidance scale (4.5 over-saturates this tiny base)
@@ -809,7 +810,7 @@ def _save(path, transformer, tables, card):
     os.replace(tmp, os.path.splitext(path)[0] + ".json")
 
 
-def pretrain(minutes, seed, out, threads, init):
+def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False):
     import copy
     from tqdm import tqdm
     torch.set_num_threads(threads)
@@ -824,11 +825,11 @@ def pretrain(minutes, seed, out, threads, init):
     ema = copy.deepcopy(transformer).requires_grad_(False)
     tables = text_tables()
     encode_prompts = make_encoder(tables)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.99))
     n_params = sum(p.numel() for p in transformer.parameters())
     print(f"transformer: {n_params / 1e6:.2f}M parameters; batch {BATCH_SIZE}; {minutes} minutes")
     card = dict(command="python " + " ".join(sys.argv), seed=seed, minutes=minutes, threads=threads, batch_size=BATCH_SIZE,
-                lr=LR, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
+                lr=lr, cooldown=cooldown, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
                 init=init, previous=previous)
     tasks, weights = list(PRETRAIN_MIX), list(PRETRAIN_MIX.values())
     t_start = last_save = time.time()
@@ -848,8 +849,10 @@ def pretrain(minutes, seed, out, threads, init):
                         timestep=1000 * sigma, return_dict=False)[0]
         loss = F.mse_loss(v, noise - x0)
         # update
+        # linear warmup, then constant; with --cooldown, linear decay to 0 over the run's wall-clock time
+        frac_left = max(0.0, 1 - (time.time() - t_start) / (minutes * 60)) if cooldown else 1.0
         for group in opt.param_groups:
-            group["lr"] = LR * min(1.0, (step + 1) / WARMUP_STEPS)
+            group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS) * frac_left
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -941,6 +944,9 @@ if __name__ == "__main__":
     p.add_argument("--init", default=None, help="continue from this checkpoint's weights (fresh optimizer)")
     p.add_argument("--threads", type=int, default=2, help="torch threads; 1 on a machine shared with other jobs "
                    "(2 threads competing with another process for 2 cores run ~30x slower)")
+    p.add_argument("--lr", type=float, default=LR, help="AdamW peak learning rate")
+    p.add_argument("--cooldown", action="store_true", help="decay the learning rate linearly to 0 over the run "
+                   "(for a last run continued with --init)")
     p = sub.add_parser("calibrate", help="reward table + base scores + sample grids")
     p.add_argument("--n", type=int, default=64, help="test prompts per task")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS_EVAL)
@@ -951,6 +957,6 @@ if __name__ == "__main__":
     if args.cmd == "prompts":
         write_prompt_files(args.seed)
     elif args.cmd == "pretrain":
-        pretrain(args.minutes, args.seed, args.out, args.threads, args.init)
+        pretrain(args.minutes, args.seed, args.out, args.threads, args.init, args.lr, args.cooldown)
     else:
         calibrate(args.n, args.steps, args.guidance, args.shift, args.threads)

@@ -87,12 +87,12 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_reward_rises_on_an_easy_task(tmp_path):
-    """It learns: 30 epochs of the tiny world's deqa expert at reproduce.sh's settings (lr 1e-3, EMA every
+    """It learns: 40 epochs of the tiny world's deqa expert at reproduce.sh's settings (lr 1e-3, EMA every
     step, shared initial noise per group, world defaults: T = 10, an SDE window of 2 steps) raise the
-    mean training reward of the last 10 epochs clearly above the first 10 (measured 0.74 -> 0.82).
-    ~100 s on 2 cores."""
-    run_script("grpo_expert.py", "--task", "deqa", "--epochs", "30", "--lr", "1e-3", "--ema-every", "1", "--same-latent", "--grid-every", "0",
-               "--save-every", "30", "--out", tmp_path)
+    mean training reward of the last 10 epochs clearly above the first 10 (measured 0.842 -> 0.925, the
+    first 40 epochs of reproduce.sh's deqa expert). ~130 s on 2 cores."""
+    run_script("grpo_expert.py", "--task", "deqa", "--epochs", "40", "--lr", "1e-3", "--ema-every", "1", "--same-latent", "--grid-every", "0",
+               "--save-every", "40", "--out", tmp_path)
     rewards = [r["reward"] for r in read_log(tmp_path)]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert last > first + 0.04, f"deqa training reward {first:.3f} (epochs 1-10) -> {last:.3f} (epochs 21-30)"
+    assert last > first + 0.04, f"deqa training reward {first:.3f} (epochs 1-10) -> {last:.3f} (epochs 31-40)"
