@@ -41,8 +41,9 @@ elif [ $MODE = --smoke ]; then
   SMALL="--prompts-per-epoch 2 --group-size 4 --grid-every 0"; EVAL_SMALL="--steps 6 --grid-prompts 1"
 fi
 LR=1e-3  # tiny-world learning rate of experts and OPD (Flow-GRPO's 3e-4 / OPD's 1e-4 are slow for a 50-epoch CPU
-         # budget). Measured on the four-run base (c9e812d), `grpo_expert.py --task deqa --ema-every 1 --epochs 60 --lr X`: the mean training
-         # reward of epochs 1-10 -> 51-60 goes 0.72 -> 0.81 at 1e-3 and collapses 0.72 -> 0.03 at 3e-3.
+         # budget). Measured on the four-run base (commit c9e812d), `grpo_expert.py --task deqa --ema-every 1
+         # --epochs 60 --lr X`: the mean training reward of epochs 1-10 -> 51-60 goes 0.72 -> 0.81 at 1e-3
+         # and collapses 0.72 -> 0.03 at 3e-3.
 # OPD distils the first 6 of the 10 steps (timestep fraction 0.6) to fit the 30-minute budget.
 OPD="--lr $LR --timestep-fraction 0.6"
 # EMA of the trained weights every optimizer step: Flow-GRPO's "0.9 every 8 steps" assumes thousands of
@@ -50,7 +51,8 @@ OPD="--lr $LR --timestep-fraction 0.6"
 EMA="--ema-every 1"
 # The G images of a prompt share their initial noise (Flow-GRPO's same_latent): with the 2-step SDE window
 # they then differ only by the window's noise, the actions being trained. Measured on the four-run base
-# (c9e812d; 50 epochs each, evaluate.py --limit 64): deqa expert 0.872 -> 0.880, pickscore expert 0.866 -> 0.899 (base 0.785 / 0.890).
+# (commit c9e812d; 50 epochs each, evaluate.py --limit 64): deqa expert 0.872 -> 0.880, pickscore expert
+# 0.866 -> 0.899 (base 0.785 / 0.890).
 GRPO="--lr $LR --same-latent"
 RUNS=$OUT/runs
 TASKS="geneval ocr deqa pickscore"

@@ -26,7 +26,8 @@ CONDITIONAL velocity (--train-guidance 1, the default), so a student sampled wit
 guidance on top of what it learnt. --train-guidance g puts the loss on the GUIDED velocity
 v_u + g (v_c - v_u) instead: its minimiser is the field whose guided ODE transports noise to the
 teachers' samples (one extra unconditional forward per item). Measured on the tiny world's four-run
-base (commit c9e812d), one teacher (its deqa expert), then evaluate.py --tasks deqa --limit 64 on each adapter:
+base (commit c9e812d), one teacher (its deqa expert), then evaluate.py --tasks deqa --limit 64 on each
+adapter:
   python sft_init.py --task deqa --teachers deqa=assets/tiny_experts/deqa.safetensors \
       --prompts-per-task 256 --steps 600 --ema-every 1 [--train-guidance 3] --out ...
 deqa: base 0.785, teacher 0.880, plain student 0.839, guided (g = 3) student 0.817; so the default

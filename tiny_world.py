@@ -19,6 +19,7 @@ The shipped base was made on a shared 2-core machine in five runs (see assets/ti
   python tiny_world.py pretrain --minutes 11 --seed 2 --threads 2 --init assets/tiny_base.safetensors
   python tiny_world.py pretrain --minutes 20 --seed 3 --threads 2 --init assets/tiny_base.safetensors   # 3x glyphs
   python tiny_world.py pretrain --minutes 45 --seed 4 --threads 2 --init assets/tiny_base.safetensors --cooldown
+                                                    # lr decayed to 0: loss 0.069 -> 0.048
   python tiny_world.py calibrate                    # reward table, base scores, sample grids
 This file imports only torch, numpy, PIL, scipy, diffusers and the stdlib: it is the ground floor.
 """
