@@ -8,7 +8,7 @@
 #   bash reproduce.sh              # full run (about 30 minutes on 2 CPU cores)
 #   bash reproduce.sh --quick      # the same tables with far fewer steps (minutes; numbers meaningless)
 #   bash reproduce.sh --ablations  # after the full run: merge methods, OPD losses, one-teacher OPD
-#                                  # (results/tiny/ablations/, ~10 minutes)
+#                                  # (results/tiny/ablations/, ~8 minutes)
 #   bash reproduce.sh --smoke      # the pipeline's plumbing in ~2 minutes (what the test suite runs;
 #                                  # REPRO_OUT=folder sets where it writes)
 #
