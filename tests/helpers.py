@@ -35,3 +35,20 @@ def read_adapter(run_dir, name="adapter.safetensors"):
     from safetensors.torch import load_file
 
     return load_file(os.path.join(run_dir, name))
+
+
+def assert_same_adam_training(a, b, lr, opt_steps, tol=1e-4, max_outliers=0.01):
+    """Two runs that take the same optimizer steps on the same samples (1 process and 2) end at the same
+    weights {name: tensor}. Their summed gradients differ in float rounding only, and Adam steps an
+    element by about lr * m / sqrt(v): where a gradient element is near zero, rounding can flip the sign
+    of its step. So almost every element agrees to `tol`, and none differs by more than 2 lr per step
+    (a wrong gradient moves most elements by about lr a step and fails the first check). How many
+    elements flip depends on the CPU's float kernels: seen 0 on one machine, 2 of 512 on another."""
+    import torch
+
+    flat_a = torch.cat([a[k].flatten() for k in sorted(a)])
+    flat_b = torch.cat([b[k].flatten() for k in sorted(a)])
+    diff = (flat_a - flat_b).abs()
+    outliers = (diff > tol + 1e-3 * flat_b.abs()).float().mean().item()
+    assert outliers <= max_outliers, f"{outliers:.2%} of the weights differ by more than {tol}"
+    assert diff.max().item() <= 2 * lr * opt_steps, f"a weight differs by {diff.max().item():.2e} > 2 lr x {opt_steps} steps"
