@@ -5,10 +5,10 @@
 #   Stage 2   multi-teacher OPD from each cold start, with and without MAR      opd.py
 #   Tables    the paper's main / OOD / quality tables                           evaluate.py
 #
-#   bash reproduce.sh              # full run (about 30 minutes on 2 CPU cores)
+#   bash reproduce.sh              # full run (21-30 minutes on 2 CPU cores)
 #   bash reproduce.sh --quick      # the same tables with far fewer steps (minutes; numbers meaningless)
-#   bash reproduce.sh --ablations  # after the full run: merge methods, OPD losses, one-teacher OPD
-#                                  # (results/tiny/ablations/, ~8 minutes)
+#   bash reproduce.sh --ablations  # after the full run: merge methods, OPD losses, MAR's anchor, one-teacher OPD
+#                                  # (results/tiny/ablations/, ~9 minutes)
 #   bash reproduce.sh --smoke      # the pipeline's plumbing in ~2 minutes (what the test suite runs;
 #                                  # REPRO_OUT=folder sets where it writes)
 #
@@ -64,10 +64,10 @@ for t in $TASKS; do
   ADAPTERS="$ADAPTERS${ADAPTERS:+,}$RUNS/grpo-$t/adapter.safetensors"
 done
 
-# ---- Ablations (after the full run): the merge methods of merge.py, the three OPD losses of opd.py, and OPD
-#      with a single teacher
+# ---- Ablations (after the full run): the merge methods of merge.py, the three OPD losses of opd.py, MAR toward
+#      the deqa expert, and OPD with a single teacher
 if [ $MODE = --ablations ]; then
-  for f in ${ADAPTERS//,/ } $RUNS/merge/adapter.safetensors $RUNS/opd-merge/adapter.safetensors; do  # what it reuses
+  for f in ${ADAPTERS//,/ } $RUNS/merge/adapter.safetensors $RUNS/opd-merge/adapter.safetensors $RUNS/opd-merge-nomar/adapter.safetensors; do  # what it reuses
     [ -f $f ] || { echo "error: $f is missing: run 'bash reproduce.sh' (the full run) first" >&2; exit 1; }
   done
   for m in lora-mean ties; do
@@ -78,6 +78,10 @@ if [ $MODE = --ablations ]; then
     echo "== OPD (merge init, --opd-loss $loss)"
     $PY opd.py $EMA $OPD --opd-loss $loss --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-merge-$loss
   done
+  # MAR as the paper sets it: the anchor is its DeQA-trained expert, not the base (the official code's fallback,
+  # which the full run uses)
+  echo "== OPD (merge init, MAR toward the deqa expert)"
+  $PY opd.py $EMA $OPD --mar-teacher deqa --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-merge-mar-deqa
   # OPD's dense signal with one teacher and no conflicts: the deqa expert distilled into a fresh student
   # on deqa prompts only (the multi-teacher run spends 1/4 of its prompts on deqa)
   echo "== OPD, one teacher (deqa expert, deqa prompts, from the base)"
@@ -86,8 +90,9 @@ if [ $MODE = --ablations ]; then
   MODELS="$MODELS,merge-init=$RUNS/merge/adapter.safetensors,merge-lora-mean=$RUNS/merge-lora-mean/adapter.safetensors"
   MODELS="$MODELS,merge-ties=$RUNS/merge-ties/adapter.safetensors,opd-merge=$RUNS/opd-merge/adapter.safetensors"
   MODELS="$MODELS,opd-merge-pg=$RUNS/opd-merge-pg/adapter.safetensors,opd-merge-pg-sample=$RUNS/opd-merge-pg-sample/adapter.safetensors"
+  MODELS="$MODELS,opd-merge-nomar=$RUNS/opd-merge-nomar/adapter.safetensors,opd-merge-mar-deqa=$RUNS/opd-merge-mar-deqa/adapter.safetensors"
   echo "== evaluate (ablations)"
-  $PY evaluate.py --models $MODELS --limit $EVAL_LIMIT --tables main,ood --out $OUT/ablations --cache $OUT/eval_cache
+  $PY evaluate.py --models $MODELS --limit $EVAL_LIMIT --tables main,ood,quality --out $OUT/ablations --cache $OUT/eval_cache
   exit 0
 fi
 
