@@ -96,8 +96,7 @@ def batch_gradients(task, k, params):
     chosen = sde.draw_prompts(train_prompts, {task: 1.0}, P, cfg.seed, k)  # grpo_expert.py's epoch-k prompts
     prompts = [chosen[i // G][1] for i in range(B)]
     metadata = [chosen[i // G][2] for i in range(B)]
-    seeds = [sde.sample_seed(cfg.seed, k, i) for i in range(B)]
-    init_seeds = [sde.sample_seed(cfg.seed, k, -1000 - i // G) for i in range(B)] if cfg.same_latent else None
+    seeds, init_seeds = sde.epoch_seeds(cfg.seed, k, range(B), G, cfg.same_latent)  # grpo_expert.py's epoch-k noise
     if window and cfg.window_start is not None:
         sde_steps = list(range(cfg.window_start, cfg.window_start + window))
     else:  # grpo_expert.py's epoch-k window (every step when window is 0)

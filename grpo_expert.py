@@ -171,8 +171,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     tasks = [chosen[i // cfg.group_size][0] for i in index.tolist()]
     prompts = [chosen[i // cfg.group_size][1] for i in index.tolist()]
     metadata = [chosen[i // cfg.group_size][2] for i in index.tolist()]
-    seeds = [sde.sample_seed(cfg.seed, epoch, i) for i in index.tolist()]  # per-sample seeding
-    init_seeds = [sde.sample_seed(cfg.seed, epoch, -1000 - i // cfg.group_size) for i in index.tolist()] if cfg.same_latent else None
+    seeds, init_seeds = sde.epoch_seeds(cfg.seed, epoch, index.tolist(), cfg.group_size, cfg.same_latent)  # per-sample seeding
     sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)  # all steps unless windowed
     train_steps = sde_steps if cfg.sde_window else list(range(n_trained))
 

@@ -303,6 +303,15 @@ def sample_seed(*parts):
     return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(2, np.uint64)[0] >> 2)
 
 
+def epoch_seeds(seed, epoch, indices, group_size, same_latent=False):
+    """The noise seeds of the global samples `indices` of an RL epoch: each sample's own seed (its SDE
+    steps' noise, and its initial noise unless shared) and, with same_latent, one initial-noise seed per
+    group (sample i is in group i // group_size), else None. Returns (seeds, init_seeds) for sample()."""
+    seeds = [sample_seed(seed, epoch, i) for i in indices]
+    init_seeds = [sample_seed(seed, epoch, -1000 - i // group_size) for i in indices] if same_latent else None
+    return seeds, init_seeds
+
+
 def seed_generators(seeds):
     """One CPU torch.Generator per sample (per-sample seeding)."""
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
