@@ -16,7 +16,8 @@ and the mean best reward of a group (what the group offers to learn from), the m
 batch gradients (with its standard error), the same for a CONTROL that shuffles the
 advantages inside each group (no link between noise and reward: its expected cosine is 0), the
 cosine between the mean gradients of the two halves of the K batches, and the images needed for a
-gradient whose signal equals its noise. Measured numbers and the reading: README, "Why the GenEval and OCR experts do not learn here".
+gradient whose signal equals its noise. Measured numbers and the reading: README, "Why the GenEval
+and OCR experts do not learn here".
 
 Commands
   tiny world, CPU (about 40 s per task):   python gradient_snr.py

@@ -46,6 +46,7 @@ def assert_same_adam_training(a, b, lr, opt_steps, tol=1e-4, max_outliers=0.01):
     elements flip depends on the CPU's float kernels: seen 0 on one machine, 2 of 512 on another."""
     import torch
 
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     flat_a = torch.cat([a[k].flatten() for k in sorted(a)])
     flat_b = torch.cat([b[k].flatten() for k in sorted(a)])
     diff = (flat_a - flat_b).abs()
