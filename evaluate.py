@@ -14,6 +14,8 @@ Tables (printed as Markdown, saved as JSON + Markdown under --out):
            SD3 needs T2I-CompBench's own evaluators, which are not shipped: the table says so).
   quality  quality rewards on a common prompt set (the deqa + pickscore test prompts) and, in the tiny
            world, within-prompt diversity (needs images_per_prompt >= 2).
+  gain     with --gain-of: each model's share of each teacher's gain over the base on the teacher's task,
+           (model - base) / (teacher - base) from the main table (the paper: OPD keeps >= 90% of it).
 Plus grid_<model>.png (the first prompts of every task, same seeds for all models), grid_compare.png
 (one row per model) and main.png (the main table as bars: the seesaw at a glance).
 
@@ -55,6 +57,8 @@ SETTINGS = dict(
     models=("base", "comma-separated 'base' (no adapter) and label=path/to/adapter.safetensors entries"),
     tables=("main,ood,quality", "which tables to make: main, ood, quality"),
     tasks=("", "tasks of the main table (default: all of the world's; e.g. 'ocr,pickscore' without reward servers)"),
+    gain_of=("", "task=label pairs naming each task's teacher among --models ('deqa=grpo-deqa,...'): adds the gain table, "
+                 "each model's share (model - base) / (teacher - base) of the teacher's gain on its task (needs base and the main table)"),
     quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore')"),
     images_per_prompt=(None, int, "images per prompt (default: tiny 2, sd3 4 as GenEval)"),
     limit=(0, "evaluate K prompts of each prompt file, evenly spread over it so every category is represented (0 = all)"),
@@ -110,6 +114,15 @@ for entry in (e.strip() for e in cfg.models.split(",") if e.strip()):
     if label in models or not re.fullmatch(r"[\w.+-]+", label):
         raise SystemExit(f"error: --models label {label!r} is repeated or has characters other than letters, digits, _ . + -")
     models[label] = path or None
+gain_of = {}  # task -> label of its teacher among the models
+for part in (p.strip() for p in cfg.gain_of.split(",") if p.strip()):
+    task, sep, label = (x.strip() for x in part.partition("="))
+    if not sep or task not in main_tasks or label not in models:
+        raise SystemExit(f"error: --gain-of part {part!r}: write task=label with a task of the main table {main_tasks} "
+                         f"and a label of --models {list(models)}")
+    gain_of[task] = label
+if gain_of and ("base" not in models or "main" not in tables):
+    raise SystemExit("error: --gain-of measures gains over the base: put 'base' in --models and 'main' in --tables")
 
 # prompt set -> the rewards its images are scored with (a set shared by two tables is sampled once)
 set_metrics = {}
@@ -349,6 +362,20 @@ if dist.master:
         avg = "mean(GenEval, OCR, DeQA/5, PickScore/26)" if sd3 else "the plain mean (tiny-world rewards are in [0, 1])"
         save_table("main", "Main table: each task on its own test split", ["model", *rewards.TINY_REWARDS, "average"], rows,
                    f"Average = {avg}. {setting_note}")
+
+    if gain_of:  # the paper's claim that the student keeps most (>= 90%) of each teacher's gain on its task
+        by_label = {row["model"]: row for row in main_rows}
+        base_row = by_label["base"]
+        gains = {t: by_label[teacher][t] - base_row[t] for t, teacher in gain_of.items()}
+        rows = []
+        for label in models:
+            if label != "base":  # a teacher that does not beat the base has no gain to share: '-'
+                rows.append({"model": label, **{t: (by_label[label][t] - base_row[t]) / g if g > 0 else None
+                                                for t, g in gains.items()}})
+        save_table("gain", "Share of each teacher's gain over the base on the teacher's task", ["model", *gain_of], rows,
+                   "(model - base) / (teacher - base) on each task's main-table column; teachers: "
+                   + ", ".join(f"{t} {teacher} ({gains[t]:+.3f})" for t, teacher in gain_of.items())
+                   + f". '-': the teacher does not beat the base. {setting_note}")
 
     if "ood" in tables:
         columns = ["model", *OOD_CATEGORIES, "overall"]

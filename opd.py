@@ -56,7 +56,8 @@ import sde
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
     student=("", "cold-start LoRA of the student (merge.py / sft_init.py output); '' = a fresh LoRA on the base"),
-    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped experts)"),
+    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped experts; "
+                  "file 'base' = the frozen base, a task kept where it is)"),
     task=("geneval:1,ocr:1,deqa:1,pickscore:1", "which tasks' training prompts to draw, with their odds"),
     routing=("", "soft routing as JSON {task: {teacher_task: alpha}} (e.g. '{\"ocr\": {\"ocr\": 0.8, \"pickscore\": 0.2}}'); unlisted tasks route hard to their own teacher"),
     opd_loss=("direct", "direct | pg | pg-sample (see the docstring)"),
@@ -139,16 +140,19 @@ def load_teacher(name, path):
     return dataclasses.replace(world, transformer=full)
 
 
-# Full-weight teachers are copied from the bare base, before any adapter exists on it.
+# Full-weight teachers are copied from the bare base, before any adapter exists on it. A teacher named
+# 'base' is the frozen base itself (adapter name None: adapters disabled).
 teacher_copy = {}  # teacher name -> World with its own transformer (full-weight teachers only)
+teacher_adapter = {t: None if f == "base" else f"teacher_{t}" for t, f in teacher_files.items()}  # what frozen_velocity switches to
 used = sorted({k for t in task_weights for k in routing[t]})
 for t in used:
-    teacher_copy[t] = load_teacher(f"teacher_{t}", teacher_files[t])
+    if teacher_adapter[t] is not None:
+        teacher_copy[t] = load_teacher(teacher_adapter[t], teacher_files[t])
 if cfg.mar_teacher in ("base", ""):
     anchor = None  # adapters disabled = the frozen base
 elif cfg.mar_teacher in teacher_files:
-    anchor = f"teacher_{cfg.mar_teacher}"
-    if cfg.mar_teacher not in teacher_copy:
+    anchor = teacher_adapter[cfg.mar_teacher]
+    if anchor is not None and cfg.mar_teacher not in teacher_copy:
         teacher_copy[cfg.mar_teacher] = load_teacher(anchor, teacher_files[cfg.mar_teacher])
 else:
     anchor = "anchor"
@@ -225,7 +229,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
         for jj, j in enumerate(train_steps):
             def velocity_of(teacher, rows):
                 rows = torch.tensor(rows)
-                return torch.cat([frozen_velocity(f"teacher_{teacher}", latents[mb, j], j, embeds[mb], pooled[mb]).cpu()
+                return torch.cat([frozen_velocity(teacher_adapter[teacher], latents[mb, j], j, embeds[mb], pooled[mb]).cpu()
                                   for mb in rows.split(cfg.train_batch)])
             v_target[:, jj] = sde.route_targets(tasks, routing, velocity_of)
         if cfg.opd_loss == "pg-sample":  # r_t = -(log pi_theta(a_t|x_t) - log pi_T(a_t|x_t)) on the sampled a_t = x_{t-dt}

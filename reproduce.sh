@@ -7,8 +7,8 @@
 #
 #   bash reproduce.sh              # full run (21-30 minutes on 2 CPU cores)
 #   bash reproduce.sh --quick      # the same tables with far fewer steps (minutes; numbers meaningless)
-#   bash reproduce.sh --ablations  # after the full run: merge methods, OPD losses, MAR's anchor, one-teacher OPD
-#                                  # (results/tiny/ablations/, ~9 minutes)
+#   bash reproduce.sh --ablations  # after the full run: merge methods, OPD losses, MAR's anchor, one-teacher OPD,
+#                                  # other routings (results/tiny/ablations/, ~19 minutes)
 #   bash reproduce.sh --smoke      # the pipeline's plumbing in ~2 minutes (what the test suite runs;
 #                                  # REPRO_OUT=folder sets where it writes)
 #
@@ -59,9 +59,11 @@ TASKS="geneval ocr deqa pickscore"
 
 TEACHERS=""
 ADAPTERS=""
+GAIN=""  # evaluate.py --gain-of: each task's teacher, for the table of each model's share of its gain
 for t in $TASKS; do
   TEACHERS="$TEACHERS${TEACHERS:+,}$t=$RUNS/grpo-$t/adapter.safetensors"
   ADAPTERS="$ADAPTERS${ADAPTERS:+,}$RUNS/grpo-$t/adapter.safetensors"
+  GAIN="$GAIN${GAIN:+,}$t=grpo-$t"
 done
 
 # ---- Ablations (after the full run): the merge methods of merge.py, the three OPD losses of opd.py, MAR toward
@@ -86,13 +88,29 @@ if [ $MODE = --ablations ]; then
   # on deqa prompts only (the multi-teacher run spends 1/4 of its prompts on deqa)
   echo "== OPD, one teacher (deqa expert, deqa prompts, from the base)"
   $PY opd.py $EMA $OPD --task deqa --teachers deqa=$RUNS/grpo-deqa/adapter.safetensors --epochs $OPD_EPOCHS --out $RUNS/opd-deqa-only
-  MODELS="base,grpo-deqa=$RUNS/grpo-deqa/adapter.safetensors,opd-deqa-only=$RUNS/opd-deqa-only/adapter.safetensors"
+  # ... and for a quarter of the epochs: as many deqa prompts as the four-teacher run distils
+  echo "== OPD, one teacher, 1/4 of the epochs"
+  $PY opd.py $EMA $OPD --task deqa --teachers deqa=$RUNS/grpo-deqa/adapter.safetensors --epochs $((OPD_EPOCHS / 4)) --out $RUNS/opd-deqa-only-quarter
+  # Four-task OPD where the GenEval and OCR prompts go to the frozen base instead of their experts, which do
+  # not beat it (and, GenEval's, lose quality): is the deqa teacher's gain lost to the other teachers or to budget?
+  echo "== OPD (merge init, GenEval and OCR prompts routed to the base)"
+  $PY opd.py $EMA $OPD --student $RUNS/merge/adapter.safetensors --epochs $OPD_EPOCHS --out $RUNS/opd-merge-go-base \
+    --teachers geneval=base,ocr=base,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors
+  # ... and with the GenEval prompts (the deqa prompts' caption grammar) routed to the deqa expert too: are the
+  # deqa expert's lost gains those of alike prompts pulled toward another teacher?
+  echo "== OPD (merge init, GenEval prompts routed to the deqa expert, OCR prompts to the base)"
+  $PY opd.py $EMA $OPD --student $RUNS/merge/adapter.safetensors --epochs $OPD_EPOCHS --out $RUNS/opd-merge-scenes-deqa \
+    --teachers geneval=$RUNS/grpo-deqa/adapter.safetensors,ocr=base,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors
+  MODELS="base"
+  for t in $TASKS; do MODELS="$MODELS,grpo-$t=$RUNS/grpo-$t/adapter.safetensors"; done
+  MODELS="$MODELS,opd-deqa-only=$RUNS/opd-deqa-only/adapter.safetensors,opd-deqa-only-quarter=$RUNS/opd-deqa-only-quarter/adapter.safetensors"
   MODELS="$MODELS,merge-init=$RUNS/merge/adapter.safetensors,merge-lora-mean=$RUNS/merge-lora-mean/adapter.safetensors"
   MODELS="$MODELS,merge-ties=$RUNS/merge-ties/adapter.safetensors,opd-merge=$RUNS/opd-merge/adapter.safetensors"
   MODELS="$MODELS,opd-merge-pg=$RUNS/opd-merge-pg/adapter.safetensors,opd-merge-pg-sample=$RUNS/opd-merge-pg-sample/adapter.safetensors"
   MODELS="$MODELS,opd-merge-nomar=$RUNS/opd-merge-nomar/adapter.safetensors,opd-merge-mar-deqa=$RUNS/opd-merge-mar-deqa/adapter.safetensors"
+  MODELS="$MODELS,opd-merge-go-base=$RUNS/opd-merge-go-base/adapter.safetensors,opd-merge-scenes-deqa=$RUNS/opd-merge-scenes-deqa/adapter.safetensors"
   echo "== evaluate (ablations)"
-  $PY evaluate.py --models $MODELS --limit $EVAL_LIMIT --tables main,ood,quality --out $OUT/ablations --cache $OUT/eval_cache
+  $PY evaluate.py --models $MODELS --limit $EVAL_LIMIT --tables main,ood,quality --gain-of $GAIN --out $OUT/ablations --cache $OUT/eval_cache
   exit 0
 fi
 
@@ -125,4 +143,4 @@ MODELS="$MODELS,grpo-mix=$RUNS/grpo-mix/adapter.safetensors,merge-init=$RUNS/mer
 MODELS="$MODELS,sft-init=$RUNS/sft-init/adapter.safetensors,opd-sft=$RUNS/opd-sft/adapter.safetensors"
 MODELS="$MODELS,opd-merge=$RUNS/opd-merge/adapter.safetensors,opd-merge-nomar=$RUNS/opd-merge-nomar/adapter.safetensors"
 echo "== evaluate"
-$PY evaluate.py --models $MODELS --limit $EVAL_LIMIT $EVAL_SMALL --out $OUT
+$PY evaluate.py --models $MODELS --limit $EVAL_LIMIT $EVAL_SMALL --gain-of $GAIN --out $OUT

@@ -853,7 +853,8 @@ def file_sha256(path):
 
 def parse_teachers(spec, world):
     """--teachers 'geneval=a.safetensors,ocr=b.safetensors' -> {task: file}. Empty in the tiny world:
-    the shipped experts assets/tiny_experts/<task>.safetensors; empty elsewhere: one error line."""
+    the shipped experts assets/tiny_experts/<task>.safetensors; empty elsewhere: one error line. The
+    file 'base' names the frozen base model itself (opd.py, sft_init.py)."""
     if not spec:
         if world.kind != "tiny":
             raise SystemExit("error: --teachers is required outside the tiny world (task=file pairs)")

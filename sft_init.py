@@ -15,6 +15,7 @@ calls an SFT script it never released, so this one follows Flow-GRPO's SFT recip
 Commands
   tiny world, CPU (minutes):   python sft_init.py            (teachers: assets/tiny_experts/<task>.safetensors)
   one teacher, best-of-4:      python sft_init.py --task ocr --teachers ocr=results/tiny/runs/grpo-ocr/adapter.safetensors --best-of 4
+  rejection sampling (RAFT):   python sft_init.py --task geneval --teachers geneval=base --best-of 8   (the base's best of 8)
   SD3.5-M, one GPU:            python sft_init.py --world stabilityai/stable-diffusion-3.5-medium \
                                  --teachers geneval=g.safetensors,ocr=o.safetensors,deqa=d.safetensors,pickscore=p.safetensors
   one node, 8 GPUs:            torchrun --nproc_per_node 8 sft_init.py --world <sd3.5m folder> --teachers ...
@@ -55,7 +56,8 @@ import sde
 
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
-    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped experts)"),
+    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped experts; "
+                  "file 'base' = the base model, with --best-of N: rejection-sampling fine-tuning)"),
     task=("geneval:1,ocr:1,deqa:1,pickscore:1", "tasks to distil with their odds in a training batch (each batch item's task is drawn with these odds)"),
     out=(None, str, "output folder (default results/<world>/runs/sft-init)"),
     cache=(None, str, "teacher-sample cache folder (default <out>/cache); share it between runs with the same teachers"),
@@ -115,7 +117,7 @@ missing = [t for t in task_weights if t not in teacher_files]
 if missing:
     raise SystemExit(f"error: tasks {missing} have no teacher in --teachers {sorted(teacher_files)}")
 for t in task_weights:
-    if not os.path.isfile(teacher_files[t]):
+    if teacher_files[t] != "base" and not os.path.isfile(teacher_files[t]):
         raise SystemExit(f"error: teacher file {teacher_files[t]} (task {t}) does not exist")
 if cfg.best_of < 1 or cfg.prompts_per_task < 1:
     raise SystemExit("error: --best-of and --prompts-per-task must be >= 1")
@@ -141,7 +143,8 @@ def task_items(task):
 
 def generation_key(task):
     """Everything a cached sample depends on besides its prompt and item id."""
-    return dict(task=task, teacher=sde.file_sha256(teacher_files[task]), world=world.name, steps=sample_steps,
+    teacher = "base" if teacher_files[task] == "base" else sde.file_sha256(teacher_files[task])
+    return dict(task=task, teacher=teacher, world=world.name, steps=sample_steps,
                 guidance_scale=guidance, noise_level=cfg.sample_noise_level, best_of=cfg.best_of, seed=cfg.seed)
 
 
@@ -182,8 +185,8 @@ mine = todo[dist.rank:: dist.world_size]
 loaded_teachers = []
 for s in tqdm(mine, desc="teacher samples", disable=not dist.master):
     t = s["task"]
-    name = f"teacher_{t}"
-    if name not in loaded_teachers:
+    name = None if teacher_files[t] == "base" else f"teacher_{t}"  # None: adapters disabled, the base samples
+    if name is not None and name not in loaded_teachers:
         sde.load_lora(transformer, teacher_files[t], name, trainable=False)
         loaded_teachers.append(name)
     prompts, metadata, ids = (x[s["lo"]: s["hi"]] for x in items[t])

@@ -1,17 +1,19 @@
 """evaluate.py: the paper's Average column from its own numbers, and the real script on the tiny world:
 deterministic, 2 processes == 1 process, a resumed (partly cached) evaluation == a fresh one, a full
-cache samples nothing, and main.json's schema."""
+cache samples nothing, main.json's schema, and the gain table (--gain-of)."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import rewards
 import sde
-from helpers import run_script, torchrun_script
+from helpers import ENV, ROOT, run_script, torchrun_script
 
 HAVE_TINY = os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors"))
 needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason="the tiny world's base weights (assets/tiny_base.safetensors) are not built yet")
@@ -147,3 +149,37 @@ def test_a_changed_checkpoint_is_re_evaluated(one_process, adapter_file, tmp_pat
     log = run_script("evaluate.py", *FAST, "--tables", "main", "--models", f"lora={changed}", "--out", tmp_path / "tables",
                      "--cache", tmp_path / "cache")
     assert "lora: 12 of 12 prompts to sample" in log  # same label, new weights: nothing reused
+
+
+@needs_tiny
+def test_gain_table_is_each_models_share_of_the_teachers_gain(one_process, adapter_file, tmp_path):
+    """--gain-of: (model - base) / (teacher - base) per task from the main table, '-' (None) where the
+    teacher does not beat the base. The teacher is the noisy LoRA at half strength (sampled here; it
+    beats the base on deqa), the student the full-strength LoRA; bad --gain-of values stop with one
+    error line and write nothing."""
+    out, _ = one_process
+    half = tmp_path / "half.safetensors"
+    weights, config = sde.read_lora(str(adapter_file))
+    sde.write_lora(str(half), {k: 0.5 * v if "lora_B" in k else v for k, v in weights.items()}, config)
+    shutil.copytree(out / "eval_cache", tmp_path / "cache")
+    gain_of = ",".join(f"{t}=half" for t in COLUMNS)
+    run_script("evaluate.py", *FAST, "--tables", "main", "--models", f"base,lora={adapter_file},half={half}",
+               "--gain-of", gain_of, "--out", tmp_path / "tables", "--cache", tmp_path / "cache")
+    main = {r["model"]: r for r in read(tmp_path / "tables")}
+    gain = {r["model"]: r for r in read(tmp_path / "tables", "gain")}
+    assert set(gain) == {"lora", "half"}
+    assert any(main["half"][t] > main["base"][t] for t in COLUMNS), main  # at least one share is defined
+    for t in COLUMNS:
+        g = main["half"][t] - main["base"][t]
+        if g > 0:
+            assert gain["half"][t] == pytest.approx(1.0)
+            assert gain["lora"][t] == pytest.approx((main["lora"][t] - main["base"][t]) / g)
+        else:
+            assert gain["half"][t] is None and gain["lora"][t] is None
+    for bad, says in ((["--gain-of", "nosuchtask=lora"], "--gain-of part"), (["--gain-of", "ocr=nosuchmodel"], "--gain-of part"),
+                      (["--gain-of", "ocr=lora", "--models", f"lora={adapter_file}"], "put 'base' in --models")):
+        result = subprocess.run([sys.executable, "evaluate.py", *FAST, "--models", f"base,lora={adapter_file}", *bad,
+                                 "--out", tmp_path / "bad"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode != 0 and len(errors) == 1 and says in errors[0], result.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "bad")

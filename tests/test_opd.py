@@ -142,6 +142,17 @@ def test_student_equal_to_teacher_has_zero_loss(tmp_path, teachers):
 
 
 @needs_base
+def test_teacher_named_base_is_the_frozen_base(tmp_path, teachers):
+    """--teachers geneval=base: a fresh student (LoRA B = 0) IS the base, so geneval prompts have zero KL
+    to their teacher while ocr prompts, routed to a random LoRA teacher, do not."""
+    files, _ = teachers
+    run_script("opd.py", "--task", "geneval:1,ocr:1", "--teachers", f"geneval=base,ocr={files['ocr']}", "--mar-weight", "0",
+               "--epochs", "1", "--updates-per-epoch", "1", "--out", tmp_path, *FAST)
+    (record,) = read_log(tmp_path)
+    assert record["kl_geneval"] < 1e-6 * record["kl_ocr"] and record["kl_ocr"] > 0
+
+
+@needs_base
 def test_mar_weight_zero_changes_nothing(tmp_path, teachers):
     files, spec = teachers
     args = ["--task", "geneval:1,ocr:1", "--teachers", spec, "--epochs", "1", *FAST]

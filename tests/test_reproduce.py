@@ -25,7 +25,7 @@ def test_reproduce_smoke_runs_every_stage(tmp_path):
     for r in rows:
         assert set(r) == {"model", "geneval", "ocr", "deqa", "pickscore", "average"}
         assert all(0 <= r[k] <= 1 for k in r if k != "model"), r
-    for name in ("ood.json", "quality.json", "main.md", "main.png", "grid_compare.png"):
+    for name in ("ood.json", "quality.json", "gain.json", "main.md", "main.png", "grid_compare.png"):
         assert (tmp_path / name).is_file(), name
     # a rerun finds every output and redoes nothing: no stage trains again, evaluate samples nothing
     again = subprocess.run(["bash", "reproduce.sh", "--smoke"], cwd=ROOT, env=dict(ENV, REPRO_OUT=str(tmp_path)),

@@ -137,3 +137,21 @@ def test_one_teacher_student_approaches_the_teacher(tmp_path):
     print("deqa rewards:", {k: round(v[1], 3) for k, v in s.items()}, "RMS distance to the teacher's images:",
           {k: round(v, 4) for k, v in rms.items()})
     assert rms["student"] < 0.9 * rms["base"], rms
+
+
+def test_base_teacher_with_best_of_keeps_the_base_samples_with_the_highest_reward(tmp_path):
+    """--teachers ocr=base --best-of 2 (rejection-sampling fine-tuning): each cached x_0 is the base
+    model's own ODE sample from the recorded seed, and the kept reward is the better candidate's."""
+    run(*COMMON, "--teachers", "ocr=base", "--best-of", "2", "--steps", "1", "--out", tmp_path)
+    world = sde.load_world("tiny", "cpu")
+    rewards_kept, means = [], []
+    for f in sorted(f for f in os.listdir(tmp_path / "cache") if f.startswith("ocr_") and f.endswith(".safetensors")):
+        tensors, meta = sde.load_tensors(str(tmp_path / "cache" / f))
+        info = json.loads(meta["info"])
+        assert info["key"]["teacher"] == "base"
+        traj = sde.sample(world, info["prompts"], 4, world.defaults["guidance_scale"], 0.0, seeds=info["seeds"])
+        # no adapter: the base's samples (batch-size float rounding ~1e-4; another seed or model differs by ~0.1-1)
+        assert torch.allclose(tensors["x0"], traj["latents"][:, -1], atol=1e-3)
+        rewards_kept += tensors["reward"].tolist()
+        means.append(info["reward_mean_of_candidates"])
+    assert len(rewards_kept) == 4 and sum(rewards_kept) / 4 >= sum(means) / len(means)
