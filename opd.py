@@ -26,7 +26,8 @@ toward a frozen task-agnostic teacher (the base model by default) on all data, w
              means, Flow-GRPO's convention), so it needs a D-times larger learning rate than direct.
 
 Teachers and the MAR anchor are LoRA adapters on ONE shared frozen base (peft multi-adapter, switched
-by name); a full-weight teacher (a safetensors state dict of the transformer) is loaded as a copy.
+by name); a full-weight teacher (a safetensors state dict of the transformer) is loaded as a copy;
+the teacher 'base' (--teachers geneval=base,...) is the frozen base itself, adapters disabled.
 
 Commands
   tiny world, CPU:     python opd.py --student results/tiny/runs/merge/adapter.safetensors
