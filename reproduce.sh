@@ -60,10 +60,12 @@ TASKS="geneval ocr deqa pickscore"
 TEACHERS=""
 ADAPTERS=""
 GAIN=""  # evaluate.py --gain-of: each task's teacher, for the table of each model's share of its gain
+EXPERTS=""  # the experts as evaluate.py --models entries (",grpo-geneval=...,grpo-ocr=...")
 for t in $TASKS; do
   TEACHERS="$TEACHERS${TEACHERS:+,}$t=$RUNS/grpo-$t/adapter.safetensors"
   ADAPTERS="$ADAPTERS${ADAPTERS:+,}$RUNS/grpo-$t/adapter.safetensors"
   GAIN="$GAIN${GAIN:+,}$t=grpo-$t"
+  EXPERTS="$EXPERTS,grpo-$t=$RUNS/grpo-$t/adapter.safetensors"
 done
 
 # ---- Ablations (after the full run): the merge methods of merge.py, the three OPD losses of opd.py, MAR toward
@@ -101,9 +103,7 @@ if [ $MODE = --ablations ]; then
   echo "== OPD (merge init, GenEval prompts routed to the deqa expert, OCR prompts to the base)"
   $PY opd.py $EMA $OPD --student $RUNS/merge/adapter.safetensors --epochs $OPD_EPOCHS --out $RUNS/opd-merge-scenes-deqa \
     --teachers geneval=$RUNS/grpo-deqa/adapter.safetensors,ocr=base,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors
-  MODELS="base"
-  for t in $TASKS; do MODELS="$MODELS,grpo-$t=$RUNS/grpo-$t/adapter.safetensors"; done
-  MODELS="$MODELS,opd-deqa-only=$RUNS/opd-deqa-only/adapter.safetensors,opd-deqa-only-quarter=$RUNS/opd-deqa-only-quarter/adapter.safetensors"
+  MODELS="base$EXPERTS,opd-deqa-only=$RUNS/opd-deqa-only/adapter.safetensors,opd-deqa-only-quarter=$RUNS/opd-deqa-only-quarter/adapter.safetensors"
   MODELS="$MODELS,merge-init=$RUNS/merge/adapter.safetensors,merge-lora-mean=$RUNS/merge-lora-mean/adapter.safetensors"
   MODELS="$MODELS,merge-ties=$RUNS/merge-ties/adapter.safetensors,opd-merge=$RUNS/opd-merge/adapter.safetensors"
   MODELS="$MODELS,opd-merge-pg=$RUNS/opd-merge-pg/adapter.safetensors,opd-merge-pg-sample=$RUNS/opd-merge-pg-sample/adapter.safetensors"
@@ -137,9 +137,7 @@ echo "== OPD (merge init, no MAR)"
 $PY opd.py $EMA $OPD $SMALL --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --mar-weight 0 --epochs $OPD_EPOCHS --out $RUNS/opd-merge-nomar
 
 # ---- Tables
-MODELS="base"
-for t in $TASKS; do MODELS="$MODELS,grpo-$t=$RUNS/grpo-$t/adapter.safetensors"; done
-MODELS="$MODELS,grpo-mix=$RUNS/grpo-mix/adapter.safetensors,merge-init=$RUNS/merge/adapter.safetensors"
+MODELS="base$EXPERTS,grpo-mix=$RUNS/grpo-mix/adapter.safetensors,merge-init=$RUNS/merge/adapter.safetensors"
 MODELS="$MODELS,sft-init=$RUNS/sft-init/adapter.safetensors,opd-sft=$RUNS/opd-sft/adapter.safetensors"
 MODELS="$MODELS,opd-merge=$RUNS/opd-merge/adapter.safetensors,opd-merge-nomar=$RUNS/opd-merge-nomar/adapter.safetensors"
 echo "== evaluate"

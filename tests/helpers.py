@@ -26,6 +26,14 @@ def torchrun_script(nproc, script, *args, timeout=600):
                  script, *map(str, args)], timeout)
 
 
+def assert_one_error_line(says, script, *args, timeout=600):
+    """Bad input: the script fails with exactly one 'error: ...' line on stderr, and that line says `says`."""
+    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=timeout)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1 and says in errors[0], result.stderr[-2000:]
+
+
 def read_log(run_dir):
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -5,15 +5,13 @@ cache samples nothing, main.json's schema, and the gain table (--gain-of)."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import rewards
 import sde
-from helpers import ENV, ROOT, run_script, torchrun_script
+from helpers import assert_one_error_line, run_script, torchrun_script
 
 HAVE_TINY = os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors"))
 needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason="the tiny world's base weights (assets/tiny_base.safetensors) are not built yet")
@@ -178,8 +176,5 @@ def test_gain_table_is_each_models_share_of_the_teachers_gain(one_process, adapt
             assert gain["half"][t] is None and gain["lora"][t] is None
     for bad, says in ((["--gain-of", "nosuchtask=lora"], "--gain-of part"), (["--gain-of", "ocr=nosuchmodel"], "--gain-of part"),
                       (["--gain-of", "ocr=lora", "--models", f"lora={adapter_file}"], "put 'base' in --models")):
-        result = subprocess.run([sys.executable, "evaluate.py", *FAST, "--models", f"base,lora={adapter_file}", *bad,
-                                 "--out", tmp_path / "bad"], cwd=ROOT, env=ENV, capture_output=True, text=True)
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert result.returncode != 0 and len(errors) == 1 and says in errors[0], result.stderr[-2000:]
+        assert_one_error_line(says, "evaluate.py", *FAST, "--models", f"base,lora={adapter_file}", *bad, "--out", tmp_path / "bad")
         assert not os.path.exists(tmp_path / "bad")

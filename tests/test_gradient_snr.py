@@ -3,12 +3,10 @@ its numbers follow from its definitions, a rerun gives the same numbers, and bad
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from helpers import ENV, ROOT, run_script
+from helpers import ROOT, assert_one_error_line, run_script
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "assets", "tiny_base.safetensors")),
                                 reason="the tiny world's base weights are not built yet")
@@ -32,7 +30,4 @@ def test_numbers_follow_their_definitions_and_repeat(tmp_path):
 
 def test_bad_input_is_one_line(tmp_path):
     for args, says in ((["--tasks", "nosuchtask"], "is not a task"), (["--batches", "2"], "too few")):
-        result = subprocess.run([sys.executable, "gradient_snr.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
-        assert result.returncode != 0
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and says in errors[0], result.stderr[-2000:]
+        assert_one_error_line(says, "gradient_snr.py", *args)
