@@ -47,10 +47,12 @@ import torch
 from tqdm import tqdm
 
 import rewards
+import runs
 import sde
+import worlds
 
 # -----------------------------------------------------------------------------
-# Settings. None means "the world's default" (sde.World.defaults; the paper's values on SD3.5-M).
+# Settings. None means "the world's default" (worlds.World.defaults; the paper's values on SD3.5-M).
 
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
@@ -73,7 +75,7 @@ SETTINGS = dict(
     out=(None, str, "folder of the tables and plots (default results/<world kind>)"),
     cache=(None, str, "folder of the per-image score cache (default <out>/eval_cache)"),
 )
-cfg = sde.parse_settings(__doc__, SETTINGS)
+cfg = runs.parse_settings(__doc__, SETTINGS)
 
 OOD_CATEGORIES = ("colour", "shape", "spatial", "numeracy")  # tiny_world's held-out compositions
 QUALITY_SETS = ("deqa", "pickscore")  # the quality table's common prompts: these tasks' test splits
@@ -82,10 +84,10 @@ NOT_WIRED = "ImageReward, HPS-v2.1 and the QwenVL judge of the paper's quality t
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, models, prompt sets and what each set is scored with
 
-dist = sde.setup_distributed()
+dist = runs.setup_distributed()
 if dist.device.type == "cpu":  # share the cores between local ranks
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world_size))
-world = sde.load_world(cfg.world, dist.device)
+world = worlds.load_world(cfg.world, dist.device)
 sd3 = world.kind == "sd3"
 steps = cfg.steps or world.defaults["eval_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
@@ -101,7 +103,7 @@ for t in main_tasks:
 quality_metrics = [m.strip() for m in (cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore")).split(",")]
 if "quality" in tables and K < 2 and not sd3:
     raise SystemExit("error: the quality table's diversity compares images of one prompt: use --images-per-prompt 2 or more")
-out = cfg.out or os.path.join(sde.HERE, "results", world.kind)
+out = cfg.out or os.path.join(runs.HERE, "results", world.kind)
 cache_dir = cfg.cache or os.path.join(out, "eval_cache")
 
 models = {}  # label -> LoRA path (None = the base model)
@@ -136,8 +138,8 @@ if "ood" in tables and not sd3:
     set_metrics["ood"] = {"ood"}
 prompt_sets = {}  # set -> (file, prompts, metadata): --limit prompts evenly spread over the file
 for name in set_metrics:
-    path = sde.prompt_file(world, name, "test")
-    prompts, metadata = sde.read_prompts(path)
+    path = worlds.prompt_file(world, name, "test")
+    prompts, metadata = worlds.read_prompts(path)
     n = min(cfg.limit, len(prompts)) if cfg.limit > 0 else len(prompts)
     # files are often grouped by category (GenEval's, our OOD set): a prefix would test only the first
     keep = np.linspace(0, len(prompts) - 1, n).round().astype(int).tolist() if n else []
@@ -162,14 +164,14 @@ def base_fingerprint(transformer):
 
 
 base_id = base_fingerprint(world.transformer)
-model_ids = {label: sde.file_sha256(path) if path else "base" for label, path in models.items()}
+model_ids = {label: runs.file_sha256(path) if path else "base" for label, path in models.items()}
 sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale=guidance,
                 shift=world.defaults["shift"], images_per_prompt=K, seed=cfg.seed, noise_level=0.0)
 
 
 def cache_path(label, name):
     """One JSON per (model, prompt set), named by everything its scores depend on."""
-    key = dict(sampling, model=model_ids[label], prompts=sde.file_sha256(prompt_sets[name][0]),
+    key = dict(sampling, model=model_ids[label], prompts=runs.file_sha256(prompt_sets[name][0]),
                options=options if name in ("deqa", "pickscore") else {})
     return os.path.join(cache_dir, f"{label}-{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json")
 
@@ -234,12 +236,12 @@ grid_sets = [t for t in main_tasks if t in prompt_sets] or list(prompt_sets)
 grid_units = [(t, i) for t in grid_sets for i in range(min(cfg.grid_prompts, len(prompt_sets[t][1])))]
 if dist.master:
     os.makedirs(out, exist_ok=True)
-    sde.write_json(os.path.join(out, "eval_config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, images_per_prompt=K,
+    runs.write_json(os.path.join(out, "eval_config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, images_per_prompt=K,
                                                                world_size=dist.world_size, models=models, model_sha256=model_ids))
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | ODE {steps} steps, CFG {guidance}, "
           f"shift {world.defaults['shift']} | {K} images/prompt, seeds {cfg.seed} + i * {K} + k | tables {tables}")
     for name, (path, prompts, _) in prompt_sets.items():
-        print(f"  set {name:10s} {len(prompts):5d} prompts x {K} = {len(prompts) * K:6d} images, scored by {columns_of(name)} ({os.path.relpath(path, sde.HERE)})")
+        print(f"  set {name:10s} {len(prompts):5d} prompts x {K} = {len(prompts) * K:6d} images, scored by {columns_of(name)} ({os.path.relpath(path, runs.HERE)})")
     print(f"{sum(len(p[1]) for p in prompt_sets.values()) * K} images per model, {len(models)} models {list(models)} | cache {cache_dir}")
 
 # -----------------------------------------------------------------------------
@@ -262,9 +264,9 @@ for label, path in models.items():
         print(f"{label}: {n_todo} of {sum(len(p[1]) for p in prompt_sets.values())} prompts to sample ({n_todo * K} images), rest cached")
     if path and (n_todo or need_grid):
         adapter_name = "eval_" + re.sub(r"\W", "_", label)
-        sde.load_lora(transformer, path, adapter_name)
+        worlds.load_lora(transformer, path, adapter_name)
 
-    with sde.adapter(transformer, adapter_name):
+    with worlds.adapter(transformer, adapter_name):
         bar = tqdm(total=n_todo * K, desc=label, unit="img", disable=not dist.master or n_todo == 0)
         for name, missing in todo.items():
             _, prompts, _ = prompt_sets[name]
@@ -283,8 +285,8 @@ for label, path in models.items():
                                         batch_size=cfg.batch_size)["images"]  # (len(mine) * K, 3, H, W) in [0, 1]
                     scores[: len(mine)] = score_prompts(name, images, mine)
                 ids = torch.tensor(mine + [-1] * (n_local - len(mine)))  # -1 = padding row
-                all_scores = sde.gather_cat(scores.to(dist.device), dist).cpu()  # (n_local * world_size, K, columns)
-                all_ids = sde.gather_cat(ids.to(dist.device), dist).cpu()
+                all_scores = runs.gather_cat(scores.to(dist.device), dist).cpu()  # (n_local * world_size, K, columns)
+                all_ids = runs.gather_cat(ids.to(dist.device), dist).cpu()
                 if dist.master:
                     for row, i in enumerate(all_ids.tolist()):
                         if i < 0:
@@ -296,7 +298,7 @@ for label, path in models.items():
                             elif not values.isnan().all():
                                 entry[col] = values.tolist()
                         cached[str(i)] = entry
-                    sde.write_json(file, dict(settings=dict(sampling, model=model_ids[label], set=name), prompts=cached))
+                    runs.write_json(file, dict(settings=dict(sampling, model=model_ids[label], set=name), prompts=cached))
                 bar.update(len(units) * K)
         bar.close()
 
@@ -304,11 +306,11 @@ for label, path in models.items():
             grid_prompts = [prompt_sets[t][1][i] for t, i in grid_units]
             images = sde.sample(world, grid_prompts, steps, guidance, noise_level=0, seeds=[seeds_of(i)[0] for _, i in grid_units],
                                 batch_size=cfg.batch_size)["images"]
-            sde.save_tensors(grid_file, {"images": images})
+            runs.save_tensors(grid_file, {"images": images})
     if adapter_name:
         transformer.delete_adapters(adapter_name)
     if dist.master:
-        grids[label] = sde.load_tensors(grid_file)[0]["images"]
+        grids[label] = runs.load_tensors(grid_file)[0]["images"]
     barrier()
 
 # -----------------------------------------------------------------------------
@@ -333,10 +335,10 @@ def markdown(title, columns, rows, note=""):
 
 
 def save_table(name, title, columns, rows, note=""):
-    sde.write_json(os.path.join(out, f"{name}.json"), dict(rows=rows, **({"note": note} if note else {}), settings=sampling,
+    runs.write_json(os.path.join(out, f"{name}.json"), dict(rows=rows, **({"note": note} if note else {}), settings=sampling,
                                                            prompts={s: len(prompt_sets[s][1]) for s in prompt_sets}))
     text = markdown(title, columns, rows, note)
-    sde.atomic_write(os.path.join(out, f"{name}.md"), text)
+    runs.atomic_write(os.path.join(out, f"{name}.md"), text)
     print("\n" + text)
 
 
@@ -414,8 +416,8 @@ if dist.master:
 
     scale = max(1, 128 // world.defaults["resolution"])
     for label, images in grids.items():
-        sde.save_grid(images, os.path.join(out, f"grid_{label}.png"), nrow=len(images), scale=scale)
-    sde.save_grid(torch.cat(list(grids.values())), os.path.join(out, "grid_compare.png"), nrow=len(grid_units), scale=scale)
+        runs.save_grid(images, os.path.join(out, f"grid_{label}.png"), nrow=len(images), scale=scale)
+    runs.save_grid(torch.cat(list(grids.values())), os.path.join(out, "grid_compare.png"), nrow=len(grid_units), scale=scale)
     print(f"grids: columns = {', '.join(f'{t}[{i}]' for t, i in grid_units)}; grid_compare.png rows = {', '.join(grids)}")
     if "main" in tables:
         import matplotlib
@@ -438,7 +440,7 @@ if dist.master:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=120)
         plt.close(fig)
-        sde.atomic_write(os.path.join(out, "main.png"), buffer.getvalue())
+        runs.atomic_write(os.path.join(out, "main.png"), buffer.getvalue())
     print(f"tables and pictures in {out}")
 
 if dist.world_size > 1:

@@ -35,10 +35,12 @@ import torch
 from tqdm import tqdm
 
 import rewards
+import runs
 import sde
+import worlds
 
 # -----------------------------------------------------------------------------
-# Settings. None means "the world's default" (sde.World.defaults; the paper's values on SD3.5-M).
+# Settings. None means "the world's default" (worlds.World.defaults; the paper's values on SD3.5-M).
 
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
@@ -78,15 +80,15 @@ SETTINGS = dict(
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
 )
-cfg = sde.parse_settings(__doc__, SETTINGS)
+cfg = runs.parse_settings(__doc__, SETTINGS)
 
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, the policy (a LoRA on the frozen base), its reference, the rewards
 
-dist = sde.setup_distributed()
+dist = runs.setup_distributed()
 if dist.device.type == "cpu":  # share the cores between local ranks
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world_size))
-world = sde.load_world(cfg.world, dist.device)
+world = worlds.load_world(cfg.world, dist.device)
 steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
@@ -99,12 +101,12 @@ for name in list(task_weights) + list(extra_weights):
     if name not in world.tasks:
         raise SystemExit(f"error: --task/--reward name {name!r} is not a task of the {world.kind} world {world.tasks}")
 tag = "mix" if len(task_weights) > 1 else next(iter(task_weights))
-out = cfg.out or os.path.join(sde.HERE, "results", world.kind, "runs", f"grpo-{tag}")
+out = cfg.out or os.path.join(runs.HERE, "results", world.kind, "runs", f"grpo-{tag}")
 DEFAULT_BETA = {"geneval": 0.04, "ocr": 0.04, "pickscore": 0.01, "deqa": 0.01}
 beta = cfg.beta if cfg.beta is not None else min(DEFAULT_BETA[t] for t in task_weights)
 
 N = cfg.prompts_per_epoch * cfg.group_size  # images per epoch, all ranks
-first, n_local = sde.shard(N, dist)  # this rank holds global samples [first, first + n_local)
+first, n_local = runs.shard(N, dist)  # this rank holds global samples [first, first + n_local)
 
 transformer = world.transformer
 if cfg.full_finetune:
@@ -114,11 +116,11 @@ if cfg.full_finetune:
 else:
     reference_world = None  # the base is the same module with the adapter disabled: no second copy
     if cfg.init:
-        params = sde.load_lora(transformer, cfg.init, "policy", trainable=True)
+        params = worlds.load_lora(transformer, cfg.init, "policy", trainable=True)
         transformer.set_adapter("policy")
     else:
-        sde.add_lora(transformer, "policy", cfg.lora_rank, cfg.lora_alpha)
-    params = sde.lora_parameters(transformer, "policy")
+        worlds.add_lora(transformer, "policy", cfg.lora_rank, cfg.lora_alpha)
+    params = worlds.lora_parameters(transformer, "policy")
     for p in params.values():  # LoRA weights train in float32 even when the base is bf16
         p.data = p.data.float()
 param_list = list(params.values())
@@ -127,17 +129,17 @@ ema = {k: p.detach().clone().float() for k, p in params.items()}
 
 task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights}
 extra_reward = {t: rewards.get_reward(t, world.kind) for t in extra_weights}
-train_prompts = {t: sde.read_prompts(sde.prompt_file(world, t, "train")) for t in task_weights}
+train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
-    sde.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size))
+    runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size))
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | tasks {task_weights} extra {extra_weights}")
     print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, "
           f"trained steps {f'a window of {cfg.sde_window}' if cfg.sde_window else list(range(n_trained))} | "
           f"{cfg.updates_per_epoch * cfg.inner_epochs} optimizer steps/epoch | {sum(p.numel() for p in param_list):,} trainable params | beta {beta} | out {out}")
 
-start_epoch, opt_step = sde.load_train_state(out, params, ema, optimizer) if cfg.resume else (0, 0)
+start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer) if cfg.resume else (0, 0)
 if start_epoch and dist.master:
     print(f"resumed from {out} at epoch {start_epoch}")
 
@@ -145,7 +147,7 @@ if start_epoch and dist.master:
 @torch.no_grad()
 def reference_velocity(x_t, j, mb):
     """v_ref(x_t): the base model (LoRA disabled, or the frozen copy when fully fine-tuning)."""
-    base = sde.adapter(transformer, None) if reference_world is None else contextlib.nullcontext()
+    base = worlds.adapter(transformer, None) if reference_world is None else contextlib.nullcontext()
     with base:
         return sde.predict_velocity(reference_world or world, x_t, sigmas[j].item(), embeds[mb], pooled[mb], guidance)
 
@@ -154,19 +156,19 @@ def save_outputs(epoch):
     """Exact-resume checkpoint + the EMA adapter that later stages use, written atomically (master only)."""
     if not dist.master:
         return
-    sde.save_train_state(out, epoch, params, ema, optimizer, opt_step)
+    runs.save_train_state(out, epoch, params, ema, optimizer, opt_step)
     if cfg.full_finetune:
-        sde.save_tensors(os.path.join(out, "transformer.safetensors"), {k: v for k, v in ema.items()})
+        runs.save_tensors(os.path.join(out, "transformer.safetensors"), {k: v for k, v in ema.items()})
     else:
-        sde.save_lora(transformer, "policy", os.path.join(out, "adapter.safetensors"), state_dict=ema)
+        worlds.save_lora(transformer, "policy", os.path.join(out, "adapter.safetensors"), state_dict=ema)
 
 
 # -----------------------------------------------------------------------------
 # Training loop
 
 for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.master, initial=start_epoch, total=cfg.epochs):
-    timer = sde.Timer()
-    chosen = sde.draw_prompts(train_prompts, task_weights, cfg.prompts_per_epoch, cfg.seed, epoch)
+    timer = runs.Timer()
+    chosen = worlds.draw_prompts(train_prompts, task_weights, cfg.prompts_per_epoch, cfg.seed, epoch)
     index = torch.arange(first, first + n_local)  # global sample indices held by this rank
     tasks = [chosen[i // cfg.group_size][0] for i in index.tolist()]
     prompts = [chosen[i // cfg.group_size][1] for i in index.tolist()]
@@ -190,8 +192,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
         for name, weight in extra_weights.items():
             reward += weight * extra_reward[name](images, prompts, metadata)
         # every rank needs every reward: a group's images may live on several ranks
-        all_reward = sde.gather_cat(reward.to(dist.device), dist).cpu()
-        all_task = sde.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
+        all_reward = runs.gather_cat(reward.to(dist.device), dist).cpu()
+        all_task = runs.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
         per_task = {f"reward_{t}": all_reward[all_task == k].mean().item() for k, t in enumerate(task_weights) if (all_task == k).any()}
 
     # 3. Group-normalised advantages (Flow-GRPO eq. 7): A = (r - mean_group) / (std + 1e-4), clipped
@@ -234,12 +236,12 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                         stats["clipfrac"].append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
                     if ratio_first is None:  # on-policy check: before the first update the ratio is exactly 1
                         ratio_first = float(np.mean(stats["ratio"]))
-                sde.all_reduce_sum(param_list, dist)
+                runs.all_reduce_sum(param_list, dist)
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 optimizer.step()
                 opt_step += 1
                 if opt_step % cfg.ema_every == 0:
-                    sde.ema_update(ema, params, cfg.ema_decay)
+                    runs.ema_update(ema, params, cfg.ema_decay)
 
     # 5. Log, grids, checkpoints
     if dist.master:
@@ -252,12 +254,12 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                       ratio_max=float(np.max(stats["ratio"])) if stats["ratio"] else 1.0,
                       ratio_first=ratio_first if ratio_first is not None else 1.0, opt_step=opt_step,
                       **{f"sec_{k}": v for k, v in timer.seconds.items()})
-        sde.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
+        runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
         tqdm.write(f"epoch {epoch + 1}: reward {record['reward']:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in per_task.items())
                    + f" | kl {record['kl']:.2e} clip {record['clipfrac']:.2f} ratio {record['ratio_mean']:.4f} | "
                    + " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
         if cfg.grid_every and (epoch + 1) % cfg.grid_every == 0:
-            sde.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
+            runs.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
     if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
         save_outputs(epoch + 1)
 

@@ -14,7 +14,7 @@ Commands (CPU is enough; --device cuda only speeds up the SVDs of SD3.5-Medium's
   python merge.py --adapters ... --method ties --density 0.2 --rank 128 --out ties.safetensors
   python merge.py --adapters ... --fold-into tiny --out student.safetensors  # also base + dW as a full transformer
 
-Outputs: `--out` (a diffusers-format LoRA: sde.load_lora and StableDiffusion3Pipeline.load_lora_weights
+Outputs: `--out` (a diffusers-format LoRA: worlds.load_lora and StableDiffusion3Pipeline.load_lora_weights
 read it), the card `<out without .safetensors>.json` (inputs with sha256, method, weights, ranks,
 reconstruction errors, settings) and, with --fold-into, `<out without .safetensors>.folded.safetensors`
 (the base transformer's state dict with the written LoRA's dW added, float32). Everything is validated
@@ -30,13 +30,14 @@ import time
 
 import torch
 
-import sde
+import runs
+import worlds
 
 # -----------------------------------------------------------------------------
 # settings
 
 SETTINGS = dict(
-    adapters=("", "comma-separated expert LoRA files (written by sde.save_lora or diffusers); required"),
+    adapters=("", "comma-separated expert LoRA files (written by worlds.save_lora or diffusers); required"),
     weights=("", "comma-separated lambda_k, one per adapter; empty = 1/K each for task-arithmetic and "
                  "lora-mean (the mean), 1 each for ties (TIES already averages the agreeing entries)"),
     method=("task-arithmetic", "task-arithmetic (sum_k lambda_k dW_k) | lora-mean (official: mean A, mean B) | ties"),
@@ -44,12 +45,12 @@ SETTINGS = dict(
              ">0 = best rank-R approximation of each module's merged dW (truncated SVD)"),
     density=(0.2, "ties only: fraction of each task vector's entries kept, by magnitude, per module (trim)"),
     out=("", "output LoRA file, must end in .safetensors; required"),
-    fold_into=("", "also write base + dW as a full transformer state dict; base = a world for sde.load_world "
+    fold_into=("", "also write base + dW as a full transformer state dict; base = a world for worlds.load_world "
                    "('tiny', an SD3 folder or hub id) or a transformer state-dict .safetensors file; empty = no"),
     device=("cpu", "where the merge maths runs (float64): cpu or cuda"),
 )
 METHODS = ("task-arithmetic", "lora-mean", "ties")
-cfg = sde.parse_settings(__doc__, SETTINGS)
+cfg = runs.parse_settings(__doc__, SETTINGS)
 t_start = time.time()
 
 # -----------------------------------------------------------------------------
@@ -94,7 +95,7 @@ device = torch.device(cfg.device)
 
 def read_adapter(path):
     """{module: (A (r, in), B (out, r), scale)} and the peft config dict, or one error line."""
-    weights, config = sde.read_lora(path)  # SystemExit with one line for missing / unreadable / no LoRA config
+    weights, config = worlds.read_lora(path)  # SystemExit with one line for missing / unreadable / no LoRA config
     if config.get("use_dora"):
         raise SystemExit(f"error: {path} is a DoRA adapter; merge.py handles plain LoRA only")
     if config.get("alpha_pattern"):
@@ -142,9 +143,9 @@ if cfg.fold_into:
     if cfg.fold_into.endswith(".safetensors"):
         if not os.path.isfile(cfg.fold_into):
             raise SystemExit(f"error: --fold-into {cfg.fold_into} does not exist")
-        base_state, _ = sde.load_tensors(cfg.fold_into)
+        base_state, _ = runs.load_tensors(cfg.fold_into)
     else:
-        base_state = sde.load_world(cfg.fold_into, device="cpu", dtype=torch.float32).transformer.state_dict()
+        base_state = worlds.load_world(cfg.fold_into, device="cpu", dtype=torch.float32).transformer.state_dict()
     missing = [n for n in names if n + ".weight" not in base_state]
     if missing:
         raise SystemExit(f"error: --fold-into {cfg.fold_into} has no weight for module {missing[0]} "
@@ -256,7 +257,7 @@ if cfg.method == "lora-mean":
 # write: the LoRA, the folded transformer (optional), then the card that names them
 
 stem = cfg.out[: -len(".safetensors")]
-sde.write_lora(cfg.out, lora, config)
+worlds.write_lora(cfg.out, lora, config)
 folded_path = None
 if base_state is not None:
     # W' = W + (alpha/r) B A for every merged module, from the float32 factors just written, so the folded
@@ -267,11 +268,11 @@ if base_state is not None:
         dW = scale_out * lora[name + ".lora_B.weight"] @ lora[name + ".lora_A.weight"]
         folded[name + ".weight"] = (W.float() + dW).to(W.dtype)
     folded_path = stem + ".folded.safetensors"
-    sde.save_tensors(folded_path, folded, metadata={"format": "pt"})
+    runs.save_tensors(folded_path, folded, metadata={"format": "pt"})
 
 card = dict(
     method=cfg.method,
-    inputs=[dict(path=os.path.abspath(p), sha256=sde.file_sha256(p), r=c["r"], lora_alpha=c["lora_alpha"],
+    inputs=[dict(path=os.path.abspath(p), sha256=runs.file_sha256(p), r=c["r"], lora_alpha=c["lora_alpha"],
                  use_rslora=bool(c.get("use_rslora")), weight=w) for p, c, w in zip(paths, configs, weights)],
     weights=weights,
     density=cfg.density if cfg.method == "ties" else None,
@@ -282,12 +283,12 @@ card = dict(
     reconstruction_error=dict(overall=overall, max=max(errors.values()), per_module=errors),
     lora_mean_vs_mean_of_updates=lora_mean_gap,
     out=os.path.abspath(cfg.out),
-    out_sha256=sde.file_sha256(cfg.out),
+    out_sha256=runs.file_sha256(cfg.out),
     folded=os.path.abspath(folded_path) if folded_path else None,
     settings=vars(cfg),
     seconds=round(time.time() - t_start, 2),
 )
-sde.write_json(stem + ".json", card)
+runs.write_json(stem + ".json", card)
 
 print(f"  output: rank {r_out}, alpha {alpha_out}; reconstruction error (||dW - (alpha/r) B A||_F / ||dW||_F) "
       f"overall {overall:.3g}, worst module {max(errors.values()):.3g}" + (" (truncated SVD)" if cfg.rank else ""))

@@ -49,7 +49,9 @@ import torch
 from tqdm import tqdm
 
 import rewards
+import runs
 import sde
+import worlds
 
 # -----------------------------------------------------------------------------
 # Settings. None means "the world's default".
@@ -94,17 +96,17 @@ SETTINGS = dict(
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
 )
-cfg = sde.parse_settings(__doc__, SETTINGS)
+cfg = runs.parse_settings(__doc__, SETTINGS)
 if cfg.opd_loss not in ("direct", "pg", "pg-sample"):
     raise SystemExit(f"error: --opd-loss must be direct, pg or pg-sample, got {cfg.opd_loss!r}")
 
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, teachers and anchor on the shared base, the student adapter
 
-dist = sde.setup_distributed()
+dist = runs.setup_distributed()
 if dist.device.type == "cpu":  # share the cores between local ranks
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world_size))
-world = sde.load_world(cfg.world, dist.device)
+world = worlds.load_world(cfg.world, dist.device)
 transformer = world.transformer
 steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
@@ -112,9 +114,9 @@ cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else 
 cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg.sde_window
 first_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))  # distilled steps (per epoch: see the loop)
 task_weights = rewards.parse_weights(cfg.task)
-out = cfg.out or os.path.join(sde.HERE, "results", world.kind, "runs", "opd")
+out = cfg.out or os.path.join(runs.HERE, "results", world.kind, "runs", "opd")
 
-teacher_files = sde.parse_teachers(cfg.teachers, world)  # {task: LoRA file}
+teacher_files = worlds.parse_teachers(cfg.teachers, world)  # {task: LoRA file}
 
 # Routing table alpha[task][teacher]: hard routing is alpha = 1 for the prompt's own task's teacher.
 routing = {t: {t: 1.0} for t in task_weights}
@@ -127,12 +129,12 @@ for task, row in routing.items():
 
 def load_teacher(name, path):
     """A LoRA file becomes adapter `name` on the shared base (frozen); a full state dict becomes a copy."""
-    weights, meta = sde.load_tensors(path) if os.path.isfile(path) else (None, {})
+    weights, meta = runs.load_tensors(path) if os.path.isfile(path) else (None, {})
     if weights is None:
         raise SystemExit(f"error: teacher file {path} does not exist")
     if "lora_adapter_metadata" in meta:
-        sde.load_lora(transformer, path, name, trainable=False)
-        return None  # switch to it with sde.adapter(transformer, name)
+        worlds.load_lora(transformer, path, name, trainable=False)
+        return None  # switch to it with worlds.adapter(transformer, name)
     full = copy.deepcopy(transformer)
     try:
         full.load_state_dict(weights)
@@ -160,25 +162,25 @@ else:
     teacher_copy["anchor"] = load_teacher(anchor, cfg.mar_teacher)
 
 if cfg.student:
-    sde.load_lora(transformer, cfg.student, "student", trainable=True)
+    worlds.load_lora(transformer, cfg.student, "student", trainable=True)
     transformer.set_adapter("student")
 else:
-    sde.add_lora(transformer, "student", cfg.lora_rank, cfg.lora_alpha)
-params = sde.lora_parameters(transformer, "student")
+    worlds.add_lora(transformer, "student", cfg.lora_rank, cfg.lora_alpha)
+params = worlds.lora_parameters(transformer, "student")
 for p in params.values():
     p.data = p.data.float()
 param_list = list(params.values())
 optimizer = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_decay)
 ema = {k: p.detach().clone().float() for k, p in params.items()}
 
-train_prompts = {t: sde.read_prompts(sde.prompt_file(world, t, "train")) for t in task_weights}
+train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
 task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights} if cfg.score else {}
 N = cfg.prompts_per_epoch * cfg.group_size
-first, n_local = sde.shard(N, dist)
+first, n_local = runs.shard(N, dist)
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
-    sde.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, teachers=teacher_files,
+    runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, teachers=teacher_files,
                                                          routing=routing, world_size=dist.world_size))
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | loss {cfg.opd_loss} | MAR lambda {cfg.mar_weight} anchor {cfg.mar_teacher}")
     print(f"teachers {teacher_files} | routing {routing}")
@@ -186,7 +188,7 @@ if dist.master:
           f"{first_steps if cfg.opd_loss == 'direct' or not cfg.sde_window else 'the window'} | "
           f"{sum(p.numel() for p in param_list):,} trainable params | out {out}")
 
-start_epoch, opt_step = sde.load_train_state(out, params, ema, optimizer) if cfg.resume else (0, 0)
+start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer) if cfg.resume else (0, 0)
 if start_epoch and dist.master:
     print(f"resumed from {out} at epoch {start_epoch}")
 
@@ -196,7 +198,7 @@ def frozen_velocity(name, x_t, j, embeds, pooled):
     """Velocity of a frozen model at the student's state: a teacher adapter, a full-weight copy, or the
     base (name None)."""
     copy_world = teacher_copy.get(name.removeprefix("teacher_")) if name else None
-    context = contextlib.nullcontext() if copy_world is not None else sde.adapter(transformer, name)
+    context = contextlib.nullcontext() if copy_world is not None else worlds.adapter(transformer, name)
     with context:
         return sde.predict_velocity(copy_world or world, x_t, sigmas[j].item(), embeds, pooled, guidance)
 
@@ -205,8 +207,8 @@ def frozen_velocity(name, x_t, j, embeds, pooled):
 # Training loop
 
 for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.master, initial=start_epoch, total=cfg.epochs):
-    timer = sde.Timer()
-    chosen = sde.draw_prompts(train_prompts, task_weights, cfg.prompts_per_epoch, cfg.seed, epoch)
+    timer = runs.Timer()
+    chosen = worlds.draw_prompts(train_prompts, task_weights, cfg.prompts_per_epoch, cfg.seed, epoch)
     index = range(first, first + n_local)
     tasks = [chosen[i // cfg.group_size][0] for i in index]
     prompts = [chosen[i // cfg.group_size][1] for i in index]
@@ -216,7 +218,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     train_steps = first_steps if cfg.opd_loss == "direct" or not cfg.sde_window else sde_steps
 
     # 1. On-policy sampling: the student's own SDE trajectories (x_t ~ rho_theta)
-    with timer("sampling"), sde.adapter(transformer, "student"):
+    with timer("sampling"), worlds.adapter(transformer, "student"):
         traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch,
                           sde_steps=sde_steps)
     latents, old_log_probs = traj["latents"], traj["log_probs"]  # (n_local, T+1, C, h, w), (n_local, T)
@@ -263,7 +265,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                 for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     for jj, j in enumerate(train_steps):
                         s, s_next, x_t = sigmas[j].item(), sigmas[j + 1].item(), latents[mb, j]
-                        with sde.adapter(transformer, "student"):
+                        with worlds.adapter(transformer, "student"):
                             v = sde.predict_velocity(world, x_t, s, embeds[mb], pooled[mb], guidance)
                         target = v_target[mb, jj].to(v.device)
                         log_prob, reward_t = None, None
@@ -282,16 +284,16 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                         stats["loss"].append(loss.detach().mean().item())
                         if inner == 0:
                             kl_sample[mb] += kl.detach().cpu() / len(train_steps)
-                sde.all_reduce_sum(param_list, dist)
+                runs.all_reduce_sum(param_list, dist)
                 torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 optimizer.step()
                 opt_step += 1
                 if opt_step % cfg.ema_every == 0:
-                    sde.ema_update(ema, params, cfg.ema_decay)
+                    runs.ema_update(ema, params, cfg.ema_decay)
 
     # 5. Log, grids, checkpoints
-    gathered = sde.gather_cat(torch.stack([scores, kl_sample, mar_sample], 1).to(dist.device), dist).cpu()  # (N, 3)
-    all_tasks = sde.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
+    gathered = runs.gather_cat(torch.stack([scores, kl_sample, mar_sample], 1).to(dist.device), dist).cpu()  # (N, 3)
+    all_tasks = runs.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
     if dist.master:
         per_task = {}
         for k, t in enumerate(task_weights):
@@ -302,16 +304,16 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
         record = dict(epoch=epoch + 1, loss=float(np.mean(stats["loss"])), kl=gathered[:, 1].mean().item(),
                       mar=gathered[:, 2].mean().item(), opt_step=opt_step, **per_task,
                       **{f"sec_{k}": v for k, v in timer.seconds.items()})
-        sde.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
+        runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
         tqdm.write(f"epoch {epoch + 1}: KL {record['kl']:.3e} " + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("reward_"))
                    + f" | MAR {record['mar']:.2e} | " + " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
         if cfg.grid_every and (epoch + 1) % cfg.grid_every == 0:
             images = traj["images"]
-            sde.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
+            runs.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
     if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
         if dist.master:
-            sde.save_train_state(out, epoch + 1, params, ema, optimizer, opt_step)
-            sde.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"), state_dict=ema)
+            runs.save_train_state(out, epoch + 1, params, ema, optimizer, opt_step)
+            worlds.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"), state_dict=ema)
 
 if dist.world_size > 1:
     torch.distributed.destroy_process_group()

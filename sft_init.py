@@ -40,7 +40,6 @@ share one cache between runs: a rerun reuses its complete shards and generates o
 """
 
 import json
-import math
 import os
 import warnings
 
@@ -49,10 +48,12 @@ import torch
 from tqdm import tqdm
 
 import rewards
+import runs
 import sde
+import worlds
 
 # -----------------------------------------------------------------------------
-# Settings. None means "the world's default" (sde.World.defaults; the paper's values on SD3.5-M).
+# Settings. None means "the world's default" (worlds.World.defaults; the paper's values on SD3.5-M).
 
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
@@ -93,15 +94,15 @@ SETTINGS = dict(
     save_every=(100, "checkpoint every N steps (and at the end)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
 )
-cfg = sde.parse_settings(__doc__, SETTINGS)
+cfg = runs.parse_settings(__doc__, SETTINGS)
 
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, teachers, settings derived from the world
 
-dist = sde.setup_distributed()
+dist = runs.setup_distributed()
 if dist.device.type == "cpu":  # share the cores between local ranks
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
-world = sde.load_world(cfg.world, dist.device)
+world = worlds.load_world(cfg.world, dist.device)
 transformer = world.transformer
 sample_steps = cfg.sample_steps or world.defaults["eval_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
@@ -109,10 +110,10 @@ task_weights = rewards.parse_weights(cfg.task)
 for name in task_weights:
     if name not in world.tasks:
         raise SystemExit(f"error: --task name {name!r} is not a task of the {world.kind} world {world.tasks}")
-out = cfg.out or os.path.join(sde.HERE, "results", world.kind, "runs", "sft-init")
+out = cfg.out or os.path.join(runs.HERE, "results", world.kind, "runs", "sft-init")
 cache_dir = cfg.cache or os.path.join(out, "cache")
 
-teacher_files = sde.parse_teachers(cfg.teachers, world)  # {task: LoRA file}
+teacher_files = worlds.parse_teachers(cfg.teachers, world)  # {task: LoRA file}
 missing = [t for t in task_weights if t not in teacher_files]
 if missing:
     raise SystemExit(f"error: tasks {missing} have no teacher in --teachers {sorted(teacher_files)}")
@@ -122,8 +123,8 @@ for t in task_weights:
 if cfg.best_of < 1 or cfg.prompts_per_task < 1:
     raise SystemExit("error: --best-of and --prompts-per-task must be >= 1")
 
-first, n_local = sde.shard(cfg.batch, dist, what="items per step (--batch)")  # this rank's block of each global batch
-train_prompts = {t: sde.read_prompts(sde.prompt_file(world, t, "train")) for t in task_weights}
+first, n_local = runs.shard(cfg.batch, dist, what="items per step (--batch)")  # this rank's block of each global batch
+train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
 null = world.encode_prompts([""])  # the empty prompt's conditioning, for the guided loss
 
 
@@ -143,7 +144,7 @@ def task_items(task):
 
 def generation_key(task):
     """Everything a cached sample depends on besides its prompt and item id."""
-    teacher = "base" if teacher_files[task] == "base" else sde.file_sha256(teacher_files[task])
+    teacher = "base" if teacher_files[task] == "base" else runs.file_sha256(teacher_files[task])
     return dict(task=task, teacher=teacher, world=world.name, steps=sample_steps,
                 guidance_scale=guidance, noise_level=cfg.sample_noise_level, best_of=cfg.best_of, seed=cfg.seed)
 
@@ -162,7 +163,7 @@ def shard_is_complete(s):
     if not os.path.isfile(path):
         return False
     try:
-        _, meta = sde.load_tensors(path)
+        _, meta = runs.load_tensors(path)
         info = json.loads(meta["info"])
     except Exception:  # a foreign or corrupt file: regenerate it
         return False
@@ -187,7 +188,7 @@ for s in tqdm(mine, desc="teacher samples", disable=not dist.master):
     t = s["task"]
     name = None if teacher_files[t] == "base" else f"teacher_{t}"  # None: adapters disabled, the base samples
     if name is not None and name not in loaded_teachers:
-        sde.load_lora(transformer, teacher_files[t], name, trainable=False)
+        worlds.load_lora(transformer, teacher_files[t], name, trainable=False)
         loaded_teachers.append(name)
     prompts, metadata, ids = (x[s["lo"]: s["hi"]] for x in items[t])
     n = len(ids)
@@ -196,18 +197,18 @@ for s in tqdm(mine, desc="teacher samples", disable=not dist.master):
     cand_meta = [m for m in metadata for _ in range(cfg.best_of)]
     seeds = [sde.sample_seed(cfg.seed, world.tasks.index(t), k, c) for k in ids for c in range(cfg.best_of)]
     transformer.eval()
-    with sde.adapter(transformer, name):
+    with worlds.adapter(transformer, name):
         traj = sde.sample(world, cand_prompts, sample_steps, guidance, cfg.sample_noise_level, seeds=seeds, batch_size=cfg.sample_batch)
     reward = rewards.get_reward(t, world.kind)(traj["images"], cand_prompts, cand_meta).view(n, cfg.best_of)  # (n, N)
     best = reward.argmax(dim=1)  # the first of equal rewards
     x0 = traj["latents"][:, -1].view(n, cfg.best_of, *world.latent_shape)[torch.arange(n), best]  # (n, C, h, w)
     info = dict(key=keys[t], prompts=prompts, metadata=metadata, ids=ids,
                 seeds=[seeds[k * cfg.best_of + int(best[k])] for k in range(n)], reward_mean_of_candidates=reward.mean().item())
-    sde.save_tensors(os.path.join(cache_dir, s["file"]), dict(x0=x0, reward=reward[torch.arange(n), best]),
+    runs.save_tensors(os.path.join(cache_dir, s["file"]), dict(x0=x0, reward=reward[torch.arange(n), best]),
                      metadata={"info": json.dumps(info)})
     if s["lo"] == 0 and dist.master:
         images = world.decode(x0[:16])
-        sde.save_grid(images, os.path.join(cache_dir, f"samples_{t}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
+        runs.save_grid(images, os.path.join(cache_dir, f"samples_{t}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
 if loaded_teachers:  # the teachers are done: only the base and the student remain on the transformer
     with warnings.catch_warnings():  # peft notes which adapter it makes active; the student is set below
         warnings.simplefilter("ignore")
@@ -218,7 +219,7 @@ if dist.world_size > 1:
 # The whole cache in memory, items in shard order: global item ids 0..M-1; task_ranges[t] = (first id, count).
 x0_all, reward_all, prompts_all, meta_all, task_ranges = [], [], [], [], {}
 for s in shards:
-    tensors, meta = sde.load_tensors(os.path.join(cache_dir, s["file"]))
+    tensors, meta = runs.load_tensors(os.path.join(cache_dir, s["file"]))
     info = json.loads(meta["info"])
     start = task_ranges.setdefault(s["task"], (len(prompts_all), 0))[0]
     x0_all.append(tensors["x0"])
@@ -228,7 +229,7 @@ for s in shards:
     task_ranges[s["task"]] = (start, len(prompts_all) - start)
 x0_all, reward_all = torch.cat(x0_all).float(), torch.cat(reward_all)  # (M, C, h, w), (M,)
 if dist.master:
-    sde.write_json(os.path.join(cache_dir, "index.json"), dict(
+    runs.write_json(os.path.join(cache_dir, "index.json"), dict(
         keys=keys, shards=shards, items=len(prompts_all),
         reward={t: reward_all[a: a + n].mean().item() for t, (a, n) in task_ranges.items()}))
 
@@ -237,11 +238,11 @@ if dist.master:
 
 torch.manual_seed(cfg.seed)  # a fresh LoRA's A is random: the same init whether or not teachers were loaded first
 if cfg.init:
-    sde.load_lora(transformer, cfg.init, "student", trainable=True)
+    worlds.load_lora(transformer, cfg.init, "student", trainable=True)
 else:
-    sde.add_lora(transformer, "student", cfg.lora_rank, cfg.lora_alpha)
+    worlds.add_lora(transformer, "student", cfg.lora_rank, cfg.lora_alpha)
 transformer.set_adapter("student")
-params = sde.lora_parameters(transformer, "student")
+params = worlds.lora_parameters(transformer, "student")
 for p in params.values():  # LoRA weights train in float32 even when the base is bf16
     p.data = p.data.float()
     p.requires_grad_(True)
@@ -251,7 +252,7 @@ ema = {k: p.detach().clone().float() for k, p in params.items()}
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
-    sde.write_json(os.path.join(out, "config.json"), dict(vars(cfg), out=out, cache=cache_dir, teachers=teacher_files,
+    runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), out=out, cache=cache_dir, teachers=teacher_files,
                                                            sample_steps=sample_steps, guidance_scale=guidance, world_size=dist.world_size))
     print("cache size: " + ", ".join(f"{t} {n} items (teacher reward {reward_all[a: a + n].mean().item():.3f})"
                                       for t, (a, n) in task_ranges.items()))
@@ -263,7 +264,7 @@ if dist.master:
         print(f"warning: {cfg.steps} steps < --ema-every {cfg.ema_every}: the saved EMA adapter equals the initial one")
 
 start_step = 0
-state = sde.load_checkpoint(out) if cfg.resume else None
+state = runs.load_checkpoint(out) if cfg.resume else None
 if state is not None:
     with torch.no_grad():
         for k, p in params.items():
@@ -313,7 +314,7 @@ def flow_loss(ids, sigma, noise, drop, base_reg):
     loss = ((v - target) ** 2).mean(dim=(1, 2, 3))
     reg = torch.zeros_like(loss)
     if base_reg > 0:
-        with torch.no_grad(), sde.adapter(transformer, None):  # the frozen base: adapters disabled
+        with torch.no_grad(), worlds.adapter(transformer, None):  # the frozen base: adapters disabled
             v_base = sde.predict_velocity(world, x_t, sigma, embeds, pooled, cfg.train_guidance, null)
         reg = ((v - v_base) ** 2).mean(dim=(1, 2, 3))
     return loss, reg
@@ -338,10 +339,10 @@ def save_outputs(step):
     """Exact-resume checkpoint + the EMA adapter that later stages use, written atomically (master only)."""
     if not dist.master:
         return
-    sde.save_checkpoint(out, step, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
+    runs.save_checkpoint(out, step, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
                                         optimizer=optimizer.state_dict(), step=step))
     # save_lora wants peft's state-dict keys, which lack the adapter name that named_parameters() has
-    sde.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"),
+    worlds.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"),
                   state_dict={k.replace(".student.", "."): v for k, v in ema.items()})
 
 
@@ -356,12 +357,12 @@ def save_outputs(step):
 
 if dist.master and probe is not None and start_step == 0:
     p, zero = probe_loss()
-    sde.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=0, probe_loss=p, probe_zero=zero), echo=False)
+    runs.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=0, probe_loss=p, probe_zero=zero), echo=False)
     tqdm.write(f"step 0: probe loss {p:.6f} (v = 0 would give {zero:.4f})")
 
 stats = dict(loss=[], reg=[], grad_norm=[])
 for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.master, initial=start_step, total=cfg.steps):
-    timer = sde.Timer()
+    timer = runs.Timer()
 
     # 1. This rank's items of the global batch, with their sigma, noise and dropout
     ids, sigma, noise, drop = draw(step, range(first, first + n_local))
@@ -378,15 +379,15 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
             regs.append(reg.detach())
 
     # 3. Summed gradients over ranks, clip, AdamW, EMA
-    sde.all_reduce_sum(param_list, dist)
+    runs.all_reduce_sum(param_list, dist)
     grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
     optimizer.step()
     if (step + 1) % cfg.ema_every == 0:
-        sde.ema_update(ema, params, cfg.ema_decay)
+        runs.ema_update(ema, params, cfg.ema_decay)
 
     # 4. Log (global means over ranks), probe, checkpoints
-    stats["loss"].append(sde.gather_cat(torch.cat(losses), dist).mean().item())
-    stats["reg"].append(sde.gather_cat(torch.cat(regs), dist).mean().item())
+    stats["loss"].append(runs.gather_cat(torch.cat(losses), dist).mean().item())
+    stats["reg"].append(runs.gather_cat(torch.cat(regs), dist).mean().item())
     stats["grad_norm"].append(grad_norm.item())
     record = {}
     if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -397,7 +398,7 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
         if probe is not None and ((step + 1) % cfg.probe_every == 0 or step + 1 == cfg.steps):
             record["probe_loss"], record["probe_zero"] = probe_loss()
         if record:
-            sde.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=step + 1, **record), echo=False)
+            runs.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=step + 1, **record), echo=False)
             tqdm.write(f"step {step + 1}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
     if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
         save_outputs(step + 1)

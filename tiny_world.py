@@ -10,31 +10,17 @@ grammar of ~60 words. Four tasks mirror the paper's rewards with real, hand-writ
 The "VAE" is an exact invertible pixel-unshuffle, the "text encoder" a frozen word embedding, and
 the denoiser is diffusers' SD3Transformer2DModel with a ~2.3M-parameter config.
 
-Commands (2 CPU cores):
-  python tiny_world.py prompts                      # write prompts/tiny/*.txt (deterministic)
-  python tiny_world.py pretrain --minutes 20 --seed 0 --out assets/tiny_base.safetensors
-The shipped base was made on a shared 2-core machine in five runs (see assets/tiny_base.json):
-  python tiny_world.py pretrain --minutes 20 --seed 0 --threads 1
-  python tiny_world.py pretrain --minutes 11 --seed 1 --threads 1 --init assets/tiny_base.safetensors
-  python tiny_world.py pretrain --minutes 11 --seed 2 --threads 2 --init assets/tiny_base.safetensors
-  python tiny_world.py pretrain --minutes 20 --seed 3 --threads 2 --init assets/tiny_base.safetensors   # 3x glyphs
-  python tiny_world.py pretrain --minutes 45 --seed 4 --threads 2 --init assets/tiny_base.safetensors --cooldown
-                                                    # lr decayed to 0: loss 0.069 -> 0.048
-  python tiny_world.py calibrate                    # reward table, base scores, sample grids
-This file imports only torch, numpy, PIL, scipy, diffusers and the stdlib: it is the ground floor.
+Its commands (writing the prompt files, pretraining the base, calibrating the rewards) are in
+tiny_pretrain.py. This file imports only torch, numpy, scipy, diffusers and the stdlib: it is the
+ground floor.
 """
-import argparse
-import hashlib
-import json
+
 import math
 import os
-import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy import ndimage
 
 # -----------------------------------------------------------------------------
@@ -783,181 +769,3 @@ def diversity(images, prompts):
             d = np.sqrt(((g[:, None] - g[None]) ** 2).mean(-1))
             dists.append(d[np.triu_indices(len(idx), 1)].mean())
     return float(np.mean(dists)) if dists else 0.0
-
-# -----------------------------------------------------------------------------
-# pretraining: rectified flow on freshly drawn scenes of every task (never the OOD compositions)
-
-PRETRAIN_MIX = {"geneval": 0.4, "ocr": 0.4, "deqa": 0.1, "pickscore": 0.1}  # task sampling weights
-BATCH_SIZE = 48          # scenes per step
-LR = 1e-3                # AdamW peak learning rate (linear warmup, then constant)
-WARMUP_STEPS = 200       # learning-rate warmup
-WEIGHT_DECAY = 0.01      # AdamW weight decay
-EMA_DECAY = 0.999        # the saved weights are an exponential moving average
-PROMPT_DROPOUT = 0.1     # fraction of captions replaced by "" so that CFG works
-SAVE_EVERY_S = 120       # seconds between atomic checkpoints
-
-
-def _save(path, transformer, tables, card):
-    from safetensors.torch import save_file
-    state = {f"transformer.{k}": v.detach().contiguous() for k, v in transformer.state_dict().items()}
-    state.update(tables)
-    tmp = path + ".tmp"
-    save_file(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
-    with open(path, "rb") as f:
-        card["sha256"] = hashlib.sha256(f.read()).hexdigest()
-    with open(tmp, "w") as f:
-        json.dump(card, f, indent=2)
-    os.replace(tmp, os.path.splitext(path)[0] + ".json")
-
-
-def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False):
-    import copy
-    from tqdm import tqdm
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    transformer = build_transformer().train()
-    previous = None
-    if init:  # continue from saved (EMA) weights with a fresh optimizer; the card keeps the history
-        transformer.load_state_dict(load_base(init)[0].state_dict())
-        with open(os.path.splitext(init)[0] + ".json") as f:
-            previous = json.load(f)
-    ema = copy.deepcopy(transformer).requires_grad_(False)
-    tables = text_tables()
-    encode_prompts = make_encoder(tables)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.99))
-    n_params = sum(p.numel() for p in transformer.parameters())
-    print(f"transformer: {n_params / 1e6:.2f}M parameters; batch {BATCH_SIZE}; {minutes} minutes")
-    card = dict(command="python " + " ".join(sys.argv), seed=seed, minutes=minutes, threads=threads, batch_size=BATCH_SIZE,
-                lr=lr, cooldown=cooldown, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
-                init=init, previous=previous)
-    tasks, weights = list(PRETRAIN_MIX), list(PRETRAIN_MIX.values())
-    t_start = last_save = time.time()
-    step, loss_avg = 0, None
-    bar = tqdm(total=int(minutes * 60), unit="s", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s {postfix}")
-    while time.time() - t_start < minutes * 60:
-        # data: captions from every task's generator, their ground-truth scenes, 10% dropped to ""
-        prompts = [make_prompt(tasks[rng.choice(4, p=weights)], rng) for _ in range(BATCH_SIZE)]
-        x0 = images_to_latents(render_batch(prompts, rng))                   # (B, 12, 16, 16)
-        prompts = ["" if rng.random() < PROMPT_DROPOUT else p for p in prompts]
-        emb, pooled = encode_prompts(prompts)
-        # rectified flow (SD3): logit-normal sigma, x_t = (1 - sigma) x0 + sigma noise, target v = noise - x0
-        sigma = torch.sigmoid(torch.randn(BATCH_SIZE))
-        noise = torch.randn_like(x0)
-        xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-        v = transformer(hidden_states=xt, encoder_hidden_states=emb, pooled_projections=pooled,
-                        timestep=1000 * sigma, return_dict=False)[0]
-        loss = F.mse_loss(v, noise - x0)
-        # update
-        # linear warmup, then constant; with --cooldown, linear decay to 0 over the run's wall-clock time
-        frac_left = max(0.0, 1 - (time.time() - t_start) / (minutes * 60)) if cooldown else 1.0
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS) * frac_left
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(EMA_DECAY, (step + 1) / (step + 10))  # short EMA at the start
-            for pe, p in zip(ema.parameters(), transformer.parameters()):
-                pe.lerp_(p, 1 - decay)
-        step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.99 * loss_avg + 0.01 * loss.item()
-        bar.n = int(time.time() - t_start)
-        bar.set_postfix(step=step, loss=f"{loss_avg:.4f}")
-        # log / save
-        if time.time() - last_save > SAVE_EVERY_S:
-            _save(out, ema, tables, dict(card, steps=step, loss=round(loss_avg, 5)))
-            last_save = time.time()
-    bar.close()
-    _save(out, ema, tables, dict(card, steps=step, loss=round(loss_avg, 5)))
-    print(f"done: {step} steps, loss (EMA of batch losses) {loss_avg:.4f}, saved {out}")
-
-# -----------------------------------------------------------------------------
-# calibration: rewards on ground truth vs corruptions, and the base model on every test split
-
-def _grid(images, nrow):
-    """(B,3,32,32) -> PIL image, nrow per row, upscaled x3 for viewing."""
-    x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    b = len(x) // nrow * nrow
-    x = x[:b].reshape(-1, nrow, IMAGE_SIZE, IMAGE_SIZE, 3).transpose(0, 2, 1, 3, 4)
-    x = x.reshape(-1, nrow * IMAGE_SIZE, 3)
-    return Image.fromarray(x).resize((x.shape[1] * 3, x.shape[0] * 3), Image.NEAREST)
-
-
-def calibrate(n, steps, guidance, shift, threads):
-    torch.set_num_threads(threads)
-    rng = np.random.default_rng(0)
-    print(f"{'task':10s} {'truth':>6s} {'noise':>6s} {'blank':>6s} {'blur':>6s} {'base':>6s} {'sd':>6s}   (n={n} test prompts, "
-          f"base: {steps} Euler steps, cfg {guidance}, shift {shift})")
-    transformer, encode_prompts = load_base()
-    grids_truth, grids_base = [], []
-    for task in TASKS:
-        prompts = read_prompts(task, "test")[:n]
-        truth = render_batch(prompts, rng)
-        noise = torch.from_numpy(rng.random(truth.shape, dtype=np.float32))
-        blank = torch.full_like(truth, 0.05)
-        blur = torch.from_numpy(ndimage.gaussian_filter(truth.numpy(), (0, 0, 1.0, 1.0)))
-        t0 = time.time()
-        base = sample(transformer, encode_prompts, prompts, steps, guidance, seed=1, shift=shift)
-        t_sample = time.time() - t0
-        row = [score(task, im, prompts) for im in (truth, noise, blank, blur, base)]
-        print(f"{task:10s} " + " ".join(f"{r.mean():6.3f}" for r in row) + f" {row[-1].std():6.3f}"
-              f"   ({t_sample:.1f}s sampling)")
-        grids_truth.append(truth[:8])
-        grids_base.append(base[:8])
-    ood = read_prompts("ood", "test")
-    base = sample(transformer, encode_prompts, ood, steps, guidance, seed=1, shift=shift)
-    print("ood (base):", {k: round(v, 3) for k, v in score_ood(base, ood).items()},
-          " ood (truth):", {k: round(v, 3) for k, v in score_ood(render_batch(ood, rng), ood).items()})
-    rep = [p for p in read_prompts("geneval", "test")[:8] for _ in range(4)]
-    print(f"diversity (4 samples x 8 geneval prompts): base "
-          f"{diversity(sample(transformer, encode_prompts, rep, steps, guidance, seed=2, shift=shift), rep):.3f}, "
-          f"truth {diversity(render_batch(rep, rng), rep):.3f}")
-    # timing: one transformer forward at batch 16 with CFG (32 effective)
-    emb, pooled = encode_prompts(["a photo of a red circle"] * 32)
-    x = torch.randn(32, *LATENT_SHAPE)
-    with torch.no_grad():
-        for k in range(6):
-            if k == 1:
-                t0 = time.time()
-            transformer(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled,
-                        timestep=torch.full((32,), 500.0), return_dict=False)
-    print(f"forward, batch 16 with CFG (32 rows): {(time.time() - t0) / 5 * 1000:.1f} ms; "
-          f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters")
-    os.makedirs(os.path.join(HERE, "assets"), exist_ok=True)
-    _grid(torch.cat(grids_truth), 8).save(os.path.join(HERE, "assets", "tiny_ground_truth.png"))
-    _grid(torch.cat(grids_base), 8).save(os.path.join(HERE, "assets", "tiny_base_samples.png"))
-    print("wrote assets/tiny_ground_truth.png and assets/tiny_base_samples.png (rows: " + ", ".join(TASKS) + ")")
-
-# -----------------------------------------------------------------------------
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prompts", help="write prompts/tiny/*.txt")
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("pretrain", help="train the base model")
-    p.add_argument("--minutes", type=float, default=20.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=CHECKPOINT)
-    p.add_argument("--init", default=None, help="continue from this checkpoint's weights (fresh optimizer)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads; 1 on a machine shared with other jobs "
-                   "(2 threads competing with another process for 2 cores run ~30x slower)")
-    p.add_argument("--lr", type=float, default=LR, help="AdamW peak learning rate")
-    p.add_argument("--cooldown", action="store_true", help="decay the learning rate linearly to 0 over the run "
-                   "(for a last run continued with --init)")
-    p = sub.add_parser("calibrate", help="reward table + base scores + sample grids")
-    p.add_argument("--n", type=int, default=64, help="test prompts per task")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS_EVAL)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    p.add_argument("--shift", type=float, default=SHIFT)
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    args = parser.parse_args()
-    if args.cmd == "prompts":
-        write_prompt_files(args.seed)
-    elif args.cmd == "pretrain":
-        pretrain(args.minutes, args.seed, args.out, args.threads, args.init, args.lr, args.cooldown)
-    else:
-        calibrate(args.n, args.steps, args.guidance, args.shift, args.threads)

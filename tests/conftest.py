@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
-import sde  # noqa: E402
+import worlds  # noqa: E402
 
 
 def make_toy_world(seed=0):
@@ -35,7 +35,7 @@ def make_toy_world(seed=0):
 
     decode = lambda latents: (latents[:, :3].float().cpu() / 2 + 0.5).clamp(0, 1)
     defaults = dict(resolution=8, shift=3.0, train_steps=4, eval_steps=6, guidance_scale=3.0, noise_level=0.7)
-    return sde.World("toy", "toy", transformer, sde._cached(encode), decode, (4, 8, 8), torch.device("cpu"),
+    return worlds.World("toy", "toy", transformer, worlds._cached(encode), decode, (4, 8, 8), torch.device("cpu"),
                      torch.float32, defaults, ("a",))
 
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import rewards
+import runs
 import sde
+import worlds
 from helpers import assert_one_error_line, run_script, torchrun_script
 
 HAVE_TINY = os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors"))
@@ -54,14 +56,14 @@ def assert_same_base(*outs):
 def adapter_file(tmp_path_factory):
     """A LoRA whose B matrices are small seeded noise: a checkpoint that differs from the base."""
     path = tmp_path_factory.mktemp("lora") / "adapter.safetensors"
-    world = sde.load_world("tiny", "cpu")
-    sde.add_lora(world.transformer, "x", rank=4, alpha=8)
+    world = worlds.load_world("tiny", "cpu")
+    worlds.add_lora(world.transformer, "x", rank=4, alpha=8)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in sde.lora_parameters(world.transformer, "x").items():
+        for name, p in worlds.lora_parameters(world.transformer, "x").items():
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    sde.save_lora(world.transformer, "x", str(path))
+    worlds.save_lora(world.transformer, "x", str(path))
     return path
 
 
@@ -123,7 +125,7 @@ def test_resume_from_a_partial_cache_and_a_full_cache_samples_nothing(one_proces
     partial = cache / next(f for f in files if f.startswith("base-ocr-"))
     state = json.load(open(partial))
     state["prompts"] = {"0": state["prompts"]["0"]}
-    sde.write_json(partial, state)
+    runs.write_json(partial, state)
     args = [*FAST, "--models", f"base,lora={adapter_file}", "--out", tmp_path / "tables", "--cache", cache]
     log = run_script("evaluate.py", *args)
     assert_same_base(out, tmp_path / "tables")
@@ -141,8 +143,8 @@ def test_resume_from_a_partial_cache_and_a_full_cache_samples_nothing(one_proces
 def test_a_changed_checkpoint_is_re_evaluated(one_process, adapter_file, tmp_path):
     out, _ = one_process
     changed = tmp_path / "adapter.safetensors"
-    weights, config = sde.read_lora(str(adapter_file))
-    sde.write_lora(str(changed), {k: 2 * v if "lora_B" in k else v for k, v in weights.items()}, config)
+    weights, config = worlds.read_lora(str(adapter_file))
+    worlds.write_lora(str(changed), {k: 2 * v if "lora_B" in k else v for k, v in weights.items()}, config)
     shutil.copytree(out / "eval_cache", tmp_path / "cache")
     log = run_script("evaluate.py", *FAST, "--tables", "main", "--models", f"lora={changed}", "--out", tmp_path / "tables",
                      "--cache", tmp_path / "cache")
@@ -157,8 +159,8 @@ def test_gain_table_is_each_models_share_of_the_teachers_gain(one_process, adapt
     error line and write nothing."""
     out, _ = one_process
     half = tmp_path / "half.safetensors"
-    weights, config = sde.read_lora(str(adapter_file))
-    sde.write_lora(str(half), {k: 0.5 * v if "lora_B" in k else v for k, v in weights.items()}, config)
+    weights, config = worlds.read_lora(str(adapter_file))
+    worlds.write_lora(str(half), {k: 0.5 * v if "lora_B" in k else v for k, v in weights.items()}, config)
     shutil.copytree(out / "eval_cache", tmp_path / "cache")
     gain_of = ",".join(f"{t}=half" for t in COLUMNS)
     run_script("evaluate.py", *FAST, "--tables", "main", "--models", f"base,lora={adapter_file},half={half}",

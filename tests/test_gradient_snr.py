@@ -1,4 +1,4 @@
-"""gradient_snr.py, the benchmark behind the README's reading of the experts: it runs as a user runs it,
+"""bench/gradient_snr.py, the benchmark behind the README's reading of the experts: it runs as a user runs it,
 its numbers follow from its definitions, a rerun gives the same numbers, and bad input gets one line."""
 
 import json
@@ -15,7 +15,7 @@ SMALL = ["--tasks", "deqa", "--batches", "4", "--prompts-per-batch", "2", "--gro
 
 def test_numbers_follow_their_definitions_and_repeat(tmp_path):
     for run in ("a", "b"):
-        run_script("gradient_snr.py", *SMALL, "--out", tmp_path / f"{run}.json")
+        run_script("bench/gradient_snr.py", *SMALL, "--out", tmp_path / f"{run}.json")
     a, b = (json.load(open(tmp_path / f"{run}.json")) for run in ("a", "b"))
     assert a["rows"] == b["rows"]  # per-sample seeds: the measurement is reproducible
     (row,) = a["rows"]
@@ -30,4 +30,4 @@ def test_numbers_follow_their_definitions_and_repeat(tmp_path):
 
 def test_bad_input_is_one_line(tmp_path):
     for args, says in ((["--tasks", "nosuchtask"], "is not a task"), (["--batches", "2"], "too few")):
-        assert_one_error_line(says, "gradient_snr.py", *args)
+        assert_one_error_line(says, "bench/gradient_snr.py", *args)

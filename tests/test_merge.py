@@ -1,6 +1,6 @@
 """merge.py: task arithmetic is the exact weighted sum of the experts' updates, lora-mean is the official
 mean of factors (and not the mean of updates), truncation reports the Eckart-Young error, TIES matches a
-hand computation, the merged file loads (sde.load_lora, diffusers) and moves the model as its dW says,
+hand computation, the merged file loads (worlds.load_lora, diffusers) and moves the model as its dW says,
 and bad inputs stop with one error line before any file is written.
 
 The script runs top to bottom, so it is run (in this process through runpy, once through a subprocess)
@@ -17,7 +17,9 @@ import sys
 import pytest
 import torch
 
+import runs
 import sde
+import worlds
 from conftest import ROOT, make_toy_world
 
 MERGE = os.path.join(ROOT, "merge.py")
@@ -38,20 +40,20 @@ def card(out):
         return json.load(f)
 
 
-def expert(world, path, name, rank, alpha, seed, targets=sde.LORA_TARGETS):
+def expert(world, path, name, rank, alpha, seed, targets=worlds.LORA_TARGETS):
     """A random expert adapter on the toy transformer (B != 0, so it changes the model), saved to path."""
-    params = sde.add_lora(world.transformer, name, rank=rank, alpha=alpha, targets=targets)
+    params = worlds.add_lora(world.transformer, name, rank=rank, alpha=alpha, targets=targets)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    sde.save_lora(world.transformer, name, str(path))
+    worlds.save_lora(world.transformer, name, str(path))
     return str(path)
 
 
 def updates(path):
     """{module: dW = (alpha/r) B A} of a LoRA file, float64."""
-    weights, config = sde.read_lora(str(path))
+    weights, config = worlds.read_lora(str(path))
     scale = config["lora_alpha"] / config["r"]
     mods = sorted({k.rsplit(".lora_", 1)[0] for k in weights})
     return {m: scale * weights[m + ".lora_B.weight"].double() @ weights[m + ".lora_A.weight"].double() for m in mods}
@@ -103,10 +105,10 @@ def test_lora_mean_is_the_mean_of_factors_not_of_updates(toy_world, tmp_path):
     b = expert(toy_world, tmp_path / "b.safetensors", "b", 2, 4, 2)
     out = tmp_path / "mean.safetensors"
     merge("--adapters", f"{a},{b}", "--method", "lora-mean", "--out", out)
-    wa, wb, wo = (sde.read_lora(str(p))[0] for p in (a, b, out))
+    wa, wb, wo = (worlds.read_lora(str(p))[0] for p in (a, b, out))
     for k in wa:
         torch.testing.assert_close(wo[k], (wa[k] + wb[k]) / 2)  # A = mean A_k, B = mean B_k
-    config = sde.read_lora(str(out))[1]
+    config = worlds.read_lora(str(out))[1]
     assert (config["r"], config["lora_alpha"]) == (2, 4)  # the experts' rank and scale are kept
     da, db, do = updates(a), updates(b), updates(out)
     gap = math.sqrt(sum(float((do[m] - (da[m] + db[m]) / 2).norm() ** 2) for m in da)
@@ -122,7 +124,7 @@ def test_truncation_reports_the_eckart_young_error_decreasing_with_rank(experts,
         out = tmp_path / f"r{rank}.safetensors"
         merge("--adapters", ",".join(experts), "--rank", rank, "--out", out)
         c, got = card(out), updates(out)
-        assert c["rank_out"] == rank and sde.read_lora(str(out))[1]["r"] == rank
+        assert c["rank_out"] == rank and worlds.read_lora(str(out))[1]["r"] == rank
         for m, dW in exact.items():
             S = torch.linalg.svdvals(dW)
             best = float(S[rank:].norm() / S.norm())  # the best rank-R error (Eckart-Young)
@@ -136,14 +138,14 @@ def test_truncation_reports_the_eckart_young_error_decreasing_with_rank(experts,
 def test_ties_matches_a_hand_computation(tmp_path):
     # Task vectors dW_k = B_k (A = I, alpha = r = 16): non-zero on the diagonal only.
     diag = [[3.0, -2.0, 0.5, 0.0], [1.0, 4.0, 0.0, -0.2], [-5.0, 1.0, 2.0, 0.0]]
-    weights, config = sde.read_lora(expert(make_toy_world(), tmp_path / "shape.safetensors", "s", 16, 16, 0))
+    weights, config = worlds.read_lora(expert(make_toy_world(), tmp_path / "shape.safetensors", "s", 16, 16, 0))
     mods = sorted({k.rsplit(".lora_", 1)[0] for k in weights})
     paths = []
     for k, d in enumerate(diag):
         B = torch.diag(torch.tensor(d + [0.0] * 12))
         w = {f"{m}.lora_{x}.weight": (torch.eye(16) if x == "A" else B.clone()) for m in mods for x in "AB"}
         paths.append(str(tmp_path / f"t{k}.safetensors"))
-        sde.write_lora(paths[-1], w, config)
+        worlds.write_lora(paths[-1], w, config)
     # density 2/256 keeps each task's 2 largest entries: t0 {3, -2}, t1 {1, 4}, t2 {-5, 2}.
     # Elected signs: (0,0) 3+1-5 < 0; (1,1) -2+4 > 0; (2,2) +2. Disjoint means: -5, 4, 2; (3,3) trimmed away.
     cases = {"1,1,1": [-5.0, 4.0, 2.0, 0.0],
@@ -160,7 +162,7 @@ def test_ties_matches_a_hand_computation(tmp_path):
 def test_merged_adapter_moves_the_model_as_its_dw_says(experts, tmp_path):
     # The real command line once, in a subprocess, folding into a base transformer file as well.
     base = tmp_path / "base.safetensors"
-    sde.save_tensors(str(base), make_toy_world().transformer.state_dict())
+    runs.save_tensors(str(base), make_toy_world().transformer.state_dict())
     out = tmp_path / "student.safetensors"
     lams = [0.2, 0.5, 0.3]
     res = subprocess.run([sys.executable, "merge.py", "--adapters", ",".join(experts), "--weights", "0.2,0.5,0.3",
@@ -184,7 +186,7 @@ def test_merged_adapter_moves_the_model_as_its_dw_says(experts, tmp_path):
     assert not torch.allclose(want, velocity(make_toy_world()), atol=1e-3)
 
     with_lora = make_toy_world()
-    sde.load_lora(with_lora.transformer, str(out), "student")
+    worlds.load_lora(with_lora.transformer, str(out), "student")
     torch.testing.assert_close(velocity(with_lora), want, rtol=1e-4, atol=1e-4)
 
     via_diffusers = make_toy_world()  # what StableDiffusion3Pipeline.load_lora_weights does for the transformer
@@ -192,7 +194,7 @@ def test_merged_adapter_moves_the_model_as_its_dw_says(experts, tmp_path):
     torch.testing.assert_close(velocity(via_diffusers), want, rtol=1e-4, atol=1e-4)
 
     folded = make_toy_world()
-    folded.transformer.load_state_dict(sde.load_tensors(str(tmp_path / "student.folded.safetensors"))[0])
+    folded.transformer.load_state_dict(runs.load_tensors(str(tmp_path / "student.folded.safetensors"))[0])
     torch.testing.assert_close(velocity(folded), want, rtol=1e-4, atol=1e-4)
 
 
@@ -203,9 +205,9 @@ def _bad(toy_world, tmp_path, case):
         other = expert(toy_world, tmp_path / "few.safetensors", "f", 2, 4, 2, targets=["attn.to_q", "attn.to_k"])
         return [good, other], [], r"good.safetensors and .*few.safetensors target different modules: first difference transformer_blocks.0.attn.add_k_proj"
     if case == "shapes":
-        weights, config = sde.read_lora(good)
+        weights, config = worlds.read_lora(good)
         weights = {k: (v[:, :8] if k.endswith("to_v.lora_A.weight") else v) for k, v in weights.items()}
-        sde.write_lora(str(tmp_path / "narrow.safetensors"), weights, config)
+        worlds.write_lora(str(tmp_path / "narrow.safetensors"), weights, config)
         return [good, str(tmp_path / "narrow.safetensors")], [], r"differ in module transformer_blocks.0.attn.to_v: dW shape"
     if case == "ranks-lora-mean":
         other = expert(toy_world, tmp_path / "r3.safetensors", "r", 3, 4, 2)
@@ -214,7 +216,7 @@ def _bad(toy_world, tmp_path, case):
         (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
         return [good, str(tmp_path / "junk.safetensors")], [], r"junk.safetensors is not a readable safetensors LoRA"
     if case == "not-lora":
-        sde.save_tensors(str(tmp_path / "plain.safetensors"), {"w": torch.zeros(2)})
+        runs.save_tensors(str(tmp_path / "plain.safetensors"), {"w": torch.zeros(2)})
         return [good, str(tmp_path / "plain.safetensors")], [], r"plain.safetensors has no LoRA config"
     if case == "missing":
         return [good, str(tmp_path / "nope.safetensors")], [], r"nope.safetensors does not exist"
@@ -229,7 +231,7 @@ def _bad(toy_world, tmp_path, case):
     if case == "empty":
         return [], [], r"--adapters is empty"
     if case == "fold-base":
-        sde.save_tensors(str(tmp_path / "other.safetensors"), {"w": torch.zeros(2)})
+        runs.save_tensors(str(tmp_path / "other.safetensors"), {"w": torch.zeros(2)})
         return [good], ["--fold-into", str(tmp_path / "other.safetensors")], r"has no weight for module"
     raise AssertionError(case)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sde
+import worlds
 from helpers import assert_same_adam_training, read_adapter, read_log, run_script, torchrun_script
 
 HAVE_BASE = os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors"))
@@ -95,16 +96,16 @@ def test_routing_calls_each_teacher_only_on_its_own_prompts():
 
 @needs_base
 def test_teachers_share_one_base(tmp_path):
-    world = sde.load_world("tiny")
+    world = worlds.load_world("tiny")
     t = world.transformer
     base = sum(p.numel() for p in t.parameters())
     files = make_teachers(world, tmp_path, ("geneval", "ocr", "deqa", "pickscore"))
-    world = sde.load_world("tiny")
+    world = worlds.load_world("tiny")
     t = world.transformer
-    per_adapter = sum(p.numel() for p in sde.load_lora(t, files["geneval"], "teacher_geneval").values())
+    per_adapter = sum(p.numel() for p in worlds.load_lora(t, files["geneval"], "teacher_geneval").values())
     for task in ("ocr", "deqa", "pickscore"):
-        sde.load_lora(t, files[task], f"teacher_{task}")
-    sde.add_lora(t, "student", 4, 8)
+        worlds.load_lora(t, files[task], f"teacher_{task}")
+    worlds.add_lora(t, "student", 4, 8)
     storage = {p.untyped_storage().data_ptr(): p.numel() for p in t.parameters()}
     assert sum(storage.values()) == base + 5 * per_adapter  # one base, five small adapters: no copies
 
@@ -112,12 +113,12 @@ def test_teachers_share_one_base(tmp_path):
 def make_teachers(world, folder, tasks, scale=0.05):
     files = {}
     for i, task in enumerate(tasks):
-        params = sde.add_lora(world.transformer, f"make_{task}", 4, 8)
+        params = worlds.add_lora(world.transformer, f"make_{task}", 4, 8)
         with torch.no_grad():
             for p in params:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i * 1000 + p.numel())) * scale)
         files[task] = str(folder / f"{task}.safetensors")
-        sde.save_lora(world.transformer, f"make_{task}", files[task])
+        worlds.save_lora(world.transformer, f"make_{task}", files[task])
     return files
 
 
@@ -126,7 +127,7 @@ def teachers(tmp_path_factory):
     if not HAVE_BASE:
         pytest.skip("the tiny world's base weights are not built yet")
     folder = tmp_path_factory.mktemp("teachers")
-    files = make_teachers(sde.load_world("tiny"), folder, ("geneval", "ocr"))
+    files = make_teachers(worlds.load_world("tiny"), folder, ("geneval", "ocr"))
     return files, ",".join(f"{t}={f}" for t, f in files.items())
 
 

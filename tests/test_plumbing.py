@@ -1,4 +1,4 @@
-"""sde.py's LoRA helpers and run plumbing: adapters round-trip exactly, switching adapters switches the
+"""worlds.py's LoRA helpers and runs.py's plumbing: adapters round-trip exactly, switching adapters switches the
 model, checkpoints restore optimizer and RNG state exactly, writes are atomic."""
 
 import os
@@ -6,41 +6,43 @@ import os
 import pytest
 import torch
 
+import runs
 import sde
+import worlds
 
 
 def test_lora_save_load_round_trip_and_adapter_switching(toy_world, tmp_path):
     t = toy_world.transformer
-    params = sde.add_lora(t, "a", rank=4, alpha=8)
+    params = worlds.add_lora(t, "a", rank=4, alpha=8)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.1)  # B != 0: the adapter now changes the model
     x, (e, pooled) = torch.randn(2, 4, 8, 8), toy_world.encode_prompts(["red circle", "blue square"])
-    with sde.adapter(t, "a"):
+    with worlds.adapter(t, "a"):
         v_a = sde.predict_velocity(toy_world, x, 0.5, e, pooled, 1.0)
-    with sde.adapter(t, None):
+    with worlds.adapter(t, None):
         v_base = sde.predict_velocity(toy_world, x, 0.5, e, pooled, 1.0)
     assert not torch.allclose(v_a, v_base)
 
     # a copy keyed like lora_parameters (what an EMA holds) saves to the same file
-    sde.save_lora(t, "a", str(tmp_path / "a.safetensors"), state_dict={k: p.detach() * 1 for k, p in sde.lora_parameters(t, "a").items()})
-    sde.load_lora(t, str(tmp_path / "a.safetensors"), "b")
+    worlds.save_lora(t, "a", str(tmp_path / "a.safetensors"), state_dict={k: p.detach() * 1 for k, p in worlds.lora_parameters(t, "a").items()})
+    worlds.load_lora(t, str(tmp_path / "a.safetensors"), "b")
     assert t.peft_config["b"].r == 4 and t.peft_config["b"].lora_alpha == 8  # alpha/r = 2 survives the file
-    with sde.adapter(t, "b"):
+    with worlds.adapter(t, "b"):
         torch.testing.assert_close(sde.predict_velocity(toy_world, x, 0.5, e, pooled, 1.0), v_a)
     # the context manager restores the active adapter and which adapter is trainable
     assert t.active_adapters() == ["a"]
-    assert all(p.requires_grad for p in sde.lora_parameters(t, "a").values())
-    assert not any(p.requires_grad for p in sde.lora_parameters(t, "b").values())
+    assert all(p.requires_grad for p in worlds.lora_parameters(t, "a").values())
+    assert not any(p.requires_grad for p in worlds.lora_parameters(t, "b").values())
 
 
 def test_load_lora_rejects_bad_files(toy_world, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(SystemExit, match="bad.safetensors"):
-        sde.load_lora(toy_world.transformer, str(bad), "x")
+        worlds.load_lora(toy_world.transformer, str(bad), "x")
     with pytest.raises(SystemExit, match="does not exist"):
-        sde.load_lora(toy_world.transformer, str(tmp_path / "missing.safetensors"), "x")
+        worlds.load_lora(toy_world.transformer, str(tmp_path / "missing.safetensors"), "x")
 
 
 def test_checkpoint_restores_optimizer_and_rng_exactly(tmp_path):
@@ -56,51 +58,51 @@ def test_checkpoint_restores_optimizer_and_rng_exactly(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     run(model, opt, 3)
-    sde.save_checkpoint(str(tmp_path), 3, dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=sde.rng_state(), step=3))
+    runs.save_checkpoint(str(tmp_path), 3, dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=runs.rng_state(), step=3))
     uninterrupted = run(model, opt, 3)
 
     model2 = torch.nn.Linear(3, 2)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
-    state = sde.load_checkpoint(str(tmp_path))
+    state = runs.load_checkpoint(str(tmp_path))
     model2.load_state_dict(state["model"])
     opt2.load_state_dict(state["optimizer"])
-    sde.set_rng_state(state["rng"])
+    runs.set_rng_state(state["rng"])
     assert state["step"] == 3
     torch.testing.assert_close(run(model2, opt2, 3), uninterrupted, rtol=0, atol=0)
 
 
 def test_checkpoints_are_pruned_and_latest_wins(tmp_path):
     for step in (1, 2, 3):
-        sde.save_checkpoint(str(tmp_path), step, dict(step=step, w=torch.full((2,), float(step))), keep=2)
+        runs.save_checkpoint(str(tmp_path), step, dict(step=step, w=torch.full((2,), float(step))), keep=2)
     files = sorted(os.listdir(tmp_path / "checkpoints"))
     assert files == ["latest", "step_000002.safetensors", "step_000003.safetensors"]
-    assert sde.load_checkpoint(str(tmp_path))["step"] == 3
-    assert sde.load_checkpoint(str(tmp_path / "nothing")) is None
+    assert runs.load_checkpoint(str(tmp_path))["step"] == 3
+    assert runs.load_checkpoint(str(tmp_path / "nothing")) is None
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(TypeError):
-        sde.atomic_write(str(tmp_path / "out.json"), 123)  # not bytes or str
+        runs.atomic_write(str(tmp_path / "out.json"), 123)  # not bytes or str
     assert os.listdir(tmp_path) == []
-    sde.write_json(str(tmp_path / "out.json"), {"a": 1})
+    runs.write_json(str(tmp_path / "out.json"), {"a": 1})
     assert os.listdir(tmp_path) == ["out.json"]
 
 
 def test_read_prompts_formats_and_errors(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n\na dog\n")
-    assert sde.read_prompts(str(tmp_path / "p.txt")) == (["a cat", "a dog"], [{}, {}])
+    assert worlds.read_prompts(str(tmp_path / "p.txt")) == (["a cat", "a dog"], [{}, {}])
     (tmp_path / "p.jsonl").write_text('{"prompt": "two cats", "tag": "counting"}\n')
-    prompts, meta = sde.read_prompts(str(tmp_path / "p.jsonl"))
+    prompts, meta = worlds.read_prompts(str(tmp_path / "p.jsonl"))
     assert prompts == ["two cats"] and meta[0]["tag"] == "counting"
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:1"):
-        sde.read_prompts(str(tmp_path / "bad.jsonl"))
+        worlds.read_prompts(str(tmp_path / "bad.jsonl"))
 
 
 def test_parse_settings_types_and_flags():
     settings = dict(lr=(3e-4, "learning rate"), epochs=(2, "epochs"), task=("geneval", "task"), ema=(True, "use EMA"),
                     guidance=(None, float, "CFG scale; None = the world's default"))
-    cfg = sde.parse_settings("doc", settings, ["--lr", "0.1", "--no-ema", "--guidance", "2.5", "--task", "ocr"])
+    cfg = runs.parse_settings("doc", settings, ["--lr", "0.1", "--no-ema", "--guidance", "2.5", "--task", "ocr"])
     assert cfg.lr == 0.1 and cfg.epochs == 2 and cfg.ema is False and cfg.guidance == 2.5 and cfg.task == "ocr"
     with pytest.raises(SystemExit):
-        sde.parse_settings("doc", settings, ["--epochs", "two"])
+        runs.parse_settings("doc", settings, ["--epochs", "two"])

@@ -1,11 +1,12 @@
 """The sd3 world end to end on a tiny random Stable Diffusion 3 pipeline built offline: load_world reads
 it, sde.sample's ODE equals diffusers' own StableDiffusion3Pipeline from the same noise, and a LoRA
-saved by sde.save_lora is read back by diffusers' load_lora_weights with its scale intact."""
+saved by worlds.save_lora is read back by diffusers' load_lora_weights with its scale intact."""
 
 import pytest
 import torch
 
 import sde
+import worlds
 from sd3_tiny import build_tiny_sd3
 
 
@@ -19,7 +20,7 @@ def pipeline_dir(tmp_path_factory):
 def test_sd3_ode_equals_the_diffusers_pipeline(pipeline_dir):
     from diffusers import StableDiffusion3Pipeline
 
-    world = sde.load_world(pipeline_dir, device="cpu")
+    world = worlds.load_world(pipeline_dir, device="cpu")
     assert world.kind == "sd3" and world.latent_shape == (16, 16, 16) and world.dtype == torch.float32
     prompts, seeds = ["a red cat", 'a sign that says "hi"'], [3, 4]
     ours = sde.sample(world, prompts, steps=3, guidance_scale=4.5, noise_level=0.0, seeds=seeds)
@@ -40,18 +41,18 @@ def test_sd3_ode_equals_the_diffusers_pipeline(pipeline_dir):
 def test_lora_from_sde_loads_in_diffusers(pipeline_dir, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    world = sde.load_world(pipeline_dir, device="cpu")
-    params = sde.add_lora(world.transformer, "expert", rank=4, alpha=8)
+    world = worlds.load_world(pipeline_dir, device="cpu")
+    params = worlds.add_lora(world.transformer, "expert", rank=4, alpha=8)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
     path = str(tmp_path / "expert.safetensors")
-    sde.save_lora(world.transformer, "expert", path)
+    worlds.save_lora(world.transformer, "expert", path)
 
     x, (embeds, pooled) = torch.randn(2, 16, 16, 16), world.encode_prompts(["a red cat", "a dog"])
-    with sde.adapter(world.transformer, "expert"):
+    with worlds.adapter(world.transformer, "expert"):
         ours = sde.predict_velocity(world, x, 0.6, embeds, pooled, 1.0)
-    with sde.adapter(world.transformer, None):
+    with worlds.adapter(world.transformer, None):
         base = sde.predict_velocity(world, x, 0.6, embeds, pooled, 1.0)
     assert not torch.allclose(ours, base, atol=1e-4)
 
@@ -64,6 +65,6 @@ def test_lora_from_sde_loads_in_diffusers(pipeline_dir, tmp_path):
 
 def test_bad_world_paths_give_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="not a Stable Diffusion 3 pipeline folder"):
-        sde.load_world(str(tmp_path), device="cpu")
+        worlds.load_world(str(tmp_path), device="cpu")
     with pytest.raises(SystemExit, match="neither 'tiny'"):
-        sde.load_world(str(tmp_path / "missing" / "folder"), device="cpu")
+        worlds.load_world(str(tmp_path / "missing" / "folder"), device="cpu")

@@ -10,7 +10,9 @@ import os
 import pytest
 import torch
 
+import runs
 import sde
+import worlds
 from helpers import read_log, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,16 +32,16 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def sft_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sft")
-    world = sde.load_world("tiny", "cpu")
-    params = sde.add_lora(world.transformer, "teacher", rank=4, alpha=8)
+    world = worlds.load_world("tiny", "cpu")
+    params = worlds.add_lora(world.transformer, "teacher", rank=4, alpha=8)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)
     teacher = str(tmp / "teacher_ocr.safetensors")
-    sde.save_lora(world.transformer, "teacher", teacher)
+    worlds.save_lora(world.transformer, "teacher", teacher)
     a, b = str(tmp / "a"), str(tmp / "b")
     args = COMMON + ["--teachers", f"ocr={teacher}"]
     first = run(*args, "--out", a, "--steps", "4")  # generates the cache, 4 uninterrupted steps
@@ -50,47 +52,47 @@ def runs(tmp_path_factory):
     return dict(a=a, b=b, first=first, second=second, third=third, shards=shards, mtimes=mtimes, args=args)
 
 
-def test_one_step_lowers_the_flow_loss_of_its_batch(runs):
+def test_one_step_lowers_the_flow_loss_of_its_batch(sft_runs):
     # the probe is step 0's batch with its sigmas and noise: its loss before (step 0) and after one update (step 1)
-    probe = {r["step"]: r for r in read_log(runs["a"]) if "probe_loss" in r}
+    probe = {r["step"]: r for r in read_log(sft_runs["a"]) if "probe_loss" in r}
     assert probe[1]["probe_loss"] < probe[0]["probe_loss"], probe
     # the target convention (v = noise - x_0, x_t = (1 - sigma) x_0 + sigma noise) is the base's: the
     # pretrained base explains a good part of the target's energy (about half); a flipped target would not
     assert probe[0]["probe_loss"] < 0.75 * probe[0]["probe_zero"], probe[0]
 
 
-def test_guided_loss_is_the_one_trained(runs, tmp_path):
+def test_guided_loss_is_the_one_trained(sft_runs, tmp_path):
     # --train-guidance 3 trains v_u + 3 (v_c - v_u): on the same probe items (same sigma and noise) its
     # step-0 loss is not the conditional one, and one step of it lowers it
-    run(*runs["args"], "--out", str(tmp_path), "--cache", os.path.join(runs["a"], "cache"), "--steps", "1", "--train-guidance", "3")
+    run(*sft_runs["args"], "--out", str(tmp_path), "--cache", os.path.join(sft_runs["a"], "cache"), "--steps", "1", "--train-guidance", "3")
     guided = {r["step"]: r["probe_loss"] for r in read_log(str(tmp_path)) if "probe_loss" in r}
-    plain = {r["step"]: r["probe_loss"] for r in read_log(runs["a"]) if "probe_loss" in r}
+    plain = {r["step"]: r["probe_loss"] for r in read_log(sft_runs["a"]) if "probe_loss" in r}
     assert abs(guided[0] - plain[0]) > 1e-3 * plain[0], (guided, plain)
     assert guided[1] < guided[0], guided
 
 
-def test_cache_is_generated_once_and_reused(runs):
-    assert "cache: reused 0 of 2 shards, generating 2" in runs["first"]
-    for out in (runs["second"], runs["third"]):
+def test_cache_is_generated_once_and_reused(sft_runs):
+    assert "cache: reused 0 of 2 shards, generating 2" in sft_runs["first"]
+    for out in (sft_runs["second"], sft_runs["third"]):
         assert "cache: reused 2 of 2 shards, generating 0" in out
-    assert {f: os.stat(os.path.join(runs["a"], "cache", f)).st_mtime_ns for f in runs["shards"]} == runs["mtimes"]
-    index = json.load(open(os.path.join(runs["a"], "cache", "index.json")))
+    assert {f: os.stat(os.path.join(sft_runs["a"], "cache", f)).st_mtime_ns for f in sft_runs["shards"]} == sft_runs["mtimes"]
+    index = json.load(open(os.path.join(sft_runs["a"], "cache", "index.json")))
     assert index["items"] == 4 and len(index["shards"]) == 2
 
 
-def test_resume_equals_uninterrupted(runs):
-    assert "resumed from" in runs["third"] and "at step 2" in runs["third"]
-    ema_a, _ = sde.load_tensors(os.path.join(runs["a"], "adapter.safetensors"))
-    ema_b, _ = sde.load_tensors(os.path.join(runs["b"], "adapter.safetensors"))
+def test_resume_equals_uninterrupted(sft_runs):
+    assert "resumed from" in sft_runs["third"] and "at step 2" in sft_runs["third"]
+    ema_a, _ = runs.load_tensors(os.path.join(sft_runs["a"], "adapter.safetensors"))
+    ema_b, _ = runs.load_tensors(os.path.join(sft_runs["b"], "adapter.safetensors"))
     assert ema_a.keys() == ema_b.keys()
     assert any(v.abs().max() > 0 for k, v in ema_a.items() if "lora_B" in k)  # the student moved
     for k in ema_a:
         torch.testing.assert_close(ema_b[k], ema_a[k], rtol=0, atol=0)
-    # the adapter file is the LoRA format later stages load (sde.load_lora == diffusers' layout)
-    world = sde.load_world("tiny", "cpu")
-    loaded = sde.load_lora(world.transformer, os.path.join(runs["a"], "adapter.safetensors"), "student")
+    # the adapter file is the LoRA format later stages load (worlds.load_lora == diffusers' layout)
+    world = worlds.load_world("tiny", "cpu")
+    loaded = worlds.load_lora(world.transformer, os.path.join(sft_runs["a"], "adapter.safetensors"), "student")
     assert len(loaded) == len(ema_a) and any(v.abs().max() > 0 for k, v in loaded.items() if "lora_B" in k)
-    raw_a, raw_b = sde.load_checkpoint(runs["a"])["params"], sde.load_checkpoint(runs["b"])["params"]
+    raw_a, raw_b = runs.load_checkpoint(sft_runs["a"])["params"], runs.load_checkpoint(sft_runs["b"])["params"]
     for k in raw_a:
         torch.testing.assert_close(raw_b[k], raw_a[k], rtol=0, atol=0)
 
@@ -101,8 +103,8 @@ def deqa_samples(adapters, n_prompts=32):
     draws image i from the same seed, so the comparison is paired."""
     import rewards
 
-    world = sde.load_world("tiny", "cpu")
-    prompts, metadata = sde.read_prompts(sde.prompt_file(world, "deqa", "test"))
+    world = worlds.load_world("tiny", "cpu")
+    prompts, metadata = worlds.read_prompts(worlds.prompt_file(world, "deqa", "test"))
     pick = [round(i) for i in torch.linspace(0, len(prompts) - 1, n_prompts).tolist()]
     prompts, metadata = [prompts[i] for i in pick], [metadata[i] for i in pick]
     score = rewards.get_reward("deqa", "tiny")
@@ -111,8 +113,8 @@ def deqa_samples(adapters, n_prompts=32):
         name = None
         if path is not None:
             name = f"m{len(out)}"
-            sde.load_lora(world.transformer, path, name)
-        with sde.adapter(world.transformer, name):
+            worlds.load_lora(world.transformer, path, name)
+        with worlds.adapter(world.transformer, name):
             images = sde.sample(world, prompts, steps=20, guidance_scale=3.0, noise_level=0.0, seeds=list(range(n_prompts)))["images"]
         out[label] = images, score(images, prompts, metadata).mean().item()
     return out
@@ -143,10 +145,10 @@ def test_base_teacher_with_best_of_keeps_the_base_samples_with_the_highest_rewar
     """--teachers ocr=base --best-of 2 (rejection-sampling fine-tuning): each cached x_0 is the base
     model's own ODE sample from the recorded seed, and the kept reward is the better candidate's."""
     run(*COMMON, "--teachers", "ocr=base", "--best-of", "2", "--steps", "1", "--out", tmp_path)
-    world = sde.load_world("tiny", "cpu")
+    world = worlds.load_world("tiny", "cpu")
     rewards_kept, means = [], []
     for f in sorted(f for f in os.listdir(tmp_path / "cache") if f.startswith("ocr_") and f.endswith(".safetensors")):
-        tensors, meta = sde.load_tensors(str(tmp_path / "cache" / f))
+        tensors, meta = runs.load_tensors(str(tmp_path / "cache" / f))
         info = json.loads(meta["info"])
         assert info["key"]["teacher"] == "base"
         traj = sde.sample(world, info["prompts"], 4, world.defaults["guidance_scale"], 0.0, seeds=info["seeds"])

@@ -1,5 +1,5 @@
 """
-gradient_snr.py: how much of one Flow-GRPO batch gradient is signal? A benchmark that explains which
+bench/gradient_snr.py: how much of one Flow-GRPO batch gradient is signal? A benchmark that explains which
 tiny-world experts can learn in CPU minutes and which cannot.
 
 Flow-GRPO's gradient is a score-function estimate: at the first inner step (ratio 1) it is
@@ -20,22 +20,24 @@ gradient whose signal equals its noise. Measured numbers and the reading: README
 and OCR experts do not learn here".
 
 Commands
-  tiny world, CPU (about 40 s per task):   python gradient_snr.py
-  one task, more batches:                  python gradient_snr.py --tasks ocr --batches 32
-  the README's two tables:                 python gradient_snr.py --batches 32 [--window-start 0]
-  SD3.5-M, one GPU:                        python gradient_snr.py --world <sd3.5m folder> --tasks ocr,pickscore
+  tiny world, CPU (about 40 s per task):   python bench/gradient_snr.py
+  one task, more batches:                  python bench/gradient_snr.py --tasks ocr --batches 32
+  the README's two tables:                 python bench/gradient_snr.py --batches 32 [--window-start 0]
+  SD3.5-M, one GPU:                        python bench/gradient_snr.py --world <sd3.5m folder> --tasks ocr,pickscore
 """
 
-import itertools
 import math
 import os
+import sys
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-import rewards
-import sde
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: bench/ sits above nothing
+import rewards  # noqa: E402
+import runs  # noqa: E402
+import sde  # noqa: E402
+import worlds  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings (as grpo_expert.py's; None = the world's default)
@@ -59,17 +61,17 @@ SETTINGS = dict(
     seed=(0, "seed of prompts and noise (batch k uses grpo_expert.py's epoch-k draws)"),
     out=("", "also write the table as JSON to this file ('' = print only)"),
 )
-cfg = sde.parse_settings(__doc__, SETTINGS)
+cfg = runs.parse_settings(__doc__, SETTINGS)
 
 # -----------------------------------------------------------------------------
 # Set-up
 
-dist = sde.setup_distributed()
+dist = runs.setup_distributed()
 if dist.world_size > 1:
     raise SystemExit("error: gradient_snr.py runs in one process (it measures one batch's gradient); run it without torchrun")
 if dist.device.type == "cpu":
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-world = sde.load_world(cfg.world, dist.device)
+world = worlds.load_world(cfg.world, dist.device)
 transformer = world.transformer
 steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
@@ -94,7 +96,7 @@ print(f"world {world.name} | {cfg.batches} batches of {P} prompts x G={G} = {B} 
 def batch_gradients(task, k, params):
     """One batch of grpo_expert.py's epoch k for `task`: its policy gradient at ratio 1, and the same with
     the advantages shuffled inside each group (the control) as flat float32 vectors, and the rewards (P, G)."""
-    chosen = sde.draw_prompts(train_prompts, {task: 1.0}, P, cfg.seed, k)  # grpo_expert.py's epoch-k prompts
+    chosen = worlds.draw_prompts(train_prompts, {task: 1.0}, P, cfg.seed, k)  # grpo_expert.py's epoch-k prompts
     prompts = [chosen[i // G][1] for i in range(B)]
     metadata = [chosen[i // G][2] for i in range(B)]
     seeds, init_seeds = sde.epoch_seeds(cfg.seed, k, range(B), G, cfg.same_latent)  # grpo_expert.py's epoch-k noise
@@ -149,10 +151,10 @@ def cosine_stats(grads):
 
 rows = []
 for task in tasks:
-    train_prompts = {task: sde.read_prompts(sde.prompt_file(world, task, "train"))}
+    train_prompts = {task: worlds.read_prompts(worlds.prompt_file(world, task, "train"))}
     reward_fn = rewards.get_reward(task, world.kind)
-    sde.add_lora(transformer, task, cfg.lora_rank, cfg.lora_alpha)  # same seed for every task: same A
-    params = sde.lora_parameters(transformer, task)
+    worlds.add_lora(transformer, task, cfg.lora_rank, cfg.lora_alpha)  # same seed for every task: same A
+    params = worlds.lora_parameters(transformer, task)
     for p in params.values():
         p.requires_grad_(True)
     real, ctrl, scores = [], [], []
@@ -188,4 +190,4 @@ for r in rows:
     print(f"| {r['task']} | {r['reward']:.3f} ({r['best_of_group']:.3f}) | {r['cos']:+.4f} +- {r['se']:.4f} | "
           f"{r['control_cos']:+.4f} +- {r['control_se']:.4f} | {r['halves_cos']:+.3f} ({r['batches'] // 2 * B} images each) | {needed} |")
 if cfg.out:
-    sde.write_json(cfg.out, dict(settings=vars(cfg), rows=rows))
+    runs.write_json(cfg.out, dict(settings=vars(cfg), rows=rows))

@@ -1,0 +1,327 @@
+"""
+worlds.py: the two worlds behind one interface, their prompt files, and LoRA adapters on their
+transformer. Shared by the stage scripts (the middle floor: it imports tiny_world.py, nothing above).
+
+  1. worlds            the tiny world and SD3.5-Medium behind one interface      World, load_world
+  2. prompts           Flow-GRPO's prompt files, teachers, an epoch's prompts    read_prompts, prompt_file, parse_teachers, draw_prompts
+  3. LoRA              peft adapters on the transformer, diffusers-loadable      add_lora, save_lora, load_lora, adapter
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+# Quiet the libraries' start-up chatter (torchvision fallbacks, several-adapter notices): the scripts'
+# own output is what a reader follows.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# 1. Worlds: the tiny world and Stable Diffusion 3.5 Medium behind one small interface
+
+
+@dataclasses.dataclass
+class World:
+    kind: str  # "tiny" or "sd3"
+    name: str  # "tiny" or the pipeline folder / hub id
+    transformer: torch.nn.Module  # SD3Transformer2DModel (frozen base; LoRA adapters go on top)
+    encode_prompts: callable  # list[str] -> (embeds (B, L, D), pooled (B, P)), cached per prompt
+    decode: callable  # latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1] on the CPU
+    latent_shape: tuple  # (C, h, w)
+    device: torch.device
+    dtype: torch.dtype  # the transformer's compute dtype (bf16 on GPU for sd3)
+    defaults: dict  # the world's sampling defaults: shift, train/eval steps, guidance, resolution, noise level, SDE window
+    tasks: tuple  # task names with a reward in this world
+
+
+# The settings of the paper (Flow-GRPO's): 512 px, shift 3.0, T = 10 SDE steps for training,
+# 40 ODE steps for evaluation, CFG 4.5, noise level a = 0.7.
+SD3_DEFAULTS = dict(resolution=512, shift=3.0, train_steps=10, eval_steps=40, guidance_scale=4.5, noise_level=0.7, max_sequence_length=128,
+                    sde_window=0)  # 0: every step is stochastic (Flow-GRPO, the paper); see sde_window_steps
+TASKS = ("geneval", "ocr", "deqa", "pickscore")
+
+
+def _cached(encode):
+    """Prompt embeddings are computed once per prompt: RL samples the same prompts G times."""
+    cache = {}
+
+    def cached_encode(prompts):
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            embeds, pooled = encode(missing)
+            for i, p in enumerate(missing):
+                cache[p] = (embeds[i], pooled[i])
+        return torch.stack([cache[p][0] for p in prompts]), torch.stack([cache[p][1] for p in prompts])
+
+    return cached_encode
+
+
+def load_world(name="tiny", device=None, dtype=None):
+    """`load_world("tiny")`: the project's tiny world (shipped weights, CPU-friendly).
+    `load_world(path_or_hub_id)`: Stable Diffusion 3.5 Medium through diffusers. Text encoders and VAE
+    are frozen; bf16 on GPU, float32 on CPU unless `dtype` says otherwise."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == "tiny":
+        import tiny_world
+
+        transformer, encode = tiny_world.load_base(device=device)
+        transformer.requires_grad_(False)
+        defaults = dict(
+            resolution=tiny_world.IMAGE_SIZE, shift=tiny_world.SHIFT, train_steps=10,
+            eval_steps=tiny_world.DEFAULT_STEPS_EVAL, guidance_scale=tiny_world.DEFAULT_GUIDANCE,
+            noise_level=tiny_world.DEFAULT_NOISE_LEVEL, sde_window=tiny_world.DEFAULT_SDE_WINDOW,
+        )
+        decode = lambda latents: tiny_world.latents_to_images(latents.float().cpu())
+        return World("tiny", "tiny", transformer, _cached(encode), decode, tuple(tiny_world.LATENT_SHAPE),
+                     device, torch.float32, defaults, tuple(tiny_world.TASKS))
+    return _load_sd3(name, device, dtype)
+
+
+def _load_sd3(path, device, dtype):
+    from diffusers import StableDiffusion3Pipeline
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise SystemExit(f"error: {path} is not a Stable Diffusion 3 pipeline folder (no model_index.json); pass the SD3.5-Medium folder or hub id")
+    if not os.path.exists(path) and path.count("/") != 1:
+        raise SystemExit(f"error: world {path!r} is neither 'tiny', an existing folder, nor a hub id like stabilityai/stable-diffusion-3.5-medium")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load an SD3 pipeline from {path!r}: {str(e).splitlines()[0]}")
+    pipe.to(device)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.requires_grad_(False)
+    d = dict(SD3_DEFAULTS)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    d["resolution"] = min(d["resolution"], pipe.transformer.config.sample_size * vae_scale)
+    latent_shape = (pipe.transformer.config.in_channels, d["resolution"] // vae_scale, d["resolution"] // vae_scale)
+
+    @torch.no_grad()
+    def encode(prompts):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False,
+                                                  max_sequence_length=d["max_sequence_length"])
+        return embeds.to(dtype), pooled.to(dtype)
+
+    @torch.no_grad()
+    def decode(latents):
+        latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        images = pipe.vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    world = World("sd3", str(path), pipe.transformer, _cached(encode), decode, latent_shape, device, dtype, d, TASKS)
+    world.pipeline = pipe  # kept for users who want the diffusers pipeline (e.g. load_lora_weights)
+    return world
+
+
+# -----------------------------------------------------------------------------
+# 2. Prompts: Flow-GRPO's prompt files, the teachers' files, the prompts of an epoch
+
+
+def read_prompts(path):
+    """Prompt files in Flow-GRPO's formats: .txt (one prompt per line) or .jsonl (one JSON object per
+    line with a "prompt" key; the whole object is the prompt's metadata, e.g. GenEval's tag/include).
+    Returns (prompts, metadata)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: prompt file {path} does not exist")
+    prompts, metadata = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    item = json.loads(line)
+                    prompts.append(item["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise SystemExit(f"error: {path}:{n}: expected a JSON object with a \"prompt\" key")
+                metadata.append(item)
+            else:
+                prompts.append(line)
+                metadata.append({})
+    if not prompts:
+        raise SystemExit(f"error: prompt file {path} has no prompts")
+    return prompts, metadata
+
+
+def prompt_file(world, task, split):
+    """Where a task's prompts live: prompts/tiny/{task}_{split}.txt in the tiny world, and for SD3
+    prompts/sd3/{task}_{split}.jsonl or .txt (copy Flow-GRPO's dataset files there)."""
+    folder = os.path.join(HERE, "prompts", world.kind)
+    for ext in (".jsonl", ".txt"):
+        path = os.path.join(folder, f"{task}_{split}{ext}")
+        if os.path.isfile(path):
+            return path
+    raise SystemExit(f"error: no prompt file for task {task!r} split {split!r} in {folder} (expected {task}_{split}.txt or .jsonl)")
+
+
+def parse_teachers(spec, world):
+    """--teachers 'geneval=a.safetensors,ocr=b.safetensors' -> {task: file}. Empty in the tiny world:
+    the shipped experts assets/tiny_experts/<task>.safetensors; empty elsewhere: one error line. The
+    file 'base' names the frozen base model itself (opd.py, sft_init.py)."""
+    if not spec:
+        if world.kind != "tiny":
+            raise SystemExit("error: --teachers is required outside the tiny world (task=file pairs)")
+        return {t: os.path.join(HERE, "assets", "tiny_experts", f"{t}.safetensors") for t in world.tasks}
+    teacher_files = {}
+    for part in spec.split(","):
+        task, sep, path = part.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"error: --teachers part {part!r} is not task=file")
+        teacher_files[task.strip()] = path.strip()
+    return teacher_files
+
+
+def draw_prompts(task_prompts, task_weights, n, seed, epoch):
+    """n (task, prompt, metadata) triples for one epoch, the same on every rank and after a resume (a
+    generator seeded by seed and epoch). Each prompt's task is drawn with the weights' odds.
+    task_prompts: {task: (prompts, metadata)} as read_prompts returns; task_weights: {task: weight}."""
+    rng = np.random.default_rng([seed, epoch])
+    names = list(task_weights)
+    odds = np.array([task_weights[t] for t in names], dtype=np.float64)
+    chosen = []
+    for _ in range(n):
+        task = names[rng.choice(len(names), p=odds / odds.sum())]
+        prompts, metadata = task_prompts[task]
+        i = int(rng.integers(len(prompts)))
+        chosen.append((task, prompts[i], metadata[i]))
+    return chosen
+
+
+# -----------------------------------------------------------------------------
+# 3. LoRA adapters (peft, through diffusers' PeftAdapterMixin), saved so that diffusers'
+#    StableDiffusion3Pipeline.load_lora_weights reads them
+
+# Flow-GRPO's target modules: every attention projection of the joint (image + text) blocks.
+LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+
+
+def add_lora(transformer, name="default", rank=32, alpha=64, targets=LORA_TARGETS, seed=0):
+    """Attach a fresh LoRA adapter (A ~ Gaussian from `seed`, B = 0: the model is unchanged) and make it
+    the active one. The seed keeps A independent of whatever used the global RNG before."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config, adapter_name=name)
+    transformer.set_adapter(name)
+    return [p for n, p in transformer.named_parameters() if f".{name}." in n]
+
+
+def lora_parameters(transformer, name):
+    """The adapter's parameters, in a fixed order (for the optimizer, all-reduce and checkpoints)."""
+    return {n: p for n, p in transformer.named_parameters() if f".{name}." in n and "lora_" in n}
+
+
+def save_lora(transformer, name, path, state_dict=None):
+    """Write adapter `name` of the transformer to `path` (see write_lora). state_dict overrides the
+    weights (e.g. the EMA copy), keyed like lora_parameters or like peft's get_peft_model_state_dict."""
+    from peft.utils import get_peft_model_state_dict
+
+    if state_dict is None:
+        weights = get_peft_model_state_dict(transformer, adapter_name=name)
+    else:  # e.g. an EMA copy keyed like lora_parameters ('...lora_A.<name>.weight'): drop the adapter name
+        weights = {k.replace(f".{name}.", "."): v for k, v in state_dict.items()}
+    write_lora(path, weights, transformer.peft_config[name].to_dict())
+
+
+def write_lora(path, weights, config):
+    """One diffusers-format safetensors file, written atomically: keys 'transformer.<module>.lora_A.weight'
+    and the peft LoraConfig (rank, alpha, targets) in the metadata, exactly what
+    StableDiffusion3Pipeline.save_lora_weights writes and load_lora_weights reads.
+    weights: {'<module>.lora_A.weight': tensor, ...}; config: a LoraConfig as a dict."""
+    from diffusers import StableDiffusion3Pipeline
+
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in weights.items()}
+    config = dict(config)
+    config["target_modules"] = sorted(config["target_modules"])
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=weights, transformer_lora_adapter_metadata=config)
+        os.chmod(os.path.join(tmp, "pytorch_lora_weights.safetensors"), 0o644)
+        os.replace(os.path.join(tmp, "pytorch_lora_weights.safetensors"), path)
+
+
+def read_lora(path):
+    """(weights keyed like peft's state dict without the 'transformer.' prefix, peft config dict)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: LoRA file {path} does not exist")
+    try:
+        with safe_open(path, "pt") as f:
+            weights = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise SystemExit(f"error: {path} is not a readable safetensors LoRA file ({e})")
+    if "lora_adapter_metadata" not in meta:
+        raise SystemExit(f"error: {path} has no LoRA config in its metadata; expected a file written by worlds.save_lora or diffusers' save_lora_weights")
+    config = {k.removeprefix("transformer."): v for k, v in json.loads(meta["lora_adapter_metadata"]).items()}
+    return weights, config
+
+
+def load_lora(transformer, path, name, trainable=False):
+    """Attach the LoRA saved at `path` as adapter `name` (exact weights, rank and alpha from the file).
+    The adapter that was active stays active (the first adapter loaded becomes the active one); the new
+    adapter is frozen unless `trainable` (teachers are frozen, a student initialised from a file is not)."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    weights, config = read_lora(path)
+    keep = {f.name for f in dataclasses.fields(LoraConfig)}
+    config = LoraConfig(**{k: v for k, v in config.items() if k in keep and k not in ("peft_type", "task_type")})
+    previous = list(transformer.active_adapters()) if getattr(transformer, "_hf_peft_config_loaded", False) else []
+    grads = {n: p.requires_grad for n, p in transformer.named_parameters() if "lora_" in n}
+    transformer.add_adapter(config, adapter_name=name)
+    result = set_peft_model_state_dict(transformer, weights, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}." in k]
+    if result.unexpected_keys or missing:
+        transformer.delete_adapters(name)
+        raise SystemExit(f"error: {path} does not fit this transformer (unexpected {result.unexpected_keys[:3]}, missing {missing[:3]})")
+    if previous:
+        transformer.set_adapter(previous if len(previous) > 1 else previous[0])
+    for n, p in transformer.named_parameters():
+        if n in grads:
+            p.requires_grad_(grads[n])
+    params = lora_parameters(transformer, name)
+    for p in params.values():
+        p.requires_grad_(trainable)
+    return params
+
+
+@contextlib.contextmanager
+def adapter(transformer, name):
+    """Run the transformer as adapter `name` (None = the bare base model), then restore the previous one.
+    peft's set_adapter also flips requires_grad to the active adapter: we restore that too."""
+    grads = {n: p.requires_grad for n, p in transformer.named_parameters() if "lora_" in n}
+    previous = list(transformer.active_adapters()) if getattr(transformer, "_hf_peft_config_loaded", False) else []
+    try:
+        if name is None:
+            if previous:
+                transformer.disable_adapters()
+        else:
+            transformer.enable_adapters()
+            transformer.set_adapter(name)
+        yield
+    finally:
+        if previous:
+            transformer.enable_adapters()
+            transformer.set_adapter(previous if len(previous) > 1 else previous[0])
+        for n, p in transformer.named_parameters():
+            if n in grads:
+                p.requires_grad_(grads[n])
+
+
