@@ -23,6 +23,7 @@ Optional dependencies: rapidocr + onnxruntime for ocr; transformers for pickscor
 import io
 import os
 import pickle
+import time
 import urllib.error
 import urllib.request
 
@@ -234,7 +235,57 @@ class _Aesthetic:
 # Protocol of yifan123/reward-server (the servers Flow-GRPO's geneval_score / deqa_score_remote call):
 # POST to "/" a pickled dict whose "images" are JPEG bytes (PIL default quality), plus for GenEval
 # "meta_datas" (the prompt's GenEval metadata dicts) and "only_strict"; the 200 reply is a pickled
-# dict, a 500 reply the server's traceback as text. Pickle is the protocol: talk to your own servers.
+# dict, a 500 reply the server's traceback as text. Pickle is the protocol, and pickle.loads calls whatever
+# the reply names (anyone answering at the URL could run code in the training job), so replies are read
+# by _PlainUnpickler: plain data only. Requests that fail in passing are retried (RETRY_ATTEMPTS).
+
+RETRY_ATTEMPTS = 4  # a restarting server or a dropped connection usually recovers within seconds ...
+RETRY_DELAY = 0.5   # ... so wait 0.5 s, 1 s, 2 s between attempts (tests set this to 0)
+
+# The servers reply with lists of Python floats (plain opcodes, no globals); a fork built on numpy may send
+# numpy arrays or scalars, which pickle through exactly these globals. numpy 2 renamed numpy.core to
+# numpy._core, so a server on either major version may name them under either path. The live objects are
+# taken from what numpy itself pickles with, never imported by name (find_class's default imports any
+# module the reply names).
+_reconstruct, _scalar = np.zeros(0).__reduce__()[0], np.float64(0).__reduce__()[0]
+_NUMPY_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+}
+_PLAIN_DATA = "dicts, lists, tuples, numbers, strings, bytes, booleans, None, numpy arrays and scalars"
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Plain containers and literals need no globals; admit numpy's and refuse every other one, so no
+    callable the server names ever runs here."""
+
+    def __init__(self, body, where):
+        super().__init__(io.BytesIO(body))
+        self.where = where
+
+    def find_class(self, module, name):
+        if (module, name) in _NUMPY_GLOBALS:
+            return _NUMPY_GLOBALS[(module, name)]
+        # SystemExit, not an Exception: no caller's `except Exception` may swallow it and carry on
+        raise SystemExit(f"error: {self.where} sent a reply naming the global '{module}.{name}'; "
+                         f"expected plain data ({_PLAIN_DATA}): refused to unpickle it")
+
+
+def _plain_loads(body, where):
+    try:
+        return _PlainUnpickler(body, where).load()
+    except Exception as e:  # garbage makes the unpickler fail in many ways (EOFError, UnpicklingError, ...)
+        detail = (str(e).splitlines() or [""])[0]
+        raise SystemExit(f"error: {where} sent a reply that is not a pickle of plain data "
+                         f"({type(e).__name__}: {detail}); expected {_PLAIN_DATA}") from None
+
+
+class _Transient(Exception):
+    """A failure that may pass (connection refused or reset, timeout, HTTP 5xx): worth another attempt."""
 
 
 def _jpeg_bytes(images):
@@ -255,18 +306,33 @@ class _RemoteScorer:
         self.timeout, self.batch_size = timeout, batch_size
 
     def post(self, payload):
-        request = urllib.request.Request(self.url, data=pickle.dumps(payload), method="POST",
+        """Send one batch; return the reply parsed as plain data. Transient failures are retried with
+        exponential backoff; a 4xx or an unreadable reply will not change on retry, so it fails at once."""
+        data = pickle.dumps(payload)
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                return _plain_loads(self._send(data), f"{self.kind} reward server at {self.url}")
+            except _Transient as e:
+                if attempt == RETRY_ATTEMPTS:
+                    raise RuntimeError(f"{e} [{RETRY_ATTEMPTS} attempts]") from None
+                time.sleep(RETRY_DELAY * 2 ** (attempt - 1))
+
+    def _send(self, data):
+        request = urllib.request.Request(self.url, data=data, method="POST",
                                          headers={"Content-Type": "application/octet-stream"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return pickle.loads(response.read())
+                return response.read()
         except urllib.error.HTTPError as e:  # the server sends its traceback: show its last line
             lines = e.read().decode("utf-8", "replace").strip().splitlines() or [str(e)]
-            raise RuntimeError(f"{self.kind} reward server at {self.url} failed (HTTP {e.code}): {lines[-1]}") from None
+            failure = f"{self.kind} reward server at {self.url} failed (HTTP {e.code}): {lines[-1]}"
+            if e.code < 500:  # the request itself is wrong: sending it again cannot help
+                raise RuntimeError(failure) from None
+            raise _Transient(failure) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             reason = getattr(e, "reason", e)
-            raise RuntimeError(f"{self.kind} reward server unreachable at {self.url} ({reason}): start it "
-                               f"(yifan123/reward-server) or pass url=... / set {DEFAULT_URLS[self.kind][0]}") from None
+            raise _Transient(f"{self.kind} reward server unreachable at {self.url} ({reason}): start it "
+                             f"(yifan123/reward-server) or pass url=... / set {DEFAULT_URLS[self.kind][0]}") from None
 
     def batches(self, n):
         return [slice(i, i + self.batch_size) for i in range(0, n, self.batch_size)]

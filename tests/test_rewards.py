@@ -307,11 +307,13 @@ def test_deqa_client_and_env_url(stub_server, monkeypatch):
     assert torch.allclose(r5, 5 * r)
 
     stub_server["reply"] = lambda payload: 1 / 0
+    monkeypatch.setattr(rewards, "RETRY_DELAY", 0)  # a 500 is retried (tests/test_reward_server.py): no waits here
     with pytest.raises(RuntimeError, match="HTTP 500.*ZeroDivisionError"):
         get_reward("deqa")(images, ["a", "b"], None)
 
 
-def test_remote_unreachable_is_one_clear_error():
+def test_remote_unreachable_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(rewards, "RETRY_DELAY", 0)  # refused connections are retried: no waits here
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
