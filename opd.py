@@ -194,13 +194,19 @@ if start_epoch and dist.master:
 
 
 @torch.no_grad()
-def frozen_velocity(name, x_t, j, embeds, pooled):
-    """Velocity of a frozen model at the student's state: a teacher adapter, a full-weight copy, or the
-    base (name None)."""
+def frozen_velocities(name, rows, steps_, latents, embeds, pooled):
+    """A frozen model's velocities at the student's states x_t of samples `rows`, at every step of
+    `steps_`: (len(rows), len(steps_), C, h, w) on the CPU. One adapter switch for the whole epoch (a
+    teacher adapter, or None = the base); a full-weight teacher is its own copy of the transformer."""
     copy_world = teacher_copy.get(name.removeprefix("teacher_")) if name else None
     context = contextlib.nullcontext() if copy_world is not None else worlds.adapter(transformer, name)
+    rows = torch.as_tensor(rows)
+    out = torch.zeros(len(rows), len(steps_), *world.latent_shape)
     with context:
-        return sde.predict_velocity(copy_world or world, x_t, sigmas[j].item(), embeds, pooled, guidance)
+        for jj, j in enumerate(steps_):
+            for k, mb in zip(torch.arange(len(rows)).split(cfg.train_batch), rows.split(cfg.train_batch)):
+                out[k, jj] = sde.predict_velocity(copy_world or world, latents[mb, j], sigmas[j].item(), embeds[mb], pooled[mb], guidance).cpu()
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -224,17 +230,12 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     latents, old_log_probs = traj["latents"], traj["log_probs"]  # (n_local, T+1, C, h, w), (n_local, T)
     embeds, pooled, sigmas = traj["embeds"], traj["pooled"], traj["sigmas"]
 
-    # 2. Task routing: v_target(x_t) = sum_k alpha_k(c) v_k(x_t) at the distilled steps, each teacher
-    #    called once per step on the prompts routed to it (batched), never on other tasks' prompts.
+    # 2. Task routing: v_target(x_t) = sum_k alpha_k(c) v_k(x_t) at the distilled steps. Each teacher labels
+    #    exactly the samples routed to it (never other tasks' prompts), at every distilled step, in one pass:
+    #    one adapter switch per teacher per epoch.
     with timer("teachers"):
-        v_target = torch.zeros(n_local, len(train_steps), *world.latent_shape)
-        v_anchor = torch.zeros_like(v_target) if cfg.mar_weight > 0 else None
-        for jj, j in enumerate(train_steps):
-            def velocity_of(teacher, rows):
-                rows = torch.tensor(rows)
-                return torch.cat([frozen_velocity(teacher_adapter[teacher], latents[mb, j], j, embeds[mb], pooled[mb]).cpu()
-                                  for mb in rows.split(cfg.train_batch)])
-            v_target[:, jj] = sde.route_targets(tasks, routing, velocity_of)
+        v_target = sde.route_targets(tasks, routing, lambda teacher, rows: frozen_velocities(
+            teacher_adapter[teacher], rows, train_steps, latents, embeds, pooled))  # (n_local, S, C, h, w)
         if cfg.opd_loss == "pg-sample":  # r_t = -(log pi_theta(a_t|x_t) - log pi_T(a_t|x_t)) on the sampled a_t = x_{t-dt}
             step_reward = torch.zeros(n_local, len(train_steps))
             for jj, j in enumerate(train_steps):
@@ -243,10 +244,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                 step_reward[:, jj] = -(old_log_probs[:, j].cpu() - teacher_log_prob)
             if cfg.return_to_go:  # sum over this and the later distilled steps
                 step_reward = step_reward.flip(1).cumsum(1).flip(1)
-        if v_anchor is not None:  # MAR: the anchor labels every sample, whatever its task
-            for jj, j in enumerate(train_steps):
-                for mb in torch.arange(n_local).split(cfg.train_batch):
-                    v_anchor[mb, jj] = frozen_velocity(anchor, latents[mb, j], j, embeds[mb], pooled[mb]).cpu()
+        # MAR: the anchor labels every sample, whatever its task
+        v_anchor = frozen_velocities(anchor, range(n_local), train_steps, latents, embeds, pooled) if cfg.mar_weight > 0 else None
 
     # 3. Rewards on the side: how well the student does each task (logged, not used for training)
     with timer("reward"):
@@ -255,7 +254,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     # 4. Update the student (eq. "Flow-OPD objective"): distillation loss + lambda * MAR
     stats = dict(loss=[])
     kl_sample, mar_sample = torch.zeros(n_local), torch.zeros(n_local)  # per-sample means over the distilled steps (first pass)
-    with timer("training"):
+    with timer("training"), worlds.adapter(transformer, "student"):
         for inner in range(cfg.inner_epochs):
             shuffle = torch.Generator().manual_seed(sde.sample_seed(cfg.seed, epoch, -1 - inner))  # the same on every rank
             perm = torch.randperm(N, generator=shuffle)
@@ -265,8 +264,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                 for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     for jj, j in enumerate(train_steps):
                         s, s_next, x_t = sigmas[j].item(), sigmas[j + 1].item(), latents[mb, j]
-                        with worlds.adapter(transformer, "student"):
-                            v = sde.predict_velocity(world, x_t, s, embeds[mb], pooled[mb], guidance)
+                        v = sde.predict_velocity(world, x_t, s, embeds[mb], pooled[mb], guidance)
                         target = v_target[mb, jj].to(v.device)
                         log_prob, reward_t = None, None
                         if cfg.opd_loss != "direct":  # the policy-gradient forms need the sampled action's log-prob

@@ -302,26 +302,38 @@ def load_lora(transformer, path, name, trainable=False):
     return params
 
 
+def _lora_layers(transformer):
+    """The transformer's peft LoRA layers, found once per set of adapters and kept on the module: a
+    switch then touches only them, never a scan of the whole model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    key = tuple(getattr(transformer, "peft_config", None) or ())
+    cached = transformer.__dict__.get("_flowopd_lora_layers")
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)])
+        transformer.__dict__["_flowopd_lora_layers"] = cached
+    return cached[1]
+
+
 @contextlib.contextmanager
 def adapter(transformer, name):
-    """Run the transformer as adapter `name` (None = the bare base model), then restore the previous one.
-    peft's set_adapter also flips requires_grad to the active adapter: we restore that too."""
-    grads = {n: p.requires_grad for n, p in transformer.named_parameters() if "lora_" in n}
-    previous = list(transformer.active_adapters()) if getattr(transformer, "_hf_peft_config_loaded", False) else []
+    """Run the transformer as adapter `name` (None = the bare base model), then restore the previous state.
+
+    A switch sets the active adapter and the disabled flag on each LoRA layer, which is all that peft's
+    forward reads. peft's own set_adapter / enable_adapters scan every module and flip requires_grad on
+    every LoRA weight (which then had to be restored): measured on the tiny world, that was a third of an
+    OPD epoch (issue #16). Here requires_grad is never touched: the trained adapter stays trainable and
+    frozen teachers stay frozen."""
+    layers = _lora_layers(transformer)
+    if name is not None and name not in (getattr(transformer, "peft_config", None) or {}):
+        raise ValueError(f"no adapter named {name!r} on this transformer (it has {sorted(getattr(transformer, 'peft_config', None) or {})})")
+    previous = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
     try:
-        if name is None:
-            if previous:
-                transformer.disable_adapters()
-        else:
-            transformer.enable_adapters()
-            transformer.set_adapter(name)
+        for layer in layers:
+            if name is not None:
+                layer._active_adapter = [name]
+            layer._disable_adapters = name is None
         yield
     finally:
-        if previous:
-            transformer.enable_adapters()
-            transformer.set_adapter(previous if len(previous) > 1 else previous[0])
-        for n, p in transformer.named_parameters():
-            if n in grads:
-                p.requires_grad_(grads[n])
-
-
+        for layer, (active, disabled) in zip(layers, previous):
+            layer._active_adapter, layer._disable_adapters = active, disabled
