@@ -41,7 +41,7 @@ DEFAULT_SDE_WINDOW = 2          # ... but only on a window of 2 of the 10 steps 
                                 # With noise on every step the samples keep late-step grain (no VAE decoder
                                 # smooths pixels); with a window they are ODE-clean and differ in composition.
                                 # Measured (four-run base), 12-epoch deqa experts: 0.775 full SDE, 0.813 window, base 0.785
-                                # (README, "The tiny world", has the commands).
+                                # (docs/NOTES.md, "Pixel-space departures: the 2-step SDE window", has the commands).
 DEFAULT_STEPS_EVAL = 20         # Euler ODE steps for evaluation
 DEFAULT_GUIDANCE = 3.0          # classifier-free guidance scale (4.5 over-saturates this tiny base)
 HERE = os.path.dirname(os.path.abspath(__file__))

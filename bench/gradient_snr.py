@@ -16,13 +16,13 @@ and the mean best reward of a group (what the group offers to learn from), the m
 batch gradients (with its standard error), the same for a CONTROL that shuffles the
 advantages inside each group (no link between noise and reward: its expected cosine is 0), the
 cosine between the mean gradients of the two halves of the K batches, and the images needed for a
-gradient whose signal equals its noise. Measured numbers and the reading: README, "Why the GenEval
+gradient whose signal equals its noise. Measured numbers and the reading: docs/NOTES.md, "Why the GenEval
 and OCR experts do not learn here".
 
 Commands
   tiny world, CPU (about 40 s per task):   python bench/gradient_snr.py
   one task, more batches:                  python bench/gradient_snr.py --tasks ocr --batches 32
-  the README's two tables:                 python bench/gradient_snr.py --batches 32 [--window-start 0]
+  the notes' two tables:                  python bench/gradient_snr.py --batches 32 [--window-start 0]
   SD3.5-M, one GPU:                        python bench/gradient_snr.py --world <sd3.5m folder> --tasks ocr,pickscore
 """
 
