@@ -164,7 +164,7 @@ def base_fingerprint(transformer):
 
 
 base_id = base_fingerprint(world.transformer)
-model_ids = {label: runs.file_sha256(path) if path else "base" for label, path in models.items()}
+model_ids = {label: runs.content_sha256(path) if path else "base" for label, path in models.items()}  # a rewritten, equal adapter hits
 sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale=guidance,
                 shift=world.defaults["shift"], images_per_prompt=K, seed=cfg.seed, noise_level=0.0)
 

@@ -131,6 +131,11 @@ task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights}
 extra_reward = {t: rewards.get_reward(t, world.kind) for t in extra_weights}
 train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
 
+# What this run is (settings + input hashes): a checkpoint in --out is resumed only if it records the same.
+identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
+                                   **{f"prompts_{t}": worlds.prompt_file(world, t, "train") for t in task_weights}), paths=("world", "init"))
+start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, identity) if cfg.resume else (0, 0)
+
 if dist.master:
     os.makedirs(out, exist_ok=True)
     runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size))
@@ -139,7 +144,6 @@ if dist.master:
           f"trained steps {f'a window of {cfg.sde_window}' if cfg.sde_window else list(range(n_trained))} | "
           f"{cfg.updates_per_epoch * cfg.inner_epochs} optimizer steps/epoch | {sum(p.numel() for p in param_list):,} trainable params | beta {beta} | out {out}")
 
-start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer) if cfg.resume else (0, 0)
 if start_epoch and dist.master:
     print(f"resumed from {out} at epoch {start_epoch}")
 
@@ -156,7 +160,7 @@ def save_outputs(epoch):
     """Exact-resume checkpoint + the EMA adapter that later stages use, written atomically (master only)."""
     if not dist.master:
         return
-    runs.save_train_state(out, epoch, params, ema, optimizer, opt_step)
+    runs.save_train_state(out, epoch, params, ema, optimizer, opt_step, identity)
     if cfg.full_finetune:
         runs.save_tensors(os.path.join(out, "transformer.safetensors"), {k: v for k, v in ema.items()})
     else:
@@ -195,6 +199,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
         all_reward = runs.gather_cat(reward.to(dist.device), dist).cpu()
         all_task = runs.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
         per_task = {f"reward_{t}": all_reward[all_task == k].mean().item() for k, t in enumerate(task_weights) if (all_task == k).any()}
+        runs.assert_finite(all_reward, "a reward", f"grpo_expert.py epoch {epoch + 1}",
+                           label=lambda i: f"task {chosen[i // cfg.group_size][0]}, prompt {chosen[i // cfg.group_size][1]!r}")
 
     # 3. Group-normalised advantages (Flow-GRPO eq. 7): A = (r - mean_group) / (std + 1e-4), clipped
     groups = torch.arange(N) // cfg.group_size
@@ -211,6 +217,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
             perm = kept[torch.randperm(len(kept), generator=shuffle)]
             for chunk in (perm.chunk(cfg.updates_per_epoch) if len(perm) else []):
                 optimizer.zero_grad(set_to_none=True)
+                step_loss = torch.zeros(())  # this rank's summed loss of the step, for the divergence guard
                 n_chunk = len(chunk)  # global count: every rank divides by it, so the summed gradient is the global mean
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first  # this rank's share, local indices
                 for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
@@ -229,6 +236,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                                 kl = kl * (sigmas[j] - sigmas[j + 1]).item()
                         loss = policy_loss + beta * kl
                         (loss.sum() / (n_chunk * len(train_steps))).backward()
+                        step_loss += loss.detach().sum().cpu()
                         stats["loss"].append(loss.detach().mean().item())
                         stats["policy"].append(policy_loss.detach().mean().item())
                         stats["kl"].append(kl.detach().mean().item())
@@ -238,6 +246,9 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                         ratio_first = float(np.mean(stats["ratio"]))
                 runs.all_reduce_sum(param_list, dist)
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
+                where = f"grpo_expert.py epoch {epoch + 1} optimizer step {opt_step + 1}"
+                runs.assert_finite(grad_norm, "the gradient norm", where)  # the same on every rank (summed gradients)
+                runs.assert_finite(step_loss, "the loss", where)
                 optimizer.step()
                 opt_step += 1
                 if opt_step % cfg.ema_every == 0:

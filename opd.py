@@ -178,6 +178,13 @@ task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights} if cf
 N = cfg.prompts_per_epoch * cfg.group_size
 first, n_local = runs.shard(N, dist)
 
+# What this run is (settings + input hashes): a checkpoint in --out is resumed only if it records the same.
+anchor_file = cfg.mar_teacher if anchor == "anchor" else None
+identity = runs.run_identity(cfg, dict(base=world.source, student=cfg.student, anchor=anchor_file,
+                                       **{f"teacher_{t}": teacher_files[t] for t in used},
+                                       **{f"prompts_{t}": worlds.prompt_file(world, t, "train") for t in task_weights}), paths=("world", "student", "teachers") + (("mar_teacher",) if anchor_file else ()))
+start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, identity) if cfg.resume else (0, 0)
+
 if dist.master:
     os.makedirs(out, exist_ok=True)
     runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, teachers=teacher_files,
@@ -188,7 +195,6 @@ if dist.master:
           f"{first_steps if cfg.opd_loss == 'direct' or not cfg.sde_window else 'the window'} | "
           f"{sum(p.numel() for p in param_list):,} trainable params | out {out}")
 
-start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer) if cfg.resume else (0, 0)
 if start_epoch and dist.master:
     print(f"resumed from {out} at epoch {start_epoch}")
 
@@ -246,6 +252,10 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                 step_reward = step_reward.flip(1).cumsum(1).flip(1)
         # MAR: the anchor labels every sample, whatever its task
         v_anchor = frozen_velocities(anchor, range(n_local), train_steps, latents, embeds, pooled) if cfg.mar_weight > 0 else None
+        # divergence guard on the targets, over all ranks (a rank that stopped alone would leave the others waiting)
+        worst = torch.stack([v.flatten(1).abs().amax(1) for v in (v_target, v_anchor) if v is not None]).amax(0)  # (n_local,)
+        runs.assert_finite(runs.gather_cat(worst.to(dist.device), dist), "a teacher or anchor velocity", f"opd.py epoch {epoch + 1}",
+                           label=lambda i: f"task {chosen[i // cfg.group_size][0]}, prompt {chosen[i // cfg.group_size][1]!r}")
 
     # 3. Rewards on the side: how well the student does each task (logged, not used for training)
     with timer("reward"):
@@ -260,6 +270,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
             perm = torch.randperm(N, generator=shuffle)
             for chunk in perm.chunk(cfg.updates_per_epoch):
                 optimizer.zero_grad(set_to_none=True)
+                step_loss = torch.zeros(())  # this rank's summed loss of the step, for the divergence guard
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
                 for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     for jj, j in enumerate(train_steps):
@@ -279,11 +290,15 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                             if inner == 0:
                                 mar_sample[mb] += mar.detach().cpu() / len(train_steps)
                         (loss.sum() / (N * len(train_steps))).backward()
+                        step_loss += loss.detach().sum().cpu()
                         stats["loss"].append(loss.detach().mean().item())
                         if inner == 0:
                             kl_sample[mb] += kl.detach().cpu() / len(train_steps)
                 runs.all_reduce_sum(param_list, dist)
-                torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
+                where = f"opd.py epoch {epoch + 1} optimizer step {opt_step + 1}"
+                runs.assert_finite(grad_norm, "the gradient norm", where)  # the same on every rank (summed gradients)
+                runs.assert_finite(step_loss, "the loss", where)
                 optimizer.step()
                 opt_step += 1
                 if opt_step % cfg.ema_every == 0:
@@ -310,7 +325,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
             runs.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
     if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
         if dist.master:
-            runs.save_train_state(out, epoch + 1, params, ema, optimizer, opt_step)
+            runs.save_train_state(out, epoch + 1, params, ema, optimizer, opt_step, identity)
             worlds.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"), state_dict=ema)
 
 if dist.world_size > 1:

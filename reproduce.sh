@@ -12,8 +12,11 @@
 #   bash reproduce.sh --smoke      # the pipeline's plumbing in ~2 minutes (what the test suite runs;
 #                                  # REPRO_OUT=folder sets where it writes)
 #
-# Every stage skips work whose output exists (the scripts resume from their checkpoints), so a rerun
-# after an interruption continues. Results: results/tiny/ (quick: results/tiny-quick/).
+# Every training stage resumes from its checkpoint, and only when the checkpoint records the same settings and
+# inputs (sha256): a rerun after an interruption continues, and a rerun with a changed flag into the same folder
+# stops with one line instead of continuing the old run. merge.py (seconds) always reruns; evaluate.py reuses a
+# score only when the model, prompts and sampling settings it was computed with are the same. Results:
+# results/tiny/ (quick: results/tiny-quick/).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -76,7 +79,7 @@ if [ $MODE = --ablations ]; then
   done
   for m in lora-mean ties; do
     echo "== merge ($m)"
-    [ -f $RUNS/merge-$m/adapter.safetensors ] || $PY merge.py --adapters $ADAPTERS --method $m --out $RUNS/merge-$m/adapter.safetensors
+    $PY merge.py --adapters $ADAPTERS --method $m --out $RUNS/merge-$m/adapter.safetensors
   done
   for loss in pg pg-sample; do
     echo "== OPD (merge init, --opd-loss $loss)"
@@ -124,7 +127,7 @@ $PY grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 $GRPO $EMA
 
 # ---- Cold start: merge (no training) and SFT on the teachers' samples
 echo "== merge"
-[ -f $RUNS/merge/adapter.safetensors ] || $PY merge.py --adapters $ADAPTERS --method task-arithmetic --out $RUNS/merge/adapter.safetensors
+$PY merge.py --adapters $ADAPTERS --method task-arithmetic --out $RUNS/merge/adapter.safetensors
 echo "== SFT init"
 $PY sft_init.py $EMA --teachers $TEACHERS --steps $SFT_STEPS --prompts-per-task $SFT_ITEMS --out $RUNS/sft-init
 

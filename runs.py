@@ -5,6 +5,7 @@ safetensors checkpoints and exact resume, logs, sample grids, timers. Nothing of
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -169,18 +170,22 @@ def load_checkpoint(run_dir):
     return _unflatten(json.loads(meta["state"]), tensors)
 
 
-def save_train_state(run_dir, epoch, params, ema, optimizer, opt_step):
-    """The RL scripts' checkpoint: trainable weights, their EMA, the optimizer, the counters. Their
-    sampling noise and prompt draws derive from (seed, epoch, index), so no RNG state is needed."""
+def save_train_state(run_dir, epoch, params, ema, optimizer, opt_step, identity=None):
+    """The RL scripts' checkpoint: trainable weights, their EMA, the optimizer, the counters, and the
+    run's identity (run_identity: what the run is, checked on resume). Their sampling noise and prompt
+    draws derive from (seed, epoch, index), so no RNG state is needed."""
     return save_checkpoint(run_dir, epoch, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
-                                                optimizer=optimizer.state_dict(), epoch=epoch, opt_step=opt_step))
+                                                optimizer=optimizer.state_dict(), epoch=epoch, opt_step=opt_step,
+                                                identity=json.dumps(identity)))
 
 
-def load_train_state(run_dir, params, ema, optimizer):
-    """Restore what save_train_state wrote (in place); returns (epoch, opt_step), (0, 0) when none."""
+def load_train_state(run_dir, params, ema, optimizer, identity=None, length="epochs"):
+    """Restore what save_train_state wrote (in place) after check_resume has compared its identity with
+    this run's identity; returns (epoch, opt_step), (0, 0) when there is no checkpoint."""
     state = load_checkpoint(run_dir)
     if state is None:
         return 0, 0
+    check_resume(run_dir, state, identity, length, state["epoch"])
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state["params"][k])
@@ -188,6 +193,101 @@ def load_train_state(run_dir, params, ema, optimizer):
             v.copy_(state["ema"][k])
     optimizer.load_state_dict(state["optimizer"])
     return state["epoch"], state["opt_step"]
+
+
+# -----------------------------------------------------------------------------
+# What a run is, so that a rerun into the same --out resumes only the same run
+
+# Settings that change how a run is carried out, not what it computes: a resume may change them.
+OPERATIONAL = ("out", "resume", "threads", "save_every", "grid_every", "log_every", "probe_every", "cache", "score")
+
+
+def input_sha256(path):
+    """The identity of an input: content_sha256 of a file; of a folder (an SD3 pipeline), a fingerprint
+    of every file's path, size and first and last MiB (hashing 10+ GB of weights at every start would
+    cost minutes); the path itself for anything else ('base', a hub id)."""
+    if os.path.isfile(path):
+        return content_sha256(path)
+    if not os.path.isdir(path):
+        return str(path)
+    h = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            size = os.path.getsize(full)
+            h.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
+            with open(full, "rb") as f:
+                h.update(f.read(1 << 20))
+                if size > 2 << 20:
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    h.update(f.read())
+    return h.hexdigest()
+
+
+def content_sha256(path):
+    """sha256 of what a file holds. A safetensors file is hashed by its tensors (sorted by name: dtype,
+    shape, bytes) and its metadata (sorted keys), because its header order is not stable: diffusers'
+    save_lora_weights writes the same adapter with its metadata keys in another order from one process
+    to the next. Any other file: its bytes (file_sha256)."""
+    if not path.endswith(".safetensors"):
+        return file_sha256(path)
+    tensors, meta = load_tensors(path)
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for k in sorted(tensors):
+        v = tensors[k].contiguous()
+        h.update(f"{k}\0{v.dtype}\0{tuple(v.shape)}\0".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_identity(cfg, inputs, paths=()):
+    """What a run computes: its resolved settings (all but the OPERATIONAL ones, and the settings named in
+    `paths`, whose files are compared by content instead of by name) and the identity of every input
+    (input_sha256 of each path in `inputs`, {name: path}). Saved in every checkpoint."""
+    settings = {k: v for k, v in sorted(vars(cfg).items()) if k not in OPERATIONAL and k not in paths}
+    return dict(settings=json.loads(json.dumps(settings, default=str)),
+                inputs={k: input_sha256(str(v)) for k, v in sorted(inputs.items()) if v})
+
+
+def check_resume(run_dir, state, identity, length, done):
+    """Resume only the run that the checkpoint holds: every setting and input the same, except the run's
+    length (`length`: 'epochs' or 'steps'), which may change to anything not below the `done` already
+    taken. Otherwise one error line saying what differs and how to go on."""
+    saved = json.loads(state.get("identity") or "null")
+    if saved is None or identity is None:  # a checkpoint from before identities were saved: nothing to compare
+        return
+    how = f"pass --out <another folder> for a new run, or --no-resume to start this one over in {run_dir}"
+    for part, what in (("settings", "--{}"), ("inputs", "input {}")):
+        old, new = saved.get(part, {}), identity[part]
+        for k in sorted(set(old) | set(new)):
+            if k == length and part == "settings":
+                if new.get(k) is not None and new[k] < done:
+                    raise SystemExit(f"error: {run_dir} holds a run already {done} {length} long; --{length} {new[k]} is shorter: {how}")
+                continue
+            if old.get(k) != new.get(k):
+                name = what.format(k.replace("_", "-") if part == "settings" else k)
+                shown = (lambda v: v) if part == "settings" else (lambda v: (v or "none")[:12])
+                raise SystemExit(f"error: {run_dir} holds a run with {name} = {shown(old.get(k))!r}, this command has "
+                                 f"{shown(new.get(k))!r}: {how}")
+
+
+# -----------------------------------------------------------------------------
+# Divergence guard
+
+
+def assert_finite(values, what, where, label=None):
+    """Stop the run with one line when `values` (a number or a tensor) holds a NaN or an infinity: the
+    stage, epoch and step in `where`, and, with `label` (element index -> its task and prompt), the first
+    bad element's. Called before anything of the step is saved, so the last good checkpoint and adapter
+    stay as they are; the exit status is 1."""
+    values = torch.as_tensor(values).detach().float().reshape(-1).cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        at = f" ({label(i)})" if label is not None else ""
+        raise SystemExit(f"error: {where}: {what} is {values[i].item()}{at}; stopped before writing anything after the last "
+                         f"checkpoint (lower --lr or check the inputs)")
 
 
 def rng_state():
@@ -242,8 +342,6 @@ def save_grid(images, path, nrow=8, scale=1):
 
 def file_sha256(path):
     """sha256 of a file's bytes: names a checkpoint or prompt file by content (cache keys, cards)."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

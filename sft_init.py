@@ -127,6 +127,15 @@ first, n_local = runs.shard(cfg.batch, dist, what="items per step (--batch)")  #
 train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
 null = world.encode_prompts([""])  # the empty prompt's conditioning, for the guided loss
 
+# What this run is (settings + input hashes): a checkpoint in --out is resumed only if it records the same,
+# checked before any teacher sample is generated.
+identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
+                                       **{f"teacher_{t}": teacher_files[t] for t in task_weights},
+                                       **{f"prompts_{t}": worlds.prompt_file(world, t, "train") for t in task_weights}), paths=("world", "teachers", "init"))
+state = runs.load_checkpoint(out) if cfg.resume else None
+if state is not None:
+    runs.check_resume(out, state, identity, "steps", state["step"])
+
 
 # -----------------------------------------------------------------------------
 # 1. Teacher samples, generated once. Item k of task t: prompt perm_t[k mod P] of a seeded shuffle of
@@ -144,7 +153,7 @@ def task_items(task):
 
 def generation_key(task):
     """Everything a cached sample depends on besides its prompt and item id."""
-    teacher = "base" if teacher_files[task] == "base" else runs.file_sha256(teacher_files[task])
+    teacher = "base" if teacher_files[task] == "base" else runs.content_sha256(teacher_files[task])
     return dict(task=task, teacher=teacher, world=world.name, steps=sample_steps,
                 guidance_scale=guidance, noise_level=cfg.sample_noise_level, best_of=cfg.best_of, seed=cfg.seed)
 
@@ -228,6 +237,8 @@ for s in shards:
     meta_all += info["metadata"]
     task_ranges[s["task"]] = (start, len(prompts_all) - start)
 x0_all, reward_all = torch.cat(x0_all).float(), torch.cat(reward_all)  # (M, C, h, w), (M,)
+runs.assert_finite(x0_all.flatten(1).abs().amax(1), "a cached teacher sample", f"sft_init.py cache {cache_dir}",
+                   label=lambda i: f"item {i}, prompt {prompts_all[i]!r}")
 if dist.master:
     runs.write_json(os.path.join(cache_dir, "index.json"), dict(
         keys=keys, shards=shards, items=len(prompts_all),
@@ -264,7 +275,6 @@ if dist.master:
         print(f"warning: {cfg.steps} steps < --ema-every {cfg.ema_every}: the saved EMA adapter equals the initial one")
 
 start_step = 0
-state = runs.load_checkpoint(out) if cfg.resume else None
 if state is not None:
     with torch.no_grad():
         for k, p in params.items():
@@ -340,7 +350,7 @@ def save_outputs(step):
     if not dist.master:
         return
     runs.save_checkpoint(out, step, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
-                                        optimizer=optimizer.state_dict(), step=step))
+                                        optimizer=optimizer.state_dict(), step=step, identity=json.dumps(identity)))
     # save_lora wants peft's state-dict keys, which lack the adapter name that named_parameters() has
     worlds.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"),
                   state_dict={k.replace(".student.", "."): v for k, v in ema.items()})
@@ -381,6 +391,9 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
     # 3. Summed gradients over ranks, clip, AdamW, EMA
     runs.all_reduce_sum(param_list, dist)
     grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
+    runs.assert_finite(grad_norm, "the gradient norm", f"sft_init.py step {step + 1}")  # the same on every rank
+    runs.assert_finite(torch.cat(losses), "the loss", f"sft_init.py step {step + 1}",
+                       label=lambda i: f"item {int(ids[i])}, prompt {prompts_all[int(ids[i])]!r}")
     optimizer.step()
     if (step + 1) % cfg.ema_every == 0:
         runs.ema_update(ema, params, cfg.ema_decay)

@@ -40,6 +40,7 @@ class World:
     dtype: torch.dtype  # the transformer's compute dtype (bf16 on GPU for sd3)
     defaults: dict  # the world's sampling defaults: shift, train/eval steps, guidance, resolution, noise level, SDE window
     tasks: tuple  # task names with a reward in this world
+    source: str = ""  # where the base weights come from (a file or folder): a run's input, checked on resume
 
 
 # The settings of the paper (Flow-GRPO's): 512 px, shift 3.0, T = 10 SDE steps for training,
@@ -81,7 +82,7 @@ def load_world(name="tiny", device=None, dtype=None):
         )
         decode = lambda latents: tiny_world.latents_to_images(latents.float().cpu())
         return World("tiny", "tiny", transformer, _cached(encode), decode, tuple(tiny_world.LATENT_SHAPE),
-                     device, torch.float32, defaults, tuple(tiny_world.TASKS))
+                     device, torch.float32, defaults, tuple(tiny_world.TASKS), tiny_world.CHECKPOINT)
     return _load_sd3(name, device, dtype)
 
 
@@ -118,7 +119,7 @@ def _load_sd3(path, device, dtype):
         images = pipe.vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
-    world = World("sd3", str(path), pipe.transformer, _cached(encode), decode, latent_shape, device, dtype, d, TASKS)
+    world = World("sd3", str(path), pipe.transformer, _cached(encode), decode, latent_shape, device, dtype, d, TASKS, str(path))
     world.pipeline = pipe  # kept for users who want the diffusers pipeline (e.g. load_lora_weights)
     return world
 
@@ -154,15 +155,34 @@ def read_prompts(path):
     return prompts, metadata
 
 
+# Where each SD3 prompt file comes from, for the missing-file error (prompts/sd3/README.md has the details).
+SD3_PROMPT_SOURCES = {
+    "geneval": "Flow-GRPO's dataset/geneval/{split}_metadata.jsonl",
+    "ocr": "Flow-GRPO's dataset/ocr/{split}.txt",
+    "pickscore": "Flow-GRPO's dataset/pickscore/{split}.txt",
+}
+SD3_DEQA_SOURCES = {  # not in Flow-GRPO's dataset/: the user supplies them (one prompt per line)
+    "test": "DrawBench's 200 prompts (arXiv 2205.11487; e.g. the Hugging Face dataset shunk031/DrawBench, column 'prompts'), one per line",
+    "train": "the paper does not name DeQA's training prompts; Flow-GRPO's general prompts are the stand-in: cp pickscore_train.txt deqa_train.txt",
+}
+
+
 def prompt_file(world, task, split):
-    """Where a task's prompts live: prompts/tiny/{task}_{split}.txt in the tiny world, and for SD3
-    prompts/sd3/{task}_{split}.jsonl or .txt (copy Flow-GRPO's dataset files there)."""
-    folder = os.path.join(HERE, "prompts", world.kind)
+    """Where a task's prompts live: {root}/{world.kind}/{task}_{split}.jsonl or .txt, root = the
+    FLOWOPD_PROMPTS environment variable if set, else the repository's prompts/ (prompts/tiny ships;
+    prompts/sd3 is filled by `python prompts/get_sd3_prompts.py` from Flow-GRPO's dataset/)."""
+    folder = os.path.join(os.environ.get("FLOWOPD_PROMPTS") or os.path.join(HERE, "prompts"), world.kind)
     for ext in (".jsonl", ".txt"):
         path = os.path.join(folder, f"{task}_{split}{ext}")
         if os.path.isfile(path):
             return path
-    raise SystemExit(f"error: no prompt file for task {task!r} split {split!r} in {folder} (expected {task}_{split}.txt or .jsonl)")
+    where = ""
+    if world.kind == "sd3" and task in SD3_PROMPT_SOURCES:
+        where = (f": copy {SD3_PROMPT_SOURCES[task].format(split=split)} from github.com/yifan123/flow_grpo there "
+                 f"(python prompts/get_sd3_prompts.py does it)")
+    elif world.kind == "sd3" and task == "deqa":
+        where = f": {SD3_DEQA_SOURCES.get(split, SD3_DEQA_SOURCES['test'])}"
+    raise SystemExit(f"error: no prompt file for task {task!r} split {split!r} in {folder} (expected {task}_{split}.txt or .jsonl){where}")
 
 
 def parse_teachers(spec, world):
