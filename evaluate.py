@@ -144,6 +144,8 @@ for name in set_metrics:
     # files are often grouped by category (GenEval's, our OOD set): a prefix would test only the first
     keep = np.linspace(0, len(prompts) - 1, n).round().astype(int).tolist() if n else []
     prompt_sets[name] = (path, [prompts[i] for i in keep], [metadata[i] for i in keep])
+worlds.encode_once(world, [p for _, prompts, _ in prompt_sets.values() for p in prompts],
+                   os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
 
 # GenEval is reported strict (every clause holds; training uses the partial-credit "scores")
 options = {"geneval": dict(field="strict_rewards")}

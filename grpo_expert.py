@@ -75,6 +75,7 @@ SETTINGS = dict(
     ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is evaluated and saved)"),
     ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
     threads=(0, "CPU threads per process (0 = the cores shared out between local ranks)"),
+    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less memory (SD3.5-M on 40-80 GB cards), the same gradients"),
     seed=(0, "seed of prompt draws and sampling noise (per sample: seed, epoch, index)"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
@@ -130,6 +131,10 @@ ema = {k: p.detach().clone().float() for k, p in params.items()}
 task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights}
 extra_reward = {t: rewards.get_reward(t, world.kind) for t in extra_weights}
 train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
+worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in prompts],
+                   os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
+if cfg.gradient_checkpointing:
+    world.transformer.enable_gradient_checkpointing()
 
 # What this run is (settings + input hashes): a checkpoint in --out is resumed only if it records the same.
 identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,

@@ -91,6 +91,7 @@ SETTINGS = dict(
     ema_every=(8, "EMA update interval in optimizer steps"),
     score=(True, "score the student's samples with the task rewards (logged only, never trained on)"),
     threads=(0, "CPU threads per process (0 = the cores shared out between local ranks)"),
+    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less memory (SD3.5-M on 40-80 GB cards), the same gradients"),
     seed=(0, "seed of prompt draws and sampling noise"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
@@ -174,6 +175,10 @@ optimizer = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_dec
 ema = {k: p.detach().clone().float() for k, p in params.items()}
 
 train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
+worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in prompts],
+                   os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
+if cfg.gradient_checkpointing:
+    world.transformer.enable_gradient_checkpointing()
 task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights} if cfg.score else {}
 N = cfg.prompts_per_epoch * cfg.group_size
 first, n_local = runs.shard(N, dist)

@@ -199,7 +199,8 @@ def load_train_state(run_dir, params, ema, optimizer, identity=None, length="epo
 # What a run is, so that a rerun into the same --out resumes only the same run
 
 # Settings that change how a run is carried out, not what it computes: a resume may change them.
-OPERATIONAL = ("out", "resume", "threads", "save_every", "grid_every", "log_every", "probe_every", "cache", "score")
+OPERATIONAL = ("out", "resume", "threads", "save_every", "grid_every", "log_every", "probe_every", "cache", "score",
+               "gradient_checkpointing")
 
 
 def input_sha256(path):

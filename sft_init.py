@@ -90,6 +90,7 @@ SETTINGS = dict(
     probe=(16, "probe items: the first N positions of step 0's batch (fixed items, sigma, noise) whose flow loss is logged (0 = off)"),
     probe_every=(50, "probe loss every N steps (and at step 0)"),
     log_every=(10, "log.jsonl record every N steps"),
+    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less memory (SD3.5-M on 40-80 GB cards), the same gradients"),
     seed=(0, "seed of prompt choice, sampling noise, batches, sigmas and training noise"),
     save_every=(100, "checkpoint every N steps (and at the end)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
@@ -125,6 +126,10 @@ if cfg.best_of < 1 or cfg.prompts_per_task < 1:
 
 first, n_local = runs.shard(cfg.batch, dist, what="items per step (--batch)")  # this rank's block of each global batch
 train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
+worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in prompts],
+                   os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
+if cfg.gradient_checkpointing:
+    world.transformer.enable_gradient_checkpointing()
 null = world.encode_prompts([""])  # the empty prompt's conditioning, for the guided loss
 
 # What this run is (settings + input hashes): a checkpoint in --out is resumed only if it records the same,

@@ -66,14 +66,18 @@ def _cached(encode):
 
 
 def load_world(name="tiny", device=None, dtype=None):
-    """`load_world("tiny")`: the project's tiny world (shipped weights, CPU-friendly).
+    """`load_world("tiny")`: the project's tiny world (shipped weights, CPU-friendly); `"tiny:<file>"`:
+    the same world with another base (a candidate from tiny_pretrain.py pretrain).
     `load_world(path_or_hub_id)`: Stable Diffusion 3.5 Medium through diffusers. Text encoders and VAE
     are frozen; bf16 on GPU, float32 on CPU unless `dtype` says otherwise."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if name == "tiny":
+    if name == "tiny" or name.startswith("tiny:"):
         import tiny_world
 
-        transformer, encode = tiny_world.load_base(device=device)
+        base = name.partition(":")[2] or tiny_world.CHECKPOINT
+        if not os.path.isfile(base):
+            raise SystemExit(f"error: tiny-world base {base} does not exist (world {name!r}: 'tiny' or 'tiny:<base .safetensors>')")
+        transformer, encode = tiny_world.load_base(base, device=device)
         transformer.requires_grad_(False)
         defaults = dict(
             resolution=tiny_world.IMAGE_SIZE, shift=tiny_world.SHIFT, train_steps=10,
@@ -81,8 +85,8 @@ def load_world(name="tiny", device=None, dtype=None):
             noise_level=tiny_world.DEFAULT_NOISE_LEVEL, sde_window=tiny_world.DEFAULT_SDE_WINDOW,
         )
         decode = lambda latents: tiny_world.latents_to_images(latents.float().cpu())
-        return World("tiny", "tiny", transformer, _cached(encode), decode, tuple(tiny_world.LATENT_SHAPE),
-                     device, torch.float32, defaults, tuple(tiny_world.TASKS), tiny_world.CHECKPOINT)
+        return World("tiny", name, transformer, _cached(encode), decode, tuple(tiny_world.LATENT_SHAPE),
+                     device, torch.float32, defaults, tuple(tiny_world.TASKS), base)
     return _load_sd3(name, device, dtype)
 
 
@@ -122,6 +126,60 @@ def _load_sd3(path, device, dtype):
     world = World("sd3", str(path), pipe.transformer, _cached(encode), decode, latent_shape, device, dtype, d, TASKS, str(path))
     world.pipeline = pipe  # kept for users who want the diffusers pipeline (e.g. load_lora_weights)
     return world
+
+
+def encode_once(world, prompts, cache_dir, batch=64):
+    """SD3: encode every prompt a run can use (and the empty one) once, keep them on disk in cache_dir
+    (a safetensors file named by the text encoders' and the prompts' identity, reused by later runs), then
+    free the three text encoders: T5-XXL alone holds ~9.5 GB of GPU memory in bf16, and every prompt
+    is known before training. Afterwards world.encode_prompts reads rows from the memory-mapped file
+    (embeds of all of Flow-GRPO's PickScore prompts are ~40 GB: they stay on disk, not on the GPU), and a
+    prompt outside the set is an error. The tiny world's encoder is a small table: nothing to do."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    pipe = getattr(world, "pipeline", None)
+    if world.kind != "sd3" or pipe is None or pipe.text_encoder_3 is None and pipe.text_encoder is None:
+        return
+    prompts = sorted(set(prompts) | {""})
+    ident = hashlib.sha256(json.dumps([world.defaults["max_sequence_length"], str(world.dtype), prompts]).encode())
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        folder = os.path.join(world.name, part)  # configs and file sizes: cheap, and they change with the weights
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            f = os.path.join(folder, name)
+            ident.update(f"{part}/{name}:{os.path.getsize(f)}".encode())
+            if name.endswith(".json"):
+                with open(f, "rb") as g:
+                    ident.update(g.read())
+    path = os.path.join(cache_dir, f"prompts-{ident.hexdigest()[:16]}.safetensors")
+    if not os.path.isfile(path):
+        embeds, pooled = zip(*(world.encode_prompts(prompts[i: i + batch]) for i in range(0, len(prompts), batch)))
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        save_file({"embeds": torch.cat(embeds).cpu().contiguous(), "pooled": torch.cat(pooled).cpu().contiguous()}, tmp,
+                  metadata={"prompts": json.dumps(prompts)})
+        os.replace(tmp, path)  # atomic: ranks writing the same file at once leave one whole copy
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
+    if world.device.type == "cuda":
+        torch.cuda.empty_cache()
+    f = safe_open(path, "pt")
+    row = {p: i for i, p in enumerate(json.loads(f.metadata()["prompts"]))}
+    embeds, pooled = f.get_slice("embeds"), f.get_slice("pooled")
+
+    def encode_from_disk(batch_prompts):
+        missing = [p for p in batch_prompts if p not in row]
+        if missing:
+            raise SystemExit(f"error: prompt {missing[0]!r} was not among the {len(row)} prompts encoded at start-up ({path}); "
+                             "the text encoders are freed: pass every prompt file the run uses to worlds.encode_once")
+        rows = [row[p] for p in batch_prompts]
+        return (torch.cat([embeds[i: i + 1] for i in rows]).to(world.device, world.dtype),
+                torch.cat([pooled[i: i + 1] for i in rows]).to(world.device, world.dtype))
+
+    world.encode_prompts = encode_from_disk
+    return path
 
 
 # -----------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 it, sde.sample's ODE equals diffusers' own StableDiffusion3Pipeline from the same noise, and a LoRA
 saved by worlds.save_lora is read back by diffusers' load_lora_weights with its scale intact."""
 
+import os
+
 import pytest
 import torch
 
@@ -68,3 +70,23 @@ def test_bad_world_paths_give_one_clear_error(tmp_path):
         worlds.load_world(str(tmp_path), device="cpu")
     with pytest.raises(SystemExit, match="neither 'tiny'"):
         worlds.load_world(str(tmp_path / "missing" / "folder"), device="cpu")
+
+
+def test_encode_once_frees_the_text_encoders_and_serves_the_same_embeddings(pipeline_dir, tmp_path):
+    prompts = ["a red cat", 'a sign that says "hi"', "a dog"]
+    world = worlds.load_world(pipeline_dir, device="cpu")
+    direct = world.encode_prompts(prompts)
+    path = worlds.encode_once(world, prompts + prompts[:1], tmp_path / "cache")
+    pipe = world.pipeline
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None and pipe.text_encoder_3 is None
+    for ours, theirs in zip(world.encode_prompts(prompts[::-1]), direct):  # any order, from the file
+        torch.testing.assert_close(ours, theirs.flip(0), rtol=0, atol=0)
+    assert world.encode_prompts([""])[0].shape[0] == 1  # the empty prompt (CFG) is always there
+    with pytest.raises(SystemExit, match="was not among the 4 prompts"):
+        world.encode_prompts(["a prompt the run never named"])
+    # a second run with the same encoders and prompts reuses the file without encoding anything
+    mtime = os.stat(path).st_mtime_ns
+    again = worlds.load_world(pipeline_dir, device="cpu")
+    again.pipeline.encode_prompt = None  # calling the encoders now would fail
+    assert worlds.encode_once(again, prompts, tmp_path / "cache") == path and os.stat(path).st_mtime_ns == mtime
+    torch.testing.assert_close(again.encode_prompts(prompts)[1], direct[1], rtol=0, atol=0)
