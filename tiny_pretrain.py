@@ -30,7 +30,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tiny_world import (CHECKPOINT, DEFAULT_GUIDANCE, DEFAULT_STEPS_EVAL, HERE, IMAGE_SIZE, LATENT_SHAPE, SHIFT, TASKS,
-                        build_transformer, diversity, images_to_latents, load_base, make_encoder, make_prompt, read_prompts,
+                        build_transformer, corrupt_caption, degrade, diversity, images_to_latents, load_base, make_encoder, make_prompt, read_prompts,
                         render_batch, sample, score, score_ood, text_tables, write_prompt_files)
 
 # -----------------------------------------------------------------------------
@@ -60,7 +60,11 @@ def _save(path, transformer, tables, card):
     os.replace(tmp, os.path.splitext(path)[0] + ".json")
 
 
-def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False):
+def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=None, caption_noise=0.0, quality_noise=0.0):
+    """Rectified-flow pretraining for `steps` optimizer steps (the same command gives the same base on any
+    machine, up to float rounding) or, without steps, for `minutes` of wall time (the shipped v1 base).
+    caption_noise / quality_noise: the share of scenes captioned with one alt-text-like error
+    (tiny_world.corrupt_caption) / rendered with one quality fault their caption never names (degrade)."""
     import copy
     from tqdm import tqdm
     torch.set_num_threads(threads)
@@ -77,18 +81,24 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False):
     encode_prompts = make_encoder(tables)
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.99))
     n_params = sum(p.numel() for p in transformer.parameters())
-    print(f"transformer: {n_params / 1e6:.2f}M parameters; batch {BATCH_SIZE}; {minutes} minutes")
+    print(f"transformer: {n_params / 1e6:.2f}M parameters; batch {BATCH_SIZE}; " + (f"{steps} steps" if steps else f"{minutes} minutes")
+          + f"; caption noise {caption_noise}, quality noise {quality_noise}")
     card = dict(command="python " + " ".join(sys.argv), seed=seed, minutes=minutes, threads=threads, batch_size=BATCH_SIZE,
                 lr=lr, cooldown=cooldown, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
-                init=init, previous=previous)
+                init=init, previous=previous, max_steps=steps, caption_noise=caption_noise, quality_noise=quality_noise)
     tasks, weights = list(PRETRAIN_MIX), list(PRETRAIN_MIX.values())
     t_start = last_save = time.time()
     step, loss_avg = 0, None
-    bar = tqdm(total=int(minutes * 60), unit="s", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s {postfix}")
-    while time.time() - t_start < minutes * 60:
+    bar = tqdm(total=steps or int(minutes * 60), unit="step" if steps else "s", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {postfix}")
+    while (step < steps) if steps else (time.time() - t_start < minutes * 60):
         # data: captions from every task's generator, their ground-truth scenes, 10% dropped to ""
         prompts = [make_prompt(tasks[rng.choice(4, p=weights)], rng) for _ in range(BATCH_SIZE)]
-        x0 = images_to_latents(render_batch(prompts, rng))                   # (B, 12, 16, 16)
+        images = render_batch(prompts, rng)                                  # (B, 3, 32, 32)
+        for i in range(BATCH_SIZE):  # web-like data: some images worse than their captions say ...
+            if rng.random() < quality_noise:
+                images[i] = degrade(images[i], rng)
+        prompts = [corrupt_caption(p, rng) if rng.random() < caption_noise else p for p in prompts]  # ... some captions wrong
+        x0 = images_to_latents(images)                                       # (B, 12, 16, 16)
         prompts = ["" if rng.random() < PROMPT_DROPOUT else p for p in prompts]
         emb, pooled = encode_prompts(prompts)
         # rectified flow (SD3): logit-normal sigma, x_t = (1 - sigma) x0 + sigma noise, target v = noise - x0
@@ -100,7 +110,8 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False):
         loss = F.mse_loss(v, noise - x0)
         # update
         # linear warmup, then constant; with --cooldown, linear decay to 0 over the run's wall-clock time
-        frac_left = max(0.0, 1 - (time.time() - t_start) / (minutes * 60)) if cooldown else 1.0
+        done = step / steps if steps else (time.time() - t_start) / (minutes * 60)
+        frac_left = max(0.0, 1 - done) if cooldown else 1.0
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS) * frac_left
         opt.zero_grad(set_to_none=True)
@@ -113,7 +124,7 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False):
                 pe.lerp_(p, 1 - decay)
         step += 1
         loss_avg = loss.item() if loss_avg is None else 0.99 * loss_avg + 0.01 * loss.item()
-        bar.n = int(time.time() - t_start)
+        bar.n = step if steps else int(time.time() - t_start)
         bar.set_postfix(step=step, loss=f"{loss_avg:.4f}")
         # log / save
         if time.time() - last_save > SAVE_EVERY_S:
@@ -188,7 +199,10 @@ if __name__ == "__main__":
     p = sub.add_parser("prompts", help="write prompts/tiny/*.txt")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("pretrain", help="train the base model")
-    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget (ignored with --steps)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (reproducible on any machine; overrides --minutes)")
+    p.add_argument("--caption-noise", type=float, default=0.0, help="share of captions with one alt-text-like error")
+    p.add_argument("--quality-noise", type=float, default=0.0, help="share of images with one unnamed quality fault")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=CHECKPOINT)
     p.add_argument("--init", default=None, help="continue from this checkpoint's weights (fresh optimizer)")
@@ -207,6 +221,7 @@ if __name__ == "__main__":
     if args.cmd == "prompts":
         write_prompt_files(args.seed)
     elif args.cmd == "pretrain":
-        pretrain(args.minutes, args.seed, args.out, args.threads, args.init, args.lr, args.cooldown)
+        pretrain(args.minutes, args.seed, args.out, args.threads, args.init, args.lr, args.cooldown, args.steps,
+                 args.caption_noise, args.quality_noise)
     else:
         calibrate(args.n, args.steps, args.guidance, args.shift, args.threads)

@@ -339,6 +339,62 @@ def read_prompts(task, split):
         return [line.strip() for line in f if line.strip()]
 
 # -----------------------------------------------------------------------------
+# web-like noise in pretraining data (tiny world v2 pilot): captions that do not quite match their image,
+# and images of lower quality than their caption says. The base then draws cleanly but does not always
+# follow its prompt, and its images are of mixed quality, as SD3.5-M's are after web pretraining.
+
+NEIGHBOUR_COLOUR = {c: min((d for d in COLOURS if d != c), key=lambda d: sum((a - b) ** 2 for a, b in zip(COLOURS[c], COLOURS[d])))
+                    for c in COLOURS}  # the nearest other colour in RGB: the colour a careless caption names
+
+
+def corrupt_caption(prompt, rng):
+    """A caption with one alt-text-like error about its image: a colour named for its nearest neighbour,
+    a count off by one, a wrong or missing glyph, or the second object left out. Returns a caption that
+    parses and holds no held-out composition, or the prompt itself when no such error exists."""
+    spec, words = parse(prompt), prompt.split(" ")
+    options = []
+    if spec["kind"] == "ocr":
+        text = spec["text"]
+        wrong = [text[:i] + g + text[i + 1:] for i in range(len(text)) for g in GLYPHS if g != text[i]]
+        options += wrong + ([text[1:], text[:1]] if len(text) == 2 else [])
+        options = [f'a sign that says "{x}"' for x in options]
+    else:
+        for i, w in enumerate(words):
+            if w in COLOURS:
+                new = words[:i] + [NEIGHBOUR_COLOUR[w]] + words[i + 1:]
+                if new[i - 1] in ("a", "an"):
+                    new[i - 1] = _article(new[i])
+                options.append(" ".join(new))
+            if w in ("two", "three", "four"):
+                for n in (NUMBERS[w] - 1, NUMBERS[w] + 1):
+                    if 2 <= n <= 4:
+                        options.append(" ".join(words[:i] + [list(NUMBERS)[n - 1]] + words[i + 1:]))
+        if len(spec["objects"]) == 2:  # "a photo of X and|rel Y [on a ... background]" -> "a photo of X [on ...]"
+            bg = f" on a {spec['background']} background" if spec["background"] else ""
+            o = spec["objects"][0]
+            options.append(f"a photo of {_phrase(o['colour'], o['shape'], o['big'])}{bg}")
+    options = [c for c in options if ood_category(parse(c)) is None]
+    return options[rng.integers(len(options))] if options else prompt
+
+
+def degrade(image, rng):
+    """One web-like quality fault of an image (3, H, W) in [0, 1], never named by its caption: blur,
+    sensor noise, low contrast, or blocky compression."""
+    kind = rng.integers(4)
+    x = image.numpy()
+    if kind == 0:
+        x = ndimage.gaussian_filter(x, (0, rng.uniform(0.6, 1.2), rng.uniform(0.6, 1.2)))
+    elif kind == 1:
+        x = x + rng.normal(0, rng.uniform(0.04, 0.10), x.shape)
+    elif kind == 2:
+        x = 0.5 + (x - 0.5) * rng.uniform(0.4, 0.65)
+    else:  # 4x4 blocks averaged, as a harsh JPEG does
+        h, w = x.shape[1:]
+        x = x.reshape(3, h // 4, 4, w // 4, 4).mean((2, 4)).repeat(4, 1).repeat(4, 2)
+    return torch.from_numpy(np.clip(x, 0, 1).astype(np.float32))
+
+
+# -----------------------------------------------------------------------------
 # renderer: a ground-truth scene for a prompt
 
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5  # pixel centres

@@ -174,3 +174,54 @@ def test_base_loads_and_samples():
     images = tw.sample(transformer, encode, ["a photo of a red circle", 'a sign that says "K7"'], steps=4)
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     assert images.std() > 0.05  # not a constant image
+
+
+# -----------------------------------------------------------------------------
+# web-like pretraining noise (tiny world v2 pilot)
+
+def _attributes(spec):
+    return [(o["count"], o["colour"], o["shape"]) for o in spec["objects"]], spec["text"]
+
+
+@pytest.mark.parametrize("task", ["geneval", "ocr", "deqa"])
+def test_corrupt_caption_makes_one_alt_text_error(task):
+    """A corrupted caption parses, holds no held-out composition, and differs from its image's caption by
+    exactly one error of the four kinds; the image's own reward then ranks the true caption above it."""
+    rng = np.random.default_rng(3)
+    kinds = set()
+    for _ in range(60):
+        prompt = tw.make_prompt(task, rng)
+        bad = tw.corrupt_caption(prompt, rng)
+        spec, bad_spec = tw.parse(prompt), tw.parse(bad)
+        assert tw.ood_category(bad_spec) is None
+        (objs, text), (bad_objs, bad_text) = _attributes(spec), _attributes(bad_spec)
+        if bad == prompt:  # no error fits (every option would be a held-out composition)
+            continue
+        if text is not None:
+            assert len(bad_text) in (len(text), len(text) - 1) and bad_text != text
+            kinds.add("glyph" if len(bad_text) == len(text) else "missing glyph")
+            if len(bad_text) == len(text):
+                assert sum(a != b for a, b in zip(text, bad_text)) == 1
+        elif len(bad_objs) < len(objs):
+            assert bad_objs == objs[:1]
+            kinds.add("object left out")
+        else:
+            changed = [(a, b) for a, b in zip(objs, bad_objs) if a != b]
+            assert len(changed) == 1
+            (c, col, s), (c2, col2, s2) = changed[0]
+            assert s == s2 and ((col is not None and col2 == tw.NEIGHBOUR_COLOUR[col] and c == c2) or (col == col2 and abs(c - c2) == 1))
+            kinds.add("colour" if col != col2 else "count")
+            if task == "geneval":
+                image = truth_of([prompt])
+                assert tw.score("geneval", image, [prompt])[0] > tw.score("geneval", image, [bad])[0]
+    assert kinds >= ({"glyph", "missing glyph"} if task == "ocr" else {"colour", "object left out"})
+
+
+def test_degrade_lowers_quality_and_is_never_captioned():
+    prompts = tw.read_prompts("deqa", "test")[:N]
+    truth = truth_of(prompts)
+    rng = np.random.default_rng(4)
+    degraded = torch.stack([tw.degrade(x, rng) for x in truth])
+    assert degraded.shape == truth.shape and degraded.min() >= 0 and degraded.max() <= 1
+    assert tw.score("deqa", degraded, prompts).mean() < tw.score("deqa", truth, prompts).mean() - 0.3
+    assert tw.score("pickscore", degraded, prompts).mean() < tw.score("pickscore", truth, prompts).mean()
