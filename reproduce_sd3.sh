@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# The paper's recipe on Stable Diffusion 3.5 Medium (Flow-OPD, arXiv 2605.08063), one resumable script:
+#   Stage 1   four single-task Flow-GRPO experts + the GRPO-Mix baseline        grpo_expert.py   (torchrun)
+#   Cold      merge the experts (task arithmetic) | SFT on their samples         merge.py | sft_init.py
+#   Stage 2   multi-teacher OPD from each cold start, with MAR                   opd.py           (torchrun)
+#   Tables    the paper's main and quality tables over every model               evaluate.py      (torchrun)
+#
+#   bash reproduce_sd3.sh SD3_FOLDER                                   # one node, 8 GPUs
+#   bash reproduce_sd3.sh --nnodes 4 --nproc-per-node 8 --head HOST SD3_FOLDER   # on EVERY node (srun, pdsh, ...)
+#   bash reproduce_sd3.sh --dry-run --nnodes 4 --head HOST SD3_FOLDER  # print the commands, run nothing
+#   bash reproduce_sd3.sh --toy TINY_SD3_FOLDER                        # the same stages, tiny budgets, plain CPU
+#                                                                      # processes (what tests/test_sd3_pipeline.py runs)
+# Options: --out DIR (default results/sd3; results/sd3-toy with --toy; on a filesystem every node sees),
+#          --port P (rendezvous port on the head node, default 29500).
+# Environment: FLOWOPD_GENEVAL_URL / FLOWOPD_DEQA_URL (the reward servers, default http://127.0.0.1:18085 / :18086),
+#   FLOWOPD_PROMPTS (prompt root holding sd3/, default prompts/), FLOWOPD_AESTHETIC_MLP (the quality table's aesthetic
+#   head; without it only the main table is made), the budgets below (EXPERT_EPOCHS=... bash reproduce_sd3.sh ...),
+#   NOMAR=1 (also OPD from the merge without MAR, the quality table's "w/o MAR" row), PY / TORCHRUN (interpreters).
+#
+# Resumable: a stage is skipped when its output exists (its folder's DONE file, written when the stage's command
+# exits 0, beside adapter.safetensors); an interrupted stage has no DONE and its script resumes from its own
+# checkpoint when rerun. Delete a DONE file to redo a stage. Multi-node: every node runs this same script; the
+# torchrun stages meet at the head node (c10d rendezvous, one rendezvous id per stage); the merge, a few seconds of
+# CPU, runs on every node and writes the same file atomically.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() { echo "usage: bash reproduce_sd3.sh [--toy] [--dry-run] [--nnodes N] [--nproc-per-node G] [--head HOST] [--port P] [--out DIR] SD3_FOLDER" >&2; exit 2; }
+TOY=0; DRY=0; NNODES=1; NPROC=8; HEAD=""; PORT=29500; OUT=""; SD=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --toy) TOY=1 ;;
+    --dry-run) DRY=1 ;;
+    --nnodes) NNODES=${2:?}; shift ;;
+    --nproc-per-node|--nproc_per_node) NPROC=${2:?}; shift ;;
+    --head) HEAD=${2:?}; shift ;;
+    --port) PORT=${2:?}; shift ;;
+    --out) OUT=${2:?}; shift ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -*) echo "error: unknown option $1" >&2; usage ;;
+    *) [ -z "$SD" ] || { echo "error: one SD3 folder, got '$SD' and '$1'" >&2; usage; }; SD=$1 ;;
+  esac
+  shift
+done
+[ -n "$SD" ] || { echo "error: give the Stable Diffusion 3.5 Medium folder (or hub id)" >&2; usage; }
+[[ $NNODES =~ ^[1-9][0-9]*$ && $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "error: --nnodes and --nproc-per-node take positive integers" >&2; exit 2; }
+[ $NNODES -eq 1 ] || [ -n "$HEAD" ] || { echo "error: --nnodes $NNODES needs --head HOST (the first node's address)" >&2; exit 2; }
+if [ $DRY = 0 ] && [ ! -f "$SD/model_index.json" ] && [[ ! $SD =~ ^[^/]+/[^/]+$ ]]; then
+  echo "error: $SD is not a Stable Diffusion 3 pipeline folder (no model_index.json) nor a hub id" >&2; exit 2
+fi
+if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}; fi
+PY=${PY:-python}; TORCHRUN=${TORCHRUN:-torchrun}
+
+# ---- budgets. The paper gives none of the epoch counts (Flow-GRPO's configs set a huge num_epochs and stop by hand
+#      when the evaluation reward plateaus); these are this project's choices, override them from the environment.
+EXPERT_EPOCHS=${EXPERT_EPOCHS:-1000}  # 2 optimizer steps each (Flow-GRPO: gradient accumulation = half an epoch)
+MIX_EPOCHS=${MIX_EPOCHS:-1000}
+SFT_ITEMS=${SFT_ITEMS:-256}           # teacher samples per task (paper silent: sft_init.py's default)
+SFT_STEPS=${SFT_STEPS:-1000}          # optimizer steps of 32 items (paper silent: sft_init.py's default)
+OPD_EPOCHS=${OPD_EPOCHS:-500}
+
+# ---- the paper's settings (PAPER-NOTES sections 2-4; 512 px, T = 10 SDE steps with the first 9 trained, CFG 4.5,
+#      noise level 0.7, 40 ODE evaluation steps, LoRA r 32 / alpha 64 on the attention projections, AdamW wd 1e-4,
+#      grad clip 1, EMA 0.9 every 8 steps: worlds.SD3_DEFAULTS and the scripts' defaults, so not repeated here).
+# Experts, Flow-GRPO: 48 prompts x G = 24 images per epoch, lr 3e-4, clip range 1e-4, advantages over the batch
+# clipped to 5, beta 0.04 GenEval/OCR and 0.01 PickScore (DeQA: paper silent, 0.01; grpo_expert.py's per-task
+# defaults). Flow-GRPO's per-GPU batch of 9 (its train_batch_size) sets the forwards; it changes no result (gradients
+# sum over the epoch's half), so lower it if memory says so, or set TRAIN_EXTRA=--gradient-checkpointing (the same
+# gradients; TRAIN_EXTRA is added to every training stage). 1152 images must divide over the ranks (8, 16, 32 GPUs do).
+TRAIN_EXTRA=${TRAIN_EXTRA:-}
+EXPERT="--prompts-per-epoch 48 --group-size 24 --sample-batch 9 --train-batch 9 $TRAIN_EXTRA"
+# GRPO-Mix: the same batches; GenEval:OCR:PickScore drawn 3:1:1 plus DeQA added to every reward 1:1, lr 1e-4 (the
+# mix configs; beta: the smallest of its tasks', 0.01).
+MIX="--task geneval:3,ocr:1,pickscore:1 --reward deqa:1 --lr 1e-4 $EXPERT"
+# OPD, the official config: 16 images per prompt, lr 1e-4, the KL minimised directly (its advantage -KL is not
+# detached: opd.py --opd-loss direct, README "Which OPD loss"), EMA 0.9 every 8 steps (opd.py's defaults);
+# 32 prompts per epoch (paper silent; 512 images, this project's choice); hard routing, each task to its own expert,
+# tasks drawn 1:1:1:1 (paper silent; the official 8-GPU config has only OCR 1 : GenEval 3). MAR: lambda 0.02 (the
+# paper's appendix; the official configs 0.04) toward the DeQA expert (the paper; the official code falls back to
+# the base). Training forwards of 8 (16 with CFG) for memory; no result depends on it.
+OPD="--prompts-per-epoch 32 --group-size 16 --sample-batch 16 --train-batch 8 --mar-weight 0.02 --mar-teacher deqa $TRAIN_EXTRA"
+SFT="--prompts-per-task $SFT_ITEMS --steps $SFT_STEPS $TRAIN_EXTRA"
+EVAL="--deqa-scale 5"  # yifan123/reward-server's DeQA answers score / 5: back to DeQA's 1-5 scale
+TABLES="main,quality"
+[ -n "${FLOWOPD_AESTHETIC_MLP:-}" ] || TABLES="main"  # the quality table's aesthetic score needs its MLP head
+
+if [ $TOY = 1 ]; then  # the same sequence with tiny budgets: 4 SDE steps, a few images per epoch, no EMA lag
+  OUT=${OUT:-results/sd3-toy}; EXPERT_EPOCHS=1; MIX_EPOCHS=1; SFT_ITEMS=2; SFT_STEPS=2; OPD_EPOCHS=6
+  SMALL="--group-size 2 --steps 4 --ema-every 1 --ema-decay 0 --grid-every 0 --threads 1"
+  EXPERT="$SMALL --prompts-per-epoch 2 --sample-batch 4 --train-batch 4 --lr 1e-2"
+  MIX="--task geneval:3,ocr:1,pickscore:1 --reward deqa:1 $EXPERT"
+  # OPD: 8 images an epoch over the four tasks (an epoch's KL is then not one task's), one optimizer step per image,
+  # lr 1e-3: the toy teachers are 2 Adam steps from the base, and a larger step overshoots that gap (measured: KL
+  # falls ~3x over 6 epochs at 1e-3, bounces at 3e-3). --no-score: OPD only logs its samples' task rewards, and
+  # rapidocr on every epoch was most of a toy epoch's time.
+  OPD="$SMALL --prompts-per-epoch 4 --sample-batch 8 --train-batch 8 --updates-per-epoch 8 --lr 1e-3 --no-score --mar-weight 0.02 --mar-teacher deqa"
+  SFT="--prompts-per-task $SFT_ITEMS --steps $SFT_STEPS --batch 4 --train-batch 4 --sample-steps 4 --sample-batch 8 --probe 0 --ema-every 1 --ema-decay 0 --threads 1"
+  EVAL="--deqa-scale 5 --limit 1 --images-per-prompt 1 --steps 4 --batch-size 8 --grid-prompts 1 --threads 1"
+  TABLES="main"
+fi
+OUT=${OUT:-results/sd3}
+RUNS=$OUT/runs
+TASKS="geneval ocr deqa pickscore"
+
+if [ $TOY = 1 ]; then
+  launch() { echo "$PY $*"; }
+elif [ $NNODES = 1 ]; then
+  launch() { echo "$TORCHRUN --nnodes 1 --nproc_per_node $NPROC --standalone $*"; }
+else
+  launch() { echo "$TORCHRUN --nnodes $NNODES --nproc_per_node $NPROC --rdzv_backend c10d --rdzv_endpoint $HEAD:$PORT --rdzv_id flowopd-$STAGE $*"; }
+fi
+
+# stage NAME FOLDER COMMAND...: run COMMAND unless FOLDER/DONE exists, then write FOLDER/DONE (the command line)
+stage() {
+  STAGE=$1; local dir=$2; shift 2
+  local cmd; cmd=$("$@")
+  if [ -f "$dir/DONE" ]; then
+    echo "== $STAGE: done ($dir/DONE), skipped"; [ $DRY = 0 ] || echo "# $cmd"; return 0
+  fi
+  echo "== $STAGE"
+  if [ $DRY = 1 ]; then echo "$cmd"; return 0; fi
+  echo "+ $cmd"
+  local start=$SECONDS
+  eval "$cmd"
+  mkdir -p "$dir" && echo "$cmd" > "$dir/DONE"
+  echo "== $STAGE finished in $((SECONDS - start)) s"
+}
+plain() { echo "$PY $*"; }
+
+# side NAME COMMAND...: with --toy, run COMMAND (a stage or a chain of stages) beside the others of its wave, its
+# output in $OUT/logs/NAME.log, printed by `together`, which waits for the wave. A toy stage is mostly Python
+# start-up on one CPU thread, so two cores take two at once. Without --toy: run it now, in order.
+SIDE=()
+side() {
+  local name=$1; shift
+  if [ $TOY = 1 ] && [ $DRY = 0 ]; then
+    mkdir -p "$OUT/logs"; ("$@") > "$OUT/logs/$name.log" 2>&1 & SIDE+=("$!:$name")
+  else
+    "$@"
+  fi
+}
+together() {
+  local p failed=""
+  for p in ${SIDE[@]+"${SIDE[@]}"}; do
+    wait "${p%%:*}" || failed="$failed ${p#*:}"
+    cat "$OUT/logs/${p#*:}.log"
+  done
+  SIDE=()
+  [ -z "$failed" ] || { echo "error: failed:$failed (their output is above and in $OUT/logs/)" >&2; exit 1; }
+}
+
+# ---- preflight (not in --dry-run): every prompt file and reward server the recipe needs, before hours of GPU time
+if [ $DRY = 0 ]; then
+  "$PY" - "$SD" <<'EOF'
+import os, socket, sys, types, urllib.parse
+import rewards, worlds
+world = types.SimpleNamespace(kind="sd3")
+for task in worlds.TASKS:  # one error line naming the file and where to get it (worlds.prompt_file)
+    for split in ("train", "test"):
+        worlds.prompt_file(world, task, split)
+for task, (env, default) in rewards.DEFAULT_URLS.items():
+    url = urllib.parse.urlparse(os.environ.get(env) or default)
+    try:
+        socket.create_connection((url.hostname, url.port or 80), timeout=10).close()
+    except OSError as e:
+        sys.exit(f"error: no {task} reward server at {url.geturl()} ({e}): start yifan123/reward-server's app (README) or set {env}")
+import rapidocr  # noqa: F401  (the OCR reward: pip install 'rapidocr>=3,<4' onnxruntime)
+print("preflight: prompt files and reward servers found")
+EOF
+fi
+
+TEACHERS=""; ADAPTERS=""; GAIN=""; EXPERTS=""
+for t in $TASKS; do
+  TEACHERS="$TEACHERS${TEACHERS:+,}$t=$RUNS/grpo-$t/adapter.safetensors"
+  ADAPTERS="$ADAPTERS${ADAPTERS:+,}$RUNS/grpo-$t/adapter.safetensors"
+  GAIN="$GAIN${GAIN:+,}$t=grpo-$t"
+  EXPERTS="$EXPERTS,grpo-$t=$RUNS/grpo-$t/adapter.safetensors"
+done
+W="--world $SD"
+
+# ---- Stage 1: one Flow-GRPO expert per task, then GRPO-Mix
+for t in $TASKS; do
+  side grpo-$t stage grpo-$t $RUNS/grpo-$t launch grpo_expert.py $W --task $t $EXPERT --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$t
+done
+side grpo-mix stage grpo-mix $RUNS/grpo-mix launch grpo_expert.py $W $MIX --epochs $MIX_EPOCHS --out $RUNS/grpo-mix
+together
+
+# ---- Cold start, then Stage 2 from it: OPD with MAR, from each cold start
+# Merge: the four experts' updates by task arithmetic (the paper gives no formula; the official code averages the
+# A and B factors of three experts: merge.py --method lora-mean).
+from_merge() {
+  stage merge $RUNS/merge plain merge.py --adapters $ADAPTERS --method task-arithmetic --out $RUNS/merge/adapter.safetensors
+  stage opd-merge $RUNS/opd-merge launch opd.py $W --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS $OPD --epochs $OPD_EPOCHS --out $RUNS/opd-merge
+  if [ "${NOMAR:-0}" = 1 ]; then
+    stage opd-merge-nomar $RUNS/opd-merge-nomar launch opd.py $W --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS $OPD --mar-weight 0 --epochs $OPD_EPOCHS --out $RUNS/opd-merge-nomar
+  fi
+}
+# SFT on the experts' samples (sft_init.py: ODE samples of each task's expert, SD3's flow-matching loss)
+from_sft() {
+  stage sft-init $RUNS/sft-init launch sft_init.py $W --teachers $TEACHERS $SFT --out $RUNS/sft-init
+  stage opd-sft $RUNS/opd-sft launch opd.py $W --student $RUNS/sft-init/adapter.safetensors --teachers $TEACHERS $OPD --epochs $OPD_EPOCHS --out $RUNS/opd-sft
+}
+side from-merge from_merge
+side from-sft from_sft
+together
+MODELS="base$EXPERTS,grpo-mix=$RUNS/grpo-mix/adapter.safetensors,merge-init=$RUNS/merge/adapter.safetensors"
+MODELS="$MODELS,sft-init=$RUNS/sft-init/adapter.safetensors,opd-sft=$RUNS/opd-sft/adapter.safetensors,opd-merge=$RUNS/opd-merge/adapter.safetensors"
+[ "${NOMAR:-0}" != 1 ] || MODELS="$MODELS,opd-merge-nomar=$RUNS/opd-merge-nomar/adapter.safetensors"
+
+# ---- Tables: every model on GenEval (strict), OCR, DeQA (DrawBench) and PickScore test prompts, 4 images each
+stage evaluate $OUT/tables launch evaluate.py $W --models $MODELS --tables $TABLES --gain-of $GAIN $EVAL --out $OUT/tables --cache $OUT/eval_cache
+[ $DRY = 1 ] || echo "tables: $OUT/tables (main.md, main.json$([ $TABLES = main ] || echo ', quality.md'))"
