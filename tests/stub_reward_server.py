@@ -36,36 +36,42 @@ def deqa_reply(payload):
     return {"outputs": [float(0.2 + 0.8 * (1 - _pixels(j).std(axis=(0, 1)).mean())) for j in payload["images"]]}
 
 
-def _server(reply, port):
+@contextlib.contextmanager
+def serve(respond, port=0):
+    """An HTTP server on 127.0.0.1 in a background thread, speaking reward-server's protocol: each POST's
+    body is unpickled and passed to respond(payload), which returns (status, body bytes) to send, or
+    None to send nothing (the client then sees the connection close). Yields the server's URL."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
-            payload = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))  # trusted: our own client
-            body = pickle.dumps(reply(payload), protocol=4)
-            self.send_response(200)
+            answer = respond(pickle.loads(self.rfile.read(int(self.headers["Content-Length"]))))  # trusted: our own client
+            if answer is None:
+                return
+            code, body = answer
+            self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
+        def log_message(self, *args):  # keep pytest output clean
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
-    return server
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @contextlib.contextmanager
 def stub_reward_servers(geneval_port=0, deqa_port=0):
     """Both stubs on 127.0.0.1 in background threads; yields (geneval_url, deqa_url)."""
-    servers = [_server(geneval_reply, geneval_port), _server(deqa_reply, deqa_port)]
-    for s in servers:
-        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        yield tuple(f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
-    finally:
-        for s in servers:
-            s.shutdown()
-            s.server_close()
+    ok = lambda reply: lambda payload: (200, pickle.dumps(reply(payload), protocol=4))  # noqa: E731
+    with serve(ok(geneval_reply), geneval_port) as geneval_url, serve(ok(deqa_reply), deqa_port) as deqa_url:
+        yield geneval_url, deqa_url
 
 
 if __name__ == "__main__":

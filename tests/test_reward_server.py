@@ -6,12 +6,10 @@ rewards.get_reward(task, "sd3") with the URL in the environment, as the stages c
 """
 
 import contextlib
-import http.server
 import os
 import pickle
 import socket
 import sys
-import threading
 import time
 import types
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 import rewards  # noqa: E402
 from rewards import get_reward  # noqa: E402
+from stub_reward_server import serve  # noqa: E402
 
 IMAGES = torch.rand(2, 3, 8, 8)
 METADATA = [{"tag": "counting", "prompt": f"{n} cats", "include": [{"class": "cat", "count": n}]} for n in (2, 4)]
@@ -47,32 +46,18 @@ def reward_server(replies, port=0):
     without answering) or "slow" (answer nothing for a while). Yields the requests' payloads and the URL."""
     requests = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            requests.append(pickle.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            reply = replies[min(len(requests), len(replies)) - 1]
-            if reply == "drop":
-                return  # HTTP/1.0: the connection closes with no status line (the client sees a reset)
-            if reply == "slow":
-                time.sleep(1.0)  # past the client's timeout
-                return
-            code, body = reply(requests[-1]) if callable(reply) else reply
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def respond(payload):
+        requests.append(payload)
+        reply = replies[min(len(requests), len(replies)) - 1]
+        if reply == "drop":
+            return None  # HTTP/1.0: the connection closes with no status line (the client sees a reset)
+        if reply == "slow":
+            time.sleep(1.0)  # past the client's timeout
+            return None
+        return reply(payload) if callable(reply) else reply
 
-        def log_message(self, *args):  # keep pytest output clean
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        yield requests, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(respond, port) as url:
+        yield requests, url
 
 
 @pytest.fixture(autouse=True)

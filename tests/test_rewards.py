@@ -5,12 +5,10 @@ tiny random CLIP saved to disk and loaded through from_pretrained, and the GenEv
 against a stub reward server on 127.0.0.1.
 """
 
-import http.server
 import io
 import pickle
 import socket
 import sys
-import threading
 import types
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for rewards and tests.*
 import rewards  # noqa: E402
+from stub_reward_server import serve  # noqa: E402
 from rewards import (  # noqa: E402
     combined_reward, get_reward, levenshtein, ocr_reward_from_text, paper_average, parse_weights,
 )
@@ -224,35 +223,20 @@ def test_aesthetic_formula_pth_and_safetensors(tiny_clip_dir, tmp_path):
 
 @pytest.fixture
 def stub_server():
-    """A threading HTTP server on a free port answering like yifan123/reward-server: it unpickles the
-    request, records it and replies with reply(payload) pickled (or a 500 with a traceback)."""
+    """A server answering like yifan123/reward-server: it records each request and replies with
+    reply(payload) pickled (or a 500 with a traceback, as the real server sends traceback.format_exc())."""
     state = {"requests": [], "reply": None}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            payload = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            state["requests"].append(payload)
-            try:
-                body, code = pickle.dumps(state["reply"](payload)), 200
-            except Exception as e:  # the real server sends traceback.format_exc() with a 500
-                body, code = f"Traceback (most recent call last):\n  ...\n{type(e).__name__}: {e}".encode(), 500
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def respond(payload):
+        state["requests"].append(payload)
+        try:
+            return 200, pickle.dumps(state["reply"](payload))
+        except Exception as e:
+            return 500, f"Traceback (most recent call last):\n  ...\n{type(e).__name__}: {e}".encode()
 
-        def log_message(self, *args):  # keep pytest output clean
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serve(respond) as url:
+        state["url"] = url
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _decode_jpegs(payload):
