@@ -147,10 +147,14 @@ def test_two_launchers_c10d_rendezvous_equal_one_process(stage, tmp_path):
     args = [*(GRPO if stage == "grpo" else OPD), "--epochs", "2"]
     run([*args, "--out", tmp_path / "one"])
     port = free_port()
+    # the rendezvous store lives here, as on a cluster's head node: when it lives in one launcher, that
+    # launcher may exit first and the other's last store call fails (RendezvousConnectionError)
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     launch = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                       "--rdzv-id", f"test-{port}", *args, "--out", tmp_path / "two")
     nodes = [subprocess.Popen(launch, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [n.communicate(timeout=600)[0] for n in nodes]
+    del store
     assert all(n.returncode == 0 for n in nodes), outs[0][-2000:] + outs[1][-2000:]
     log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert log_two[-1]["opt_step"] == log_one[-1]["opt_step"] > 0
