@@ -222,7 +222,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
             perm = kept[torch.randperm(len(kept), generator=shuffle)]
             for chunk in (perm.chunk(cfg.updates_per_epoch) if len(perm) else []):
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = torch.zeros(())  # this rank's summed loss of the step, for the divergence guard
+                step_loss = torch.zeros((), device=dist.device)  # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
                 n_chunk = len(chunk)  # global count: every rank divides by it, so the summed gradient is the global mean
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first  # this rank's share, local indices
                 for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
@@ -241,7 +241,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                                 kl = kl * (sigmas[j] - sigmas[j + 1]).item()
                         loss = policy_loss + beta * kl
                         (loss.sum() / (n_chunk * len(train_steps))).backward()
-                        step_loss += loss.detach().sum().cpu()
+                        step_loss += loss.detach().sum()
                         stats["loss"].append(loss.detach().mean().item())
                         stats["policy"].append(policy_loss.detach().mean().item())
                         stats["kl"].append(kl.detach().mean().item())

@@ -275,7 +275,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
             perm = torch.randperm(N, generator=shuffle)
             for chunk in perm.chunk(cfg.updates_per_epoch):
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = torch.zeros(())  # this rank's summed loss of the step, for the divergence guard
+                step_loss = torch.zeros((), device=dist.device)  # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
                 for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     for jj, j in enumerate(train_steps):
@@ -295,7 +295,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                             if inner == 0:
                                 mar_sample[mb] += mar.detach().cpu() / len(train_steps)
                         (loss.sum() / (N * len(train_steps))).backward()
-                        step_loss += loss.detach().sum().cpu()
+                        step_loss += loss.detach().sum()
                         stats["loss"].append(loss.detach().mean().item())
                         if inner == 0:
                             kl_sample[mb] += kl.detach().cpu() / len(train_steps)
