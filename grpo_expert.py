@@ -130,7 +130,8 @@ ema = {k: p.detach().clone().float() for k, p in params.items()}
 
 task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights}
 extra_reward = {t: rewards.get_reward(t, world.kind) for t in extra_weights}
-train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
+train_files = {t: worlds.prompt_file(world, t, "train") for t in task_weights}
+train_prompts = {t: worlds.read_prompts(path) for t, path in train_files.items()}
 worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in prompts],
                    os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
 if cfg.gradient_checkpointing:
@@ -138,7 +139,7 @@ if cfg.gradient_checkpointing:
 
 # What this run is (settings + input hashes): a checkpoint in --out is resumed only if it records the same.
 identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
-                                   **{f"prompts_{t}": worlds.prompt_file(world, t, "train") for t in task_weights}), paths=("world", "init"))
+                                   **{f"prompts_{t}": path for t, path in train_files.items()}), paths=("world", "init"))
 start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, identity) if cfg.resume else (0, 0)
 
 if dist.master:

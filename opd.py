@@ -174,7 +174,8 @@ param_list = list(params.values())
 optimizer = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_decay)
 ema = {k: p.detach().clone().float() for k, p in params.items()}
 
-train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
+train_files = {t: worlds.prompt_file(world, t, "train") for t in task_weights}
+train_prompts = {t: worlds.read_prompts(path) for t, path in train_files.items()}
 worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in prompts],
                    os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
 if cfg.gradient_checkpointing:
@@ -187,7 +188,7 @@ first, n_local = runs.shard(N, dist)
 anchor_file = cfg.mar_teacher if anchor == "anchor" else None
 identity = runs.run_identity(cfg, dict(base=world.source, student=cfg.student, anchor=anchor_file,
                                        **{f"teacher_{t}": teacher_files[t] for t in used},
-                                       **{f"prompts_{t}": worlds.prompt_file(world, t, "train") for t in task_weights}), paths=("world", "student", "teachers") + (("mar_teacher",) if anchor_file else ()))
+                                       **{f"prompts_{t}": path for t, path in train_files.items()}), paths=("world", "student", "teachers") + (("mar_teacher",) if anchor_file else ()))
 start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, identity) if cfg.resume else (0, 0)
 
 if dist.master:

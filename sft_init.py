@@ -126,7 +126,8 @@ if cfg.best_of < 1 or cfg.prompts_per_task < 1:
     raise SystemExit("error: --best-of and --prompts-per-task must be >= 1")
 
 first, n_local = runs.shard(cfg.batch, dist, what="items per step (--batch)")  # this rank's block of each global batch
-train_prompts = {t: worlds.read_prompts(worlds.prompt_file(world, t, "train")) for t in task_weights}
+train_files = {t: worlds.prompt_file(world, t, "train") for t in task_weights}
+train_prompts = {t: worlds.read_prompts(path) for t, path in train_files.items()}
 worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in prompts],
                    os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
 if cfg.gradient_checkpointing:
@@ -137,7 +138,7 @@ null = world.encode_prompts([""])  # the empty prompt's conditioning, for the gu
 # checked before any teacher sample is generated.
 identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
                                        **{f"teacher_{t}": teacher_files[t] for t in task_weights},
-                                       **{f"prompts_{t}": worlds.prompt_file(world, t, "train") for t in task_weights}), paths=("world", "teachers", "init"))
+                                       **{f"prompts_{t}": path for t, path in train_files.items()}), paths=("world", "teachers", "init"))
 state = runs.load_checkpoint(out) if cfg.resume else None
 if state is not None:
     runs.check_resume(out, state, identity, "steps", state["step"])

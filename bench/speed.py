@@ -710,7 +710,7 @@ def grpo_iteration(b, epoch, s):
             perm = kept[torch.randperm(len(kept), generator=shuffle)]
             for chunk in (perm.chunk(s.updates_per_epoch) if len(perm) else []):
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = torch.zeros(())  # the divergence guard's summed loss
+                step_loss = torch.zeros((), device=world.device)  # the divergence guard's summed loss
                 n_chunk = len(chunk)
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
                 for mb in mine.split(s.train_batch) if len(mine) else []:
@@ -729,7 +729,7 @@ def grpo_iteration(b, epoch, s):
                             kl = kl * (sigmas[j] - sigmas[j + 1]).item()
                         loss = policy_loss + beta * kl
                         (loss.sum() / (n_chunk * len(train_steps))).backward()
-                        step_loss += loss.detach().sum().cpu()
+                        step_loss += loss.detach().sum()
                         stats["loss"].append(loss.detach().mean().item())
                         stats["policy"].append(policy_loss.detach().mean().item())
                         stats["kl"].append(kl.detach().mean().item())
@@ -898,7 +898,7 @@ def opd_iteration(b, epoch, s):
         perm = torch.randperm(N, generator=shuffle)
         for chunk in perm.chunk(s.updates_per_epoch):
             optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros(())
+            step_loss = torch.zeros((), device=world.device)
             mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
             for mb in mine.split(s.train_batch) if len(mine) else []:
                 for jj, j in enumerate(train_steps):
@@ -913,7 +913,7 @@ def opd_iteration(b, epoch, s):
                         loss = loss + s.mar_weight * mar
                         mar_sample[mb] += mar.detach().cpu() / len(train_steps)
                     (loss.sum() / (N * len(train_steps))).backward()
-                    step_loss += loss.detach().sum().cpu()
+                    step_loss += loss.detach().sum()
                     stats["loss"].append(loss.detach().mean().item())
                     kl_sample[mb] += kl.detach().cpu() / len(train_steps)
             grad_norm = torch.nn.utils.clip_grad_norm_(param_list, 1.0)
