@@ -71,7 +71,7 @@ SETTINGS = dict(
     chunk_prompts=(16, "prompts per rank between cache writes (what an interruption can lose)"),
     grid_prompts=(2, "prompts per main-table task in the sample grids (image k = 0 of each)"),
     deqa_scale=(1.0, "sd3 only: multiply the DeQA server's answers (5 against yifan123/reward-server, which answers in [0.2, 1])"),
-    threads=(0, "CPU only: torch threads per rank (0 = cores / ranks; 1 when the cores are shared with other work)"),
+    threads=(0, "CPU only: torch threads per rank (0 = OMP_NUM_THREADS if set, else cores / ranks; 1 when the cores are shared with other work)"),
     out=(None, str, "folder of the tables and plots (default results/<world kind>)"),
     cache=(None, str, "folder of the per-image score cache (default <out>/eval_cache)"),
 )
@@ -86,7 +86,7 @@ NOT_WIRED = "ImageReward, HPS-v2.1 and the QwenVL judge of the paper's quality t
 
 dist = runs.setup_distributed()
 if dist.device.type == "cpu":  # share the cores between local ranks
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world_size))
+    runs.set_threads(cfg.threads, dist)
 world = worlds.load_world(cfg.world, dist.device)
 sd3 = world.kind == "sd3"
 steps = cfg.steps or world.defaults["eval_steps"]
@@ -333,7 +333,7 @@ def fmt(x, digits=3):
 def markdown(title, columns, rows, note=""):
     lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r[c] if isinstance(r[c], str) else fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines + ([f"", note] if note else [])) + "\n"
+    return "\n".join(lines + (["", note] if note else [])) + "\n"
 
 
 def save_table(name, title, columns, rows, note=""):
@@ -445,5 +445,4 @@ if dist.master:
         runs.atomic_write(os.path.join(out, "main.png"), buffer.getvalue())
     print(f"tables and pictures in {out}")
 
-if dist.world_size > 1:
-    torch.distributed.destroy_process_group()
+runs.end_distributed(dist)

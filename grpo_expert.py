@@ -74,7 +74,7 @@ SETTINGS = dict(
     full_finetune=(False, "train every transformer weight instead of a LoRA (reference = a frozen copy)"),
     ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is evaluated and saved)"),
     ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
-    threads=(0, "CPU threads per process (0 = the cores shared out between local ranks)"),
+    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local ranks)"),
     gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less memory (SD3.5-M on 40-80 GB cards), the same gradients"),
     seed=(0, "seed of prompt draws and sampling noise (per sample: seed, epoch, index)"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
@@ -88,7 +88,7 @@ cfg = runs.parse_settings(__doc__, SETTINGS)
 
 dist = runs.setup_distributed()
 if dist.device.type == "cpu":  # share the cores between local ranks
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world_size))
+    runs.set_threads(cfg.threads, dist)
 world = worlds.load_world(cfg.world, dist.device)
 steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
@@ -280,5 +280,4 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
         save_outputs(epoch + 1)
 
-if dist.world_size > 1:
-    torch.distributed.destroy_process_group()
+runs.end_distributed(dist)

@@ -90,7 +90,7 @@ SETTINGS = dict(
     ema_decay=(0.9, "EMA decay of the student's weights (the EMA is saved)"),
     ema_every=(8, "EMA update interval in optimizer steps"),
     score=(True, "score the student's samples with the task rewards (logged only, never trained on)"),
-    threads=(0, "CPU threads per process (0 = the cores shared out between local ranks)"),
+    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local ranks)"),
     gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less memory (SD3.5-M on 40-80 GB cards), the same gradients"),
     seed=(0, "seed of prompt draws and sampling noise"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
@@ -106,7 +106,7 @@ if cfg.opd_loss not in ("direct", "pg", "pg-sample"):
 
 dist = runs.setup_distributed()
 if dist.device.type == "cpu":  # share the cores between local ranks
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world_size))
+    runs.set_threads(cfg.threads, dist)
 world = worlds.load_world(cfg.world, dist.device)
 transformer = world.transformer
 steps = cfg.steps or world.defaults["train_steps"]
@@ -334,5 +334,4 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
             runs.save_train_state(out, epoch + 1, params, ema, optimizer, opt_step, identity)
             worlds.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"), state_dict=ema)
 
-if dist.world_size > 1:
-    torch.distributed.destroy_process_group()
+runs.end_distributed(dist)

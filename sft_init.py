@@ -90,7 +90,7 @@ SETTINGS = dict(
     probe=(16, "probe items: the first N positions of step 0's batch (fixed items, sigma, noise) whose flow loss is logged (0 = off)"),
     probe_every=(50, "probe loss every N steps (and at step 0)"),
     log_every=(10, "log.jsonl record every N steps"),
-    threads=(0, "CPU threads per process (0 = the cores shared out between local ranks)"),
+    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local ranks)"),
     gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less memory (SD3.5-M on 40-80 GB cards), the same gradients"),
     seed=(0, "seed of prompt choice, sampling noise, batches, sigmas and training noise"),
     save_every=(100, "checkpoint every N steps (and at the end)"),
@@ -103,7 +103,7 @@ cfg = runs.parse_settings(__doc__, SETTINGS)
 
 dist = runs.setup_distributed()
 if dist.device.type == "cpu":  # share the cores between local ranks
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world_size))
+    runs.set_threads(cfg.threads, dist)
 world = worlds.load_world(cfg.world, dist.device)
 transformer = world.transformer
 sample_steps = cfg.sample_steps or world.defaults["eval_steps"]
@@ -423,5 +423,4 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
     if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
         save_outputs(step + 1)
 
-if dist.world_size > 1:
-    torch.distributed.destroy_process_group()
+runs.end_distributed(dist)

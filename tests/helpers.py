@@ -10,15 +10,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
 
-def _run(cmd, timeout):
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def _run(cmd, timeout, env=None):
+    result = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, **(env or {})), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result.stdout + result.stderr
 
 
-def run_script(script, *args, timeout=600):
-    return _run([sys.executable, script, *map(str, args)], timeout)
+def run_script(script, *args, timeout=600, env=None):
+    return _run([sys.executable, script, *map(str, args)], timeout, env)
 
 
 def torchrun_script(nproc, script, *args, timeout=600):

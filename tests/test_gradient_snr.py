@@ -10,7 +10,7 @@ from helpers import ROOT, assert_one_error_line, run_script
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "assets", "tiny_base.safetensors")),
                                 reason="the tiny world's base weights are not built yet")
-SMALL = ["--tasks", "deqa", "--batches", "4", "--prompts-per-batch", "2", "--group-size", "4", "--steps", "4", "--threads", "2"]
+SMALL = ["--tasks", "deqa", "--batches", "4", "--prompts-per-batch", "2", "--group-size", "4", "--steps", "4", "--threads", "1"]
 
 
 def test_numbers_follow_their_definitions_and_repeat(tmp_path):
