@@ -30,7 +30,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tiny_world import (CHECKPOINT, DEFAULT_GUIDANCE, DEFAULT_STEPS_EVAL, HERE, IMAGE_SIZE, LATENT_SHAPE, SHIFT, TASKS,
-                        build_transformer, corrupt_caption, degrade, diversity, images_to_latents, load_base, make_encoder, make_prompt, read_prompts,
+                        build_transformer, corrupt_caption, degrade, diversity, load_base, load_codec, make_encoder, make_prompt, read_prompts,
                         render_batch, sample, score, score_ood, text_tables, write_prompt_files)
 
 # -----------------------------------------------------------------------------
@@ -46,10 +46,11 @@ PROMPT_DROPOUT = 0.1     # fraction of captions replaced by "" so that CFG works
 SAVE_EVERY_S = 120       # seconds between atomic checkpoints
 
 
-def _save(path, transformer, tables, card):
+def _save(path, transformer, tables, card, vae=None):
     from safetensors.torch import save_file
     state = {f"transformer.{k}": v.detach().contiguous() for k, v in transformer.state_dict().items()}
     state.update(tables)
+    state.update(vae or {})  # a learnt autoencoder travels with its base (tiny_world.load_codec)
     tmp = path + ".tmp"
     save_file(state, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
@@ -60,20 +61,37 @@ def _save(path, transformer, tables, card):
     os.replace(tmp, os.path.splitext(path)[0] + ".json")
 
 
-def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=None, caption_noise=0.0, quality_noise=0.0):
+def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=None, caption_noise=0.0, quality_noise=0.0,
+             autoencoder=None):
     """Rectified-flow pretraining for `steps` optimizer steps (the same command gives the same base on any
     machine, up to float rounding) or, without steps, for `minutes` of wall time (the shipped v1 base).
     caption_noise / quality_noise: the share of scenes captioned with one alt-text-like error
-    (tiny_world.corrupt_caption) / rendered with one quality fault their caption never names (degrade)."""
+    (tiny_world.corrupt_caption) / rendered with one quality fault their caption never names (degrade).
+    autoencoder: a file of vae.* tensors (bench/pilot_autoencoder.py): the base then learns that frozen
+    autoencoder's latents instead of the pixel-unshuffle's, and carries it in its checkpoint (with --init,
+    the init's latent is kept)."""
     import copy
     from tqdm import tqdm
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    transformer = build_transformer().train()
+    from safetensors.torch import load_file
+    vae = {k: v for k, v in load_file(autoencoder or init).items() if k.startswith("vae.")} if (autoencoder or init) else {}
+    codec = load_codec(vae)
+    transformer = build_transformer(codec.shape).train()
     previous = None
-    if init:  # continue from saved (EMA) weights with a fresh optimizer; the card keeps the history
-        transformer.load_state_dict(load_base(init)[0].state_dict())
+    if init:  # continue from saved (EMA) weights with a fresh optimizer; the card keeps the history. Under
+        # --autoencoder a pixel-unshuffle base lends the tensors whose shapes match: both latents are 8x8
+        # tokens, so its blocks, text and time embeddings carry over, its patch embedding and output do not
+        own = transformer.state_dict()
+        given = {k[len("transformer."):]: v for k, v in load_file(init).items() if k.startswith("transformer.")}
+        shared = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}
+        if len(shared) < len(own) and not autoencoder:
+            raise SystemExit(f"error: --init {init} does not fit this transformer ({len(shared)} of {len(own)} tensors)")
+        if len(shared) < len(own):
+            print(f"--init {init}: {len(shared)} of {len(own)} tensors reused, the rest start fresh: "
+                  + ", ".join(sorted({k.split('.')[0] for k in own if k not in shared})))
+        transformer.load_state_dict(shared, strict=False)
         with open(os.path.splitext(init)[0] + ".json") as f:
             previous = json.load(f)
     ema = copy.deepcopy(transformer).requires_grad_(False)
@@ -85,7 +103,8 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
           + f"; caption noise {caption_noise}, quality noise {quality_noise}")
     card = dict(command="python " + " ".join(sys.argv), seed=seed, minutes=minutes, threads=threads, batch_size=BATCH_SIZE,
                 lr=lr, cooldown=cooldown, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
-                init=init, previous=previous, max_steps=steps, caption_noise=caption_noise, quality_noise=quality_noise)
+                init=init, previous=previous, max_steps=steps, caption_noise=caption_noise, quality_noise=quality_noise,
+                autoencoder=autoencoder, latent=list(codec.shape))
     tasks, weights = list(PRETRAIN_MIX), list(PRETRAIN_MIX.values())
     t_start = last_save = time.time()
     step, loss_avg = 0, None
@@ -98,7 +117,7 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
             if rng.random() < quality_noise:
                 images[i] = degrade(images[i], rng)
         prompts = [corrupt_caption(p, rng) if rng.random() < caption_noise else p for p in prompts]  # ... some captions wrong
-        x0 = images_to_latents(images)                                       # (B, 12, 16, 16)
+        x0 = codec.encode(images)                                            # (B, 12, 16, 16) or (B, C, 8, 8)
         prompts = ["" if rng.random() < PROMPT_DROPOUT else p for p in prompts]
         emb, pooled = encode_prompts(prompts)
         # rectified flow (SD3): logit-normal sigma, x_t = (1 - sigma) x0 + sigma noise, target v = noise - x0
@@ -128,10 +147,10 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
         bar.set_postfix(step=step, loss=f"{loss_avg:.4f}")
         # log / save
         if time.time() - last_save > SAVE_EVERY_S:
-            _save(out, ema, tables, dict(card, steps=step, loss=round(loss_avg, 5)))
+            _save(out, ema, tables, dict(card, steps=step, loss=round(loss_avg, 5)), vae)
             last_save = time.time()
     bar.close()
-    _save(out, ema, tables, dict(card, steps=step, loss=round(loss_avg, 5)))
+    _save(out, ema, tables, dict(card, steps=step, loss=round(loss_avg, 5)), vae)
     print(f"done: {step} steps, loss (EMA of batch losses) {loss_avg:.4f}, saved {out}")
 
 # -----------------------------------------------------------------------------
@@ -206,6 +225,8 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=CHECKPOINT)
     p.add_argument("--init", default=None, help="continue from this checkpoint's weights (fresh optimizer)")
+    p.add_argument("--autoencoder", default=None, help="learn this frozen autoencoder's latents (vae.* tensors, "
+                   "bench/pilot_autoencoder.py) instead of the pixel-unshuffle's")
     p.add_argument("--threads", type=int, default=2, help="torch threads; 1 on a machine shared with other jobs "
                    "(2 threads competing with another process for 2 cores run ~30x slower)")
     p.add_argument("--lr", type=float, default=LR, help="AdamW peak learning rate")
@@ -222,6 +243,6 @@ if __name__ == "__main__":
         write_prompt_files(args.seed)
     elif args.cmd == "pretrain":
         pretrain(args.minutes, args.seed, args.out, args.threads, args.init, args.lr, args.cooldown, args.steps,
-                 args.caption_noise, args.quality_noise)
+                 args.caption_noise, args.quality_noise, args.autoencoder)
     else:
         calibrate(args.n, args.steps, args.guidance, args.shift, args.threads)

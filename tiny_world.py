@@ -7,8 +7,9 @@ grammar of ~60 words. Four tasks mirror the paper's rewards with real, hand-writ
   ocr        template-matching recogniser for the file's 3x5 font, Flow-GRPO's edit-distance reward
   deqa       no-reference quality: sharp edges, clean flat regions, some content
   pickscore  a fixed "human preference": big, centred, colourful, contrasting, clean subjects
-The "VAE" is an exact invertible pixel-unshuffle, the "text encoder" a frozen word embedding, and
-the denoiser is diffusers' SD3Transformer2DModel with a ~2.3M-parameter config.
+The "VAE" is an exact invertible pixel-unshuffle (or, for a base that carries one, a frozen learnt
+autoencoder: load_codec, issue #19's pilot B), the "text encoder" a frozen word embedding, and the
+denoiser is diffusers' SD3Transformer2DModel with a ~2.3M-parameter config.
 
 Its commands (writing the prompt files, pretraining the base, calibrating the rewards) are in
 tiny_pretrain.py. This file imports only torch, numpy, scipy, diffusers and the stdlib: it is the
@@ -502,6 +503,54 @@ def latents_to_images(latents):
     return F.pixel_shuffle((latents + 1) / 2, 2).clamp(0, 1)
 
 
+def build_autoencoder(channels, width=64):
+    """A learnt "VAE" (tiny world v2 pilot B, bench/pilot_autoencoder.py): an encoder 3x32x32 pixels ->
+    channels x 8 x 8 and its mirror decoder (sigmoid pixels in [0, 1]). channels = 4 is SD3's 12x
+    compression (16 latent channels for each 8x8x3 pixels). Returns (encoder, decoder)."""
+    act = torch.nn.SiLU
+    encoder = torch.nn.Sequential(
+        torch.nn.Conv2d(3, width // 2, 3, padding=1), act(),
+        torch.nn.Conv2d(width // 2, width, 4, stride=2, padding=1), act(),            # 16x16
+        torch.nn.Conv2d(width, width, 3, padding=1), act(),
+        torch.nn.Conv2d(width, width, 4, stride=2, padding=1), act(),                 # 8x8
+        torch.nn.Conv2d(width, channels, 1))
+    decoder = torch.nn.Sequential(
+        torch.nn.Conv2d(channels, width, 3, padding=1), act(),
+        torch.nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), act(),        # 16x16
+        torch.nn.Conv2d(width, width, 3, padding=1), act(),
+        torch.nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1), act(),   # 32x32
+        torch.nn.Conv2d(width // 2, 3, 3, padding=1), torch.nn.Sigmoid())
+    return encoder, decoder
+
+
+def load_codec(state):
+    """The world's image <-> latent maps for a base checkpoint's tensors (or its path): the exact
+    pixel-unshuffle, or, when the base carries one (vae.* tensors), a frozen learnt autoencoder whose
+    latents are normalised as SD3's are, z = (encoder(x) - vae.shift) * vae.scale. Returns a namespace
+    (encode, decode, shape); decode clamps to [0, 1]."""
+    from types import SimpleNamespace
+    if isinstance(state, str):
+        from safetensors.torch import load_file
+        state = load_file(state)
+    if "vae.encoder.0.weight" not in state:
+        return SimpleNamespace(encode=images_to_latents, decode=latents_to_images, shape=LATENT_SHAPE)
+    channels = state["vae.encoder.8.weight"].shape[0]
+    encoder, decoder = build_autoencoder(channels, width=state["vae.encoder.2.weight"].shape[0])
+    encoder.load_state_dict({k[len("vae.encoder."):]: v for k, v in state.items() if k.startswith("vae.encoder.")})
+    decoder.load_state_dict({k[len("vae.decoder."):]: v for k, v in state.items() if k.startswith("vae.decoder.")})
+    encoder.eval().requires_grad_(False), decoder.eval().requires_grad_(False)
+    shift, scale = state["vae.shift"].item(), state["vae.scale"].item()
+
+    @torch.no_grad()
+    def encode(images):
+        return (encoder(images.float()) - shift) * scale
+
+    @torch.no_grad()
+    def decode(latents):
+        return decoder(latents.float().cpu() / scale + shift).clamp(0, 1)
+    return SimpleNamespace(encode=encode, decode=decode, shape=(channels, 8, 8))
+
+
 def text_tables(seed=TEXT_SEED):
     """Frozen word embeddings (random, near-orthogonal) + sinusoidal positions so order matters."""
     g = torch.Generator().manual_seed(seed)
@@ -531,20 +580,23 @@ def make_encoder(tables, device="cpu"):
 # -----------------------------------------------------------------------------
 # the denoiser
 
-def build_transformer():
-    """SD3's MMDiT at toy size: 64 image tokens (2x2 patches of 16x16x12) + 16 text tokens."""
+def build_transformer(latent_shape=LATENT_SHAPE):
+    """SD3's MMDiT at toy size: 64 image tokens (2x2 patches of 16x16x12, or 1x1 patches of an 8x8
+    autoencoder latent) + 16 text tokens."""
     from diffusers import SD3Transformer2DModel
+    channels, size, _ = latent_shape
     return SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=12, out_channels=12, num_layers=4,
+        sample_size=size, patch_size=2 if size == 16 else 1, in_channels=channels, out_channels=channels, num_layers=4,
         attention_head_dim=32, num_attention_heads=4, joint_attention_dim=TEXT_DIM,
-        caption_projection_dim=128, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=16)
+        caption_projection_dim=128, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=16)  # the same 8x8 crop of
+                                                                                               # positions for both
 
 
 def load_base(path=CHECKPOINT, device="cpu"):
-    """The pretrained base: (transformer in eval mode, encode_prompts)."""
+    """The pretrained base: (transformer in eval mode, encode_prompts). Its latent: load_codec(path)."""
     from safetensors.torch import load_file
     state = load_file(path)
-    transformer = build_transformer()
+    transformer = build_transformer(load_codec(state).shape)
     transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
     transformer.to(device).eval().requires_grad_(False)
     return transformer, make_encoder({k: v for k, v in state.items() if k.startswith("text.")}, device)
@@ -558,12 +610,14 @@ def sigma_schedule(steps, shift=SHIFT):
 
 @torch.no_grad()
 def sample(transformer, encode_prompts, prompts, steps=DEFAULT_STEPS_EVAL, guidance=DEFAULT_GUIDANCE,
-           seed=0, shift=SHIFT):
-    """Euler ODE with classifier-free guidance (v = v_u + g (v_c - v_u)); returns images (B,3,32,32)."""
+           seed=0, shift=SHIFT, codec=None):
+    """Euler ODE with classifier-free guidance (v = v_u + g (v_c - v_u)); returns images (B,3,32,32).
+    codec: the base's load_codec (default: the pixel-unshuffle)."""
+    decode, shape = (codec.decode, codec.shape) if codec else (latents_to_images, LATENT_SHAPE)
     device = next(transformer.parameters()).device
     emb, pooled = encode_prompts(list(prompts) + [""] * len(prompts))
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(prompts), *LATENT_SHAPE, generator=g).to(device)
+    x = torch.randn(len(prompts), *shape, generator=g).to(device)
     sigmas = sigma_schedule(steps, shift).to(device)
     for i in range(steps):
         t = sigmas[i].expand(2 * len(prompts))
@@ -571,7 +625,7 @@ def sample(transformer, encode_prompts, prompts, steps=DEFAULT_STEPS_EVAL, guida
                         timestep=1000 * t, return_dict=False)[0]
         v_c, v_u = v.chunk(2)
         x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + guidance * (v_c - v_u))
-    return latents_to_images(x)
+    return decode(x)
 
 # -----------------------------------------------------------------------------
 # rewards: shared image analysis

@@ -78,14 +78,15 @@ def load_world(name="tiny", device=None, dtype=None):
         if not os.path.isfile(base):
             raise SystemExit(f"error: tiny-world base {base} does not exist (world {name!r}: 'tiny' or 'tiny:<base .safetensors>')")
         transformer, encode = tiny_world.load_base(base, device=device)
+        codec = tiny_world.load_codec(base)  # the pixel-unshuffle, or the base's own autoencoder
         transformer.requires_grad_(False)
         defaults = dict(
             resolution=tiny_world.IMAGE_SIZE, shift=tiny_world.SHIFT, train_steps=10,
             eval_steps=tiny_world.DEFAULT_STEPS_EVAL, guidance_scale=tiny_world.DEFAULT_GUIDANCE,
             noise_level=tiny_world.DEFAULT_NOISE_LEVEL, sde_window=tiny_world.DEFAULT_SDE_WINDOW,
         )
-        decode = lambda latents: tiny_world.latents_to_images(latents.float().cpu())
-        return World("tiny", name, transformer, _cached(encode), decode, tuple(tiny_world.LATENT_SHAPE),
+        decode = lambda latents: codec.decode(latents.float().cpu())
+        return World("tiny", name, transformer, _cached(encode), decode, tuple(codec.shape),
                      device, torch.float32, defaults, tuple(tiny_world.TASKS), base)
     return _load_sd3(name, device, dtype)
 

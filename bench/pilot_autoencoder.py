@@ -15,14 +15,15 @@ on a learnt latent, this script checks that the latent keeps what the rewards re
      decode(encode(truth) + noise) at latent noise 0.1 and 0.3 of the latent's std: the gate is that
      decoded ground truth keeps each reward within 0.05 of the truth (quality rewards included, which a
      blurry decoder would fail);
-  3. writes the autoencoder (safetensors) and a JSON of the table.
+  3. writes the autoencoder as vae.* tensors with SD3's latent normalisation (vae.shift, vae.scale), the
+     form a tiny base carries it in (tiny_world.load_codec; tiny_pretrain.py pretrain --autoencoder), and
+     a JSON of the table.
 
-Command (CPU, one thread, about 6 minutes for the default 3,000 steps):
+Command (CPU, one thread: 13 minutes for the default 3,000 steps, measured beside another one-thread job):
   python bench/pilot_autoencoder.py --threads 1 --out /tmp/pilot/ae.safetensors
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,24 +35,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: bench/ sits above nothing
 import runs  # noqa: E402
 import tiny_world as tw  # noqa: E402
-
-
-def build(channels, width=64):
-    """Encoder 3x32x32 -> channels x 8 x 8 and its mirror decoder (sigmoid pixels in [0, 1])."""
-    act = torch.nn.SiLU
-    enc = torch.nn.Sequential(
-        torch.nn.Conv2d(3, width // 2, 3, padding=1), act(),
-        torch.nn.Conv2d(width // 2, width, 4, stride=2, padding=1), act(),       # 16x16
-        torch.nn.Conv2d(width, width, 3, padding=1), act(),
-        torch.nn.Conv2d(width, width, 4, stride=2, padding=1), act(),            # 8x8
-        torch.nn.Conv2d(width, channels, 1))
-    dec = torch.nn.Sequential(
-        torch.nn.Conv2d(channels, width, 3, padding=1), act(),
-        torch.nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), act(),   # 16x16
-        torch.nn.Conv2d(width, width, 3, padding=1), act(),
-        torch.nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1), act(),  # 32x32
-        torch.nn.Conv2d(width // 2, 3, 3, padding=1), torch.nn.Sigmoid())
-    return enc, dec
 
 
 def scenes(rng, n):
@@ -75,7 +58,7 @@ def main():
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    enc, dec = build(cfg.channels)
+    enc, dec = tw.build_autoencoder(cfg.channels)
     params = [*enc.parameters(), *dec.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     print(f"autoencoder: {sum(q.numel() for q in params) / 1e3:.0f}k parameters, latent ({cfg.channels}, 8, 8) = "
@@ -93,13 +76,14 @@ def main():
         loss.backward()
         opt.step()
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        if (step + 1) % 500 == 0:
+        if (step + 1) % 250 == 0:
             print(f"step {step + 1}: loss {avg:.4f} ({time.time() - t0:.0f} s)", flush=True)
 
     enc.eval(), dec.eval()
     eval_rng = np.random.default_rng(1)
     with torch.no_grad():
-        z_std = torch.cat([enc(scenes(eval_rng, 64)) for _ in range(4)]).std().item()
+        z_all = torch.cat([enc(scenes(eval_rng, 64)) for _ in range(4)])
+        z_mean, z_std = z_all.mean().item(), z_all.std().item()
         rows = {}
         print(f"\nlatent std {z_std:.3f}; rewards on {cfg.n} test prompts per task (strict GenEval)")
         print(f"{'task':10s} {'truth':>6s} {'decoded':>8s} {'+0.1':>6s} {'+0.3':>6s} {'psnr':>6s}")
@@ -117,8 +101,10 @@ def main():
             print(f"{task:10s} {r['truth']:6.3f} {r['decoded']:8.3f} {r['noise_0_1']:6.3f} {r['noise_0_3']:6.3f} {r['psnr']:6.1f}")
     gate = all(abs(r["decoded"] - r["truth"]) <= 0.05 for r in rows.values())
     print(f"gate (decoded ground truth within 0.05 of the truth on every task): {'passes' if gate else 'fails'}")
-    state = {f"encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}
-    state.update({f"decoder.{k}": v.contiguous() for k, v in dec.state_dict().items()})
+    # SD3's latent normalisation: z = (encoder(x) - shift) * scale has mean 0 and std 1 on scenes
+    state = {f"vae.encoder.{k}": v for k, v in enc.state_dict().items()}
+    state.update({f"vae.decoder.{k}": v for k, v in dec.state_dict().items()})
+    state.update({"vae.shift": torch.tensor(z_mean), "vae.scale": torch.tensor(1 / z_std)})
     runs.save_tensors(cfg.out, state)
     runs.write_json(os.path.splitext(cfg.out)[0] + ".json", dict(config=vars(cfg), latent_std=z_std, rows=rows, gate=gate,
                                                                    seconds=round(time.time() - t0)))

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # pytest.ini runs the tests side by side, one pytest-xdist worker a core: each worker, and every stage script
 # it starts (runs.set_threads reads OMP_NUM_THREADS), then computes on one thread. Oversubscribed cores
-# make torch's thread pool crawl. Run alone (-p no:xdist, or -n 0), a test uses two threads.
+# make torch's thread pool crawl. Run alone (-n 0), a test uses two threads.
 SIDE_BY_SIDE = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
 if SIDE_BY_SIDE:
     os.environ["OMP_NUM_THREADS"] = "1"

@@ -157,6 +157,61 @@ def test_latent_map_round_trips():
     assert tw.latents_to_images(torch.full((1, *tw.LATENT_SHAPE), 3.0)).max() == 1.0  # clamps
 
 
+def test_a_base_with_an_autoencoder_has_its_latent(tmp_path):
+    """A base that carries vae.* tensors (pilot B of issue #19) is a world with that autoencoder's latent:
+    SD3's normalisation z = (encoder(x) - shift) * scale, a transformer of 1x1 patches on (C, 8, 8),
+    images decoded to 32x32 in [0, 1]. A base without them keeps the exact pixel-unshuffle."""
+    from safetensors.torch import save_file
+
+    import sde
+    import worlds
+
+    torch.manual_seed(0)
+    encoder, decoder = tw.build_autoencoder(4, width=16)
+    state = {f"vae.encoder.{k}": v for k, v in encoder.state_dict().items()}
+    state.update({f"vae.decoder.{k}": v for k, v in decoder.state_dict().items()})
+    state.update({"vae.shift": torch.tensor(0.25), "vae.scale": torch.tensor(2.0)})
+    codec = tw.load_codec(state)
+    x = torch.rand(2, 3, 32, 32)
+    assert codec.shape == (4, 8, 8)
+    torch.testing.assert_close(codec.encode(x), (encoder(x) - 0.25) * 2.0)
+    torch.testing.assert_close(codec.decode(codec.encode(x)), decoder(encoder(x)).clamp(0, 1))
+    base = {f"transformer.{k}": v for k, v in tw.build_transformer(codec.shape).state_dict().items()}
+    base.update(tw.text_tables())
+    save_file({**base, **state}, str(tmp_path / "base.safetensors"))
+    world = worlds.load_world(f"tiny:{tmp_path / 'base.safetensors'}", "cpu")
+    assert world.latent_shape == (4, 8, 8) and world.transformer.config.patch_size == 1
+    images = sde.sample(world, ["a photo of a red circle"], steps=2, guidance_scale=3.0, noise_level=0.0, seeds=[0])["images"]
+    assert images.shape == (1, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert tw.load_codec({}).shape == tw.LATENT_SHAPE and tw.load_codec({}).encode is tw.images_to_latents
+
+
+def test_pretraining_under_an_autoencoder_keeps_the_blocks_and_carries_the_autoencoder(tmp_path):
+    """tiny_pretrain.py pretrain --init <v1 base> --autoencoder <vae.* file>: the new base learns the
+    autoencoder's latent, starts from the v1 base's blocks (all but the patch embedding and the output
+    projection, whose shapes differ), and its checkpoint carries the autoencoder."""
+    from safetensors.torch import load_file
+
+    import runs
+    import tiny_pretrain
+    import worlds
+
+    torch.manual_seed(0)
+    encoder, decoder = tw.build_autoencoder(4, width=16)
+    vae = {f"vae.encoder.{k}": v for k, v in encoder.state_dict().items()}
+    vae.update({f"vae.decoder.{k}": v for k, v in decoder.state_dict().items()})
+    vae.update({"vae.shift": torch.tensor(0.0), "vae.scale": torch.tensor(1.0)})
+    vae_file, out = str(tmp_path / "vae.safetensors"), str(tmp_path / "base.safetensors")
+    runs.save_tensors(vae_file, vae)
+    tiny_pretrain.pretrain(0, 0, out, 1, tw.CHECKPOINT, steps=2, autoencoder=vae_file)
+    new, old = load_file(out), load_file(tw.CHECKPOINT)
+    assert all(torch.equal(new[k], v) for k, v in vae.items())
+    block = "transformer.transformer_blocks.0.attn.to_q.weight"
+    torch.testing.assert_close(new[block], old[block], rtol=0, atol=1e-4)  # 2 warm-up steps of lr 1e-3 / 200
+    assert new["transformer.proj_out.weight"].shape != old["transformer.proj_out.weight"].shape
+    assert worlds.load_world(f"tiny:{out}", "cpu").latent_shape == (4, 8, 8)
+
+
 def test_checkpoint_card_matches_file():
     with open(os.path.splitext(tw.CHECKPOINT)[0] + ".json") as f:
         card = json.load(f)
