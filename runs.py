@@ -52,7 +52,13 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # torchrun --max-restarts keeps its store across restarts, and a restarted process group writes its
+        # peers' addresses under the same keys as the dead one: a fast peer could read a dead address
+        # (gloo: "connectFullMesh failed ... Connection refused"; pytorch/pytorch#167288). A prefix per
+        # restart keeps each round's keys apart.
+        store, _, _ = next(torch.distributed.rendezvous("env://"))
+        store = torch.distributed.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
     return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device, master=rank == 0)
 
 

@@ -3,9 +3,8 @@
 - a rerun into the same --out resumes only the run its checkpoint records (settings and input hashes);
 - a stage SIGKILLed at random points, checkpoint writes included, then rerun, ends where an
   uninterrupted run ends;
-- torchrun across two launchers (a two-node c10d rendezvous on one machine) equals one process.
-(torchrun --max-restarts with a SIGKILLed worker was tried by hand: README, "What happens when things go
-wrong"; it is not a test because its launcher hung at exit in 1 of 4 runs.)"""
+- torchrun across two launchers (a two-node c10d rendezvous on one machine) equals one process;
+- torchrun --max-restarts 1 restarts a run whose worker was SIGKILLed, and it resumes to the same end."""
 
 import os
 import random
@@ -13,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -112,11 +112,20 @@ def kill_at(cmd, deadline, folder, in_a_write=False):
     return in_write and in_a_write
 
 
-def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path):
-    args = [sys.executable, *GRPO, "--epochs", "4", "--save-every", "1"]
-    start = time.time()
-    run([*args[1:], "--out", tmp_path / "straight"])
-    wall = time.time() - start
+FOUR = [*GRPO, "--epochs", "4", "--save-every", "1"]  # a checkpoint every epoch: what kill -9 and a restart resume from
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted 4-epoch run that the killed and the restarted runs must end at, and its wall time."""
+    out, start = tmp_path_factory.mktemp("straight"), time.time()
+    run([*FOUR, "--out", out])
+    return out, time.time() - start
+
+
+def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path, straight):
+    args = [sys.executable, *FOUR]
+    wall = straight[1]
     rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
     landed = []
     for _ in range(2):  # kill at random points of a run's life (start-up, sampling, training, writes) ...
@@ -125,7 +134,7 @@ def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path):
         landed.append(kill_at([*args, "--out", str(tmp_path / "killed")], wall * 2, str(tmp_path / "killed"), in_a_write=True))
     print("kills (True: during a write, False: elsewhere, None: the run had ended):", landed)
     run([*args[1:], "--out", tmp_path / "killed"])
-    a, b = read_adapter(tmp_path / "straight"), read_adapter(tmp_path / "killed")
+    a, b = read_adapter(straight[0]), read_adapter(tmp_path / "killed")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -160,3 +169,27 @@ def test_two_launchers_c10d_rendezvous_equal_one_process(stage, tmp_path):
     assert log_two[-1]["opt_step"] == log_one[-1]["opt_step"] > 0
     assert_same_adam_training(read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two"),
                               lr=3e-4 if stage == "grpo" else 1e-4, opt_steps=log_one[-1]["opt_step"])
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes(tmp_path, straight):
+    launcher = subprocess.Popen(torchrun("--standalone", "--nproc_per_node", "2", "--max-restarts", "1", *FOUR, "--out", tmp_path / "two"),
+                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = []
+
+    def kill_one_worker_after_the_first_checkpoint():
+        latest = tmp_path / "two" / "checkpoints" / "latest"
+        while launcher.poll() is None and not latest.exists():
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        if workers and launcher.poll() is None:
+            os.kill(int(workers[-1]), signal.SIGKILL)
+            killed.append(int(workers[-1]))
+
+    watcher = threading.Thread(target=kill_one_worker_after_the_first_checkpoint)
+    watcher.start()
+    output = launcher.communicate(timeout=600)[0]
+    watcher.join()
+    assert launcher.returncode == 0 and killed, output[-6000:]
+    assert "resumed from" in output and "at epoch" in output  # the restarted workers continued the run
+    log = read_log(straight[0])
+    assert_same_adam_training(read_adapter(straight[0]), read_adapter(tmp_path / "two"), lr=3e-4, opt_steps=log[-1]["opt_step"])
