@@ -131,3 +131,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(toy_world):
     for a, b in zip(plain, grads()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in plain)
+
+
+def test_torchrun_repeat_bad_input_is_one_line():
+    """bench/torchrun_repeat.py (the README's torchrun failure counts) refuses a count it cannot run."""
+    import subprocess
+    import sys
+
+    from helpers import ENV, ROOT
+    result = subprocess.run([sys.executable, "bench/torchrun_repeat.py", "restart", "--runs", "0"], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == "error: --runs must be at least 1, got 0"
