@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from tiny_world import (CHECKPOINT, DEFAULT_GUIDANCE, DEFAULT_STEPS_EVAL, HERE, IMAGE_SIZE, LATENT_SHAPE, SHIFT, TASKS,
+from tiny_world import (CHECKPOINT, DEFAULT_GUIDANCE, DEFAULT_STEPS_EVAL, HERE, IMAGE_SIZE, SHIFT, TASKS,
                         build_transformer, corrupt_caption, degrade, diversity, load_base, load_codec, make_encoder, make_prompt, read_prompts,
                         render_batch, sample, score, score_ood, text_tables, write_prompt_files)
 
@@ -76,7 +76,8 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     from safetensors.torch import load_file
-    vae = {k: v for k, v in load_file(autoencoder or init).items() if k.startswith("vae.")} if (autoencoder or init) else {}
+    init_state = load_file(init) if init else {}
+    vae = {k: v for k, v in (load_file(autoencoder) if autoencoder else init_state).items() if k.startswith("vae.")}
     codec = load_codec(vae)
     transformer = build_transformer(codec.shape).train()
     previous = None
@@ -84,7 +85,7 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
         # --autoencoder a pixel-unshuffle base lends the tensors whose shapes match: both latents are 8x8
         # tokens, so its blocks, text and time embeddings carry over, its patch embedding and output do not
         own = transformer.state_dict()
-        given = {k[len("transformer."):]: v for k, v in load_file(init).items() if k.startswith("transformer.")}
+        given = {k[len("transformer."):]: v for k, v in init_state.items() if k.startswith("transformer.")}
         shared = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}
         if len(shared) < len(own) and not autoencoder:
             raise SystemExit(f"error: --init {init} does not fit this transformer ({len(shared)} of {len(own)} tensors)")
@@ -170,7 +171,7 @@ def calibrate(n, steps, guidance, shift, threads):
     rng = np.random.default_rng(0)
     print(f"{'task':10s} {'truth':>6s} {'noise':>6s} {'blank':>6s} {'blur':>6s} {'base':>6s} {'sd':>6s}   (n={n} test prompts, "
           f"base: {steps} Euler steps, cfg {guidance}, shift {shift})")
-    transformer, encode_prompts = load_base()
+    transformer, encode_prompts, codec = load_base()
     grids_truth, grids_base = [], []
     for task in TASKS:
         prompts = read_prompts(task, "test")[:n]
@@ -179,7 +180,7 @@ def calibrate(n, steps, guidance, shift, threads):
         blank = torch.full_like(truth, 0.05)
         blur = torch.from_numpy(ndimage.gaussian_filter(truth.numpy(), (0, 0, 1.0, 1.0)))
         t0 = time.time()
-        base = sample(transformer, encode_prompts, prompts, steps, guidance, seed=1, shift=shift)
+        base = sample(transformer, encode_prompts, prompts, steps, guidance, seed=1, shift=shift, codec=codec)
         t_sample = time.time() - t0
         row = [score(task, im, prompts) for im in (truth, noise, blank, blur, base)]
         print(f"{task:10s} " + " ".join(f"{r.mean():6.3f}" for r in row) + f" {row[-1].std():6.3f}"
@@ -187,16 +188,16 @@ def calibrate(n, steps, guidance, shift, threads):
         grids_truth.append(truth[:8])
         grids_base.append(base[:8])
     ood = read_prompts("ood", "test")
-    base = sample(transformer, encode_prompts, ood, steps, guidance, seed=1, shift=shift)
+    base = sample(transformer, encode_prompts, ood, steps, guidance, seed=1, shift=shift, codec=codec)
     print("ood (base):", {k: round(v, 3) for k, v in score_ood(base, ood).items()},
           " ood (truth):", {k: round(v, 3) for k, v in score_ood(render_batch(ood, rng), ood).items()})
     rep = [p for p in read_prompts("geneval", "test")[:8] for _ in range(4)]
     print(f"diversity (4 samples x 8 geneval prompts): base "
-          f"{diversity(sample(transformer, encode_prompts, rep, steps, guidance, seed=2, shift=shift), rep):.3f}, "
+          f"{diversity(sample(transformer, encode_prompts, rep, steps, guidance, seed=2, shift=shift, codec=codec), rep):.3f}, "
           f"truth {diversity(render_batch(rep, rng), rep):.3f}")
     # timing: one transformer forward at batch 16 with CFG (32 effective)
     emb, pooled = encode_prompts(["a photo of a red circle"] * 32)
-    x = torch.randn(32, *LATENT_SHAPE)
+    x = torch.randn(32, *codec.shape)
     with torch.no_grad():
         for k in range(6):
             if k == 1:

@@ -593,13 +593,15 @@ def build_transformer(latent_shape=LATENT_SHAPE):
 
 
 def load_base(path=CHECKPOINT, device="cpu"):
-    """The pretrained base: (transformer in eval mode, encode_prompts). Its latent: load_codec(path)."""
+    """The pretrained base: (transformer in eval mode, encode_prompts, codec), codec its latent's
+    load_codec."""
     from safetensors.torch import load_file
     state = load_file(path)
-    transformer = build_transformer(load_codec(state).shape)
+    codec = load_codec(state)
+    transformer = build_transformer(codec.shape)
     transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
     transformer.to(device).eval().requires_grad_(False)
-    return transformer, make_encoder({k: v for k, v in state.items() if k.startswith("text.")}, device)
+    return transformer, make_encoder({k: v for k, v in state.items() if k.startswith("text.")}, device), codec
 
 
 def sigma_schedule(steps, shift=SHIFT):

@@ -77,8 +77,7 @@ def load_world(name="tiny", device=None, dtype=None):
         base = name.partition(":")[2] or tiny_world.CHECKPOINT
         if not os.path.isfile(base):
             raise SystemExit(f"error: tiny-world base {base} does not exist (world {name!r}: 'tiny' or 'tiny:<base .safetensors>')")
-        transformer, encode = tiny_world.load_base(base, device=device)
-        codec = tiny_world.load_codec(base)  # the pixel-unshuffle, or the base's own autoencoder
+        transformer, encode, codec = tiny_world.load_base(base, device=device)  # codec: the pixel-unshuffle, or the base's autoencoder
         transformer.requires_grad_(False)
         defaults = dict(
             resolution=tiny_world.IMAGE_SIZE, shift=tiny_world.SHIFT, train_steps=10,

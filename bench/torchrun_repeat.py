@@ -33,25 +33,31 @@ FAST = ["--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4", "--nois
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def two_launchers(out):
+def two_launchers(stage, out, env=None):
+    """`stage` (a script and its flags) under two one-process torchrun launchers joined by a c10d
+    rendezvous whose store lives here, as on a cluster's head node (when it lived in one launcher, that
+    launcher could exit first and the other's last store call failed: RendezvousConnectionError).
+    Returns (every launcher exited 0, their output)."""
     import torch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # as a head node hosts it
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     cmd = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-           "--rdzv-id", f"repeat-{port}", "opd.py", *FAST, "--epochs", "2", "--no-resume", "--out", out]
-    nodes = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+           "--rdzv-id", f"repeat-{port}", *map(str, stage), "--out", str(out)]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [n.communicate(timeout=900)[0] for n in nodes]
     del store
     return all(n.returncode == 0 for n in nodes), "\n===== launcher 2\n".join(outputs)
 
 
-def restart(out):
-    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "grpo_expert.py", "--task", "pickscore", *FAST,
-           "--epochs", "4", "--save-every", "1", "--out", out]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def restart(stage, out, env=None):
+    """`stage` (a script and its flags, checkpointing every epoch) under torchrun --standalone
+    --nproc_per_node 2 --max-restarts 1, one worker SIGKILLed as soon as the first checkpoint exists.
+    Returns (exit status 0, a worker was killed and the restarted workers printed "resumed from", the output)."""
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", *map(str, stage), "--out", str(out)]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = []
 
     def kill_one_worker_after_the_first_checkpoint():
@@ -82,7 +88,10 @@ def main():
     ok = 0
     for i in range(cfg.runs):
         start, run_dir = time.time(), tempfile.mkdtemp(prefix="torchrun_repeat_")
-        good, output = (two_launchers if cfg.mode == "two-launchers" else restart)(run_dir)
+        if cfg.mode == "two-launchers":
+            good, output = two_launchers(["opd.py", *FAST, "--epochs", "2", "--no-resume"], run_dir)
+        else:
+            good, output = restart(["grpo_expert.py", "--task", "pickscore", *FAST, "--epochs", "4", "--save-every", "1"], run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
         ok += good
         if not good:

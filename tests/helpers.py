@@ -61,3 +61,25 @@ def assert_same_adam_training(a, b, lr, opt_steps, tol=1e-4, max_outliers=0.01):
     outliers = (diff > tol + 1e-3 * flat_b.abs()).float().mean().item()
     assert outliers <= max_outliers, f"{outliers:.2%} of the weights differ by more than {tol}"
     assert diff.max().item() <= 2 * lr * opt_steps, f"a weight differs by {diff.max().item():.2e} > 2 lr x {opt_steps} steps"
+
+
+def ode_scores(adapters, task, prompts, metadata=None):
+    """Each adapter file's (None = the base) ODE images of `prompts` in the tiny world (20 steps, CFG 3:
+    evaluate.py's settings) and their per-image `task` rewards: {label: (images, rewards)}. Every model
+    draws image i from seed i, so the comparison is paired."""
+    import rewards
+    import sde
+    import worlds
+
+    world = worlds.load_world("tiny", "cpu")
+    score, metadata = rewards.get_reward(task, "tiny"), metadata or [{}] * len(prompts)
+    out = {}
+    for label, path in adapters.items():
+        name = None
+        if path is not None:
+            name = f"m{len(out)}"
+            worlds.load_lora(world.transformer, str(path), name)
+        with worlds.adapter(world.transformer, name):
+            images = sde.sample(world, prompts, steps=20, guidance_scale=3.0, noise_level=0.0, seeds=list(range(len(prompts))))["images"]
+        out[label] = images, score(images, prompts, metadata)
+    return out

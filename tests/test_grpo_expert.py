@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sde
-from helpers import assert_same_adam_training, read_adapter, read_log, run_script, torchrun_script
+from helpers import ROOT, assert_same_adam_training, ode_scores, read_adapter, read_log, run_script, torchrun_script
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors")),
                                 reason="the tiny world's base weights are not built yet")
@@ -92,11 +92,9 @@ def test_reward_rises_on_an_easy_task(tmp_path):
     standard errors and above 0.02. The training rewards' first and last 10 epochs are printed (seed 0:
     0.810 -> 0.875; with prompts drawn anew each epoch from 4 the training reward alone is too noisy to
     assert on: seed 1 0.828 -> 0.866). ~110 s on one core."""
-    import rewards
     import worlds
 
-    world = worlds.load_world("tiny", "cpu")
-    prompts = worlds.read_prompts(worlds.prompt_file(world, "deqa", "train"))[0][:4]
+    prompts = worlds.read_prompts(os.path.join(ROOT, "prompts", "tiny", "deqa_train.txt"))[0][:4]
     (tmp_path / "prompts" / "tiny").mkdir(parents=True)
     (tmp_path / "prompts" / "tiny" / "deqa_train.txt").write_text("\n".join(prompts) + "\n")
     run_script("grpo_expert.py", "--task", "deqa", "--epochs", "30", "--prompts-per-epoch", "4", "--lr", "1e-3", "--ema-every", "1",
@@ -104,14 +102,8 @@ def test_reward_rises_on_an_easy_task(tmp_path):
                env={"FLOWOPD_PROMPTS": str(tmp_path / "prompts")})
     log = [r["reward"] for r in read_log(tmp_path / "run")]
     print(f"training reward: epochs 1-10 {sum(log[:10]) / 10:.3f}, 21-30 {sum(log[-10:]) / 10:.3f}")
-    score, many = rewards.get_reward("deqa", "tiny"), [p for p in prompts for _ in range(16)]
-    scores = {}
-    for name in (None, "expert"):
-        if name:
-            worlds.load_lora(world.transformer, str(tmp_path / "run" / "adapter.safetensors"), name)
-        with worlds.adapter(world.transformer, name):
-            images = sde.sample(world, many, steps=20, guidance_scale=3.0, noise_level=0.0, seeds=list(range(len(many))))["images"]
-        scores[name] = score(images, many, [{}] * len(many))
+    scores = {label: r for label, (_, r) in ode_scores({None: None, "expert": tmp_path / "run" / "adapter.safetensors"}, "deqa",
+                                                        [p for p in prompts for _ in range(16)]).items()}
     gain = scores["expert"] - scores[None]
     mean, se = gain.mean().item(), (gain.std() / len(gain) ** 0.5).item()
     assert mean > max(0.02, 3 * se), f"deqa reward of the expert's ODE images - the base's: {mean:+.3f} +- {se:.3f}"

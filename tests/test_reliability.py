@@ -9,16 +9,17 @@
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import torch
 
 from helpers import ENV, ROOT, assert_same_adam_training, read_adapter, read_log
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import torchrun_repeat  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "assets", "tiny_base.safetensors")),
                                 reason="the tiny world's base weights are not built yet")
@@ -140,31 +141,14 @@ def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path, straight):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", *map(str, args)]
-
-
 @pytest.mark.parametrize("stage", ["grpo", "opd"])
 def test_two_launchers_c10d_rendezvous_equal_one_process(stage, tmp_path):
-    """The 4x8 launch line (--nnodes N --rdzv-backend c10d), here as two one-process 'nodes' on one machine."""
+    """The 4x8 launch line (--nnodes N --rdzv-backend c10d), here as two one-process 'nodes' on one machine
+    (bench/torchrun_repeat.py launches them)."""
     args = [*(GRPO if stage == "grpo" else OPD), "--epochs", "2"]
     run([*args, "--out", tmp_path / "one"])
-    port = free_port()
-    # the rendezvous store lives here, as on a cluster's head node: when it lives in one launcher, that
-    # launcher may exit first and the other's last store call fails (RendezvousConnectionError)
-    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
-    launch = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                      "--rdzv-id", f"test-{port}", *args, "--out", tmp_path / "two")
-    nodes = [subprocess.Popen(launch, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [n.communicate(timeout=600)[0] for n in nodes]
-    del store
-    assert all(n.returncode == 0 for n in nodes), outs[0][-2000:] + outs[1][-2000:]
+    ok, output = torchrun_repeat.two_launchers(args, tmp_path / "two", env=ENV)
+    assert ok, output[-4000:]
     log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert log_two[-1]["opt_step"] == log_one[-1]["opt_step"] > 0
     assert_same_adam_training(read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two"),
@@ -172,24 +156,9 @@ def test_two_launchers_c10d_rendezvous_equal_one_process(stage, tmp_path):
 
 
 def test_torchrun_restarts_a_killed_worker_and_resumes(tmp_path, straight):
-    launcher = subprocess.Popen(torchrun("--standalone", "--nproc_per_node", "2", "--max-restarts", "1", *FOUR, "--out", tmp_path / "two"),
-                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = []
-
-    def kill_one_worker_after_the_first_checkpoint():
-        latest = tmp_path / "two" / "checkpoints" / "latest"
-        while launcher.poll() is None and not latest.exists():
-            time.sleep(0.05)
-        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-        if workers and launcher.poll() is None:
-            os.kill(int(workers[-1]), signal.SIGKILL)
-            killed.append(int(workers[-1]))
-
-    watcher = threading.Thread(target=kill_one_worker_after_the_first_checkpoint)
-    watcher.start()
-    output = launcher.communicate(timeout=600)[0]
-    watcher.join()
-    assert launcher.returncode == 0 and killed, output[-6000:]
-    assert "resumed from" in output and "at epoch" in output  # the restarted workers continued the run
+    """torchrun --max-restarts 1, one worker SIGKILLed after the first checkpoint (bench/torchrun_repeat.py)."""
+    ok, output = torchrun_repeat.restart(FOUR, tmp_path / "two", env=ENV)
+    assert ok, output[-6000:]  # exit 0, a worker was killed, and the restarted workers resumed ...
+    assert "at epoch" in output  # ... from a checkpoint
     log = read_log(straight[0])
     assert_same_adam_training(read_adapter(straight[0]), read_adapter(tmp_path / "two"), lr=3e-4, opt_steps=log[-1]["opt_step"])

@@ -13,9 +13,8 @@ import torch
 import runs
 import sde
 import worlds
-from helpers import read_log, run_script
+from helpers import ROOT, ode_scores, read_log, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "assets", "tiny_base.safetensors")
 PROMPTS = os.path.join(ROOT, "prompts", "tiny", "ocr_train.txt")
 pytestmark = pytest.mark.skipif(not (os.path.isfile(BASE) and os.path.isfile(PROMPTS)),
@@ -99,25 +98,11 @@ def test_resume_equals_uninterrupted(sft_runs):
 
 def deqa_samples(adapters, n_prompts=32):
     """Each adapter file's (None = the base) ODE images of n_prompts deqa test prompts spread over the
-    file (20 steps, CFG 3: evaluate.py's settings) and their mean tiny-world deqa reward. Every model
-    draws image i from the same seed, so the comparison is paired."""
-    import rewards
-
-    world = worlds.load_world("tiny", "cpu")
-    prompts, metadata = worlds.read_prompts(worlds.prompt_file(world, "deqa", "test"))
+    file and their mean tiny-world deqa reward (helpers.ode_scores: paired by seed)."""
+    prompts, metadata = worlds.read_prompts(os.path.join(ROOT, "prompts", "tiny", "deqa_test.txt"))
     pick = [round(i) for i in torch.linspace(0, len(prompts) - 1, n_prompts).tolist()]
-    prompts, metadata = [prompts[i] for i in pick], [metadata[i] for i in pick]
-    score = rewards.get_reward("deqa", "tiny")
-    out = {}
-    for label, path in adapters.items():
-        name = None
-        if path is not None:
-            name = f"m{len(out)}"
-            worlds.load_lora(world.transformer, path, name)
-        with worlds.adapter(world.transformer, name):
-            images = sde.sample(world, prompts, steps=20, guidance_scale=3.0, noise_level=0.0, seeds=list(range(n_prompts)))["images"]
-        out[label] = images, score(images, prompts, metadata).mean().item()
-    return out
+    scores = ode_scores(adapters, "deqa", [prompts[i] for i in pick], [metadata[i] for i in pick])
+    return {label: (images, r.mean().item()) for label, (images, r) in scores.items()}
 
 
 TEACHER = os.path.join(ROOT, "assets", "tiny_experts", "deqa.safetensors")

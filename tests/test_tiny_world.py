@@ -221,7 +221,8 @@ def test_checkpoint_card_matches_file():
 
 
 def test_base_loads_and_samples():
-    transformer, encode = tw.load_base()
+    transformer, encode, codec = tw.load_base()
+    assert codec.shape == tw.LATENT_SHAPE  # the shipped v1 base: the pixel-unshuffle
     emb, pooled = encode(["a photo of a red circle", ""])
     assert emb.shape == (2, tw.MAX_TOKENS, tw.TEXT_DIM) and pooled.shape == (2, tw.POOLED_DIM)
     assert not torch.allclose(encode(["a photo of a red circle left of a blue square"])[0],
