@@ -25,6 +25,12 @@ toward a frozen task-agnostic teacher (the base model by default) on all data, w
              Its expected gradient is grad KL / D (D = latent dimensions: log-probs are per-dimension
              means, Flow-GRPO's convention), so it needs a D-times larger learning rate than direct.
 
+Fewer model calls (issue #16): --distil-steps k distils a random k of the S trained steps per sample
+(sde.step_subset; an unbiased estimate of the per-step mean KL, k / S of the teacher, anchor and
+training calls; default: all S, the paper), and a sample routed hard to the model that is also the MAR
+anchor (--mar-teacher <its task>) reuses its teacher's velocities instead of calling the anchor. The
+log's forwards_* fields count the transformer rows per image of each phase (CFG counts 2).
+
 Teachers and the MAR anchor are LoRA adapters on ONE shared frozen base (peft multi-adapter, switched
 by name); a full-weight teacher (a safetensors state dict of the transformer) is loaded as a copy;
 the teacher 'base' (--teachers geneval=base,...) is the frozen base itself, adapters disabled.
@@ -75,6 +81,8 @@ SETTINGS = dict(
     train_batch=(16, "images per training forward, per rank"),
     steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
     timestep_fraction=(0.99, "distil the first floor(T * fraction) steps"),
+    distil_steps=(0, "k: each sample distils a random k of those steps, drawn anew per sample and epoch: an unbiased "
+                     "estimate of the per-step mean KL at k / S of the teacher, anchor and training calls (0 = all S, the paper)"),
     guidance_scale=(None, float, "CFG scale for student and teachers (default: the world's)"),
     noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)) (default: the world's; 0.7 on SD3)"),
     sde_window=(None, int, "only this many consecutive steps of the student's trajectories are SDE steps (Flow-GRPO-Fast, as grpo_expert.py; 0 = all; default: the world's). direct distils every trained step; pg / pg-sample only the window's (the steps with a sampled action)"),
@@ -100,6 +108,8 @@ SETTINGS = dict(
 cfg = runs.parse_settings(__doc__, SETTINGS)
 if cfg.opd_loss not in ("direct", "pg", "pg-sample"):
     raise SystemExit(f"error: --opd-loss must be direct, pg or pg-sample, got {cfg.opd_loss!r}")
+if cfg.distil_steps < 0:
+    raise SystemExit(f"error: --distil-steps must be 0 (every trained step) or a count k >= 1, got {cfg.distil_steps}")
 
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, teachers and anchor on the shared base, the student adapter
@@ -162,6 +172,10 @@ else:
     anchor = "anchor"
     teacher_copy["anchor"] = load_teacher(anchor, cfg.mar_teacher)
 
+# A task routed hard to the very model that is the anchor: its MAR targets are its distillation targets.
+routed_to_anchor = {t: list(row.values()) == [1.0] and teacher_adapter[next(iter(row))] == anchor
+                    for t, row in routing.items() if t in task_weights}
+
 if cfg.student:
     worlds.load_lora(transformer, cfg.student, "student", trainable=True)
     transformer.set_adapter("student")
@@ -183,6 +197,7 @@ if cfg.gradient_checkpointing:
 task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights} if cfg.score else {}
 N = cfg.prompts_per_epoch * cfg.group_size
 first, n_local = runs.shard(N, dist)
+cfg_rows = 2 if guidance and guidance > 1 else 1  # transformer rows per sample-step: CFG's [uncond; cond]
 
 # What this run is (settings + input hashes): a checkpoint in --out is resumed only if it records the same.
 anchor_file = cfg.mar_teacher if anchor == "anchor" else None
@@ -198,7 +213,8 @@ if dist.master:
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | loss {cfg.opd_loss} | MAR lambda {cfg.mar_weight} anchor {cfg.mar_teacher}")
     print(f"teachers {teacher_files} | routing {routing}")
     print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, SDE window {cfg.sde_window or 'all'}, distilled steps "
-          f"{first_steps if cfg.opd_loss == 'direct' or not cfg.sde_window else 'the window'} | "
+          f"{first_steps if cfg.opd_loss == 'direct' or not cfg.sde_window else 'the window'}"
+          f"{f', a random {cfg.distil_steps} of them per sample' if cfg.distil_steps else ''} | "
           f"{sum(p.numel() for p in param_list):,} trainable params | out {out}")
 
 if start_epoch and dist.master:
@@ -206,18 +222,21 @@ if start_epoch and dist.master:
 
 
 @torch.no_grad()
-def frozen_velocities(name, rows, steps_, latents, embeds, pooled):
-    """A frozen model's velocities at the student's states x_t of samples `rows`, at every step of
-    `steps_`: (len(rows), len(steps_), C, h, w) on the CPU. One adapter switch for the whole epoch (a
-    teacher adapter, or None = the base); a full-weight teacher is its own copy of the transformer."""
+def frozen_velocities(name, rows, steps_, distil, latents, embeds, pooled):
+    """A frozen model's velocities at the student's states x_t of samples `rows`, at the steps of
+    `steps_` that each sample distils (distil: (n_local, len(steps_)) bool; the other entries stay 0):
+    (len(rows), len(steps_), C, h, w) on the CPU. One adapter switch for the whole epoch (a teacher
+    adapter, or None = the base); a full-weight teacher is its own copy of the transformer."""
     copy_world = teacher_copy.get(name.removeprefix("teacher_")) if name else None
     context = contextlib.nullcontext() if copy_world is not None else worlds.adapter(transformer, name)
-    rows = torch.as_tensor(rows)
+    rows = torch.as_tensor(rows, dtype=torch.long)
     out = torch.zeros(len(rows), len(steps_), *world.latent_shape)
     with context:
         for jj, j in enumerate(steps_):
-            for k, mb in zip(torch.arange(len(rows)).split(cfg.train_batch), rows.split(cfg.train_batch)):
+            here = distil[rows, jj].nonzero().flatten()  # positions in `rows` of the samples that distil step j
+            for k, mb in zip(here.split(cfg.train_batch), rows[here].split(cfg.train_batch)) if len(here) else []:
                 out[k, jj] = sde.predict_velocity(copy_world or world, latents[mb, j], sigmas[j].item(), embeds[mb], pooled[mb], guidance).cpu()
+            calls["frozen"] += len(here)
     return out
 
 
@@ -234,6 +253,9 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     seeds = [sde.sample_seed(cfg.seed, epoch, i) for i in index]
     sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)
     train_steps = first_steps if cfg.opd_loss == "direct" or not cfg.sde_window else sde_steps
+    distil = sde.step_subset(seeds, len(train_steps), cfg.distil_steps)  # (n_local, S): which steps each sample distils
+    k_steps = min(cfg.distil_steps or len(train_steps), len(train_steps))  # steps each sample distils
+    calls = dict(frozen=0, training=0)  # sample-steps each phase ran the transformer on (x2 with CFG)
 
     # 1. On-policy sampling: the student's own SDE trajectories (x_t ~ rho_theta)
     with timer("sampling"), worlds.adapter(transformer, "student"):
@@ -247,7 +269,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     #    one adapter switch per teacher per epoch.
     with timer("teachers"):
         v_target = sde.route_targets(tasks, routing, lambda teacher, rows: frozen_velocities(
-            teacher_adapter[teacher], rows, train_steps, latents, embeds, pooled))  # (n_local, S, C, h, w)
+            teacher_adapter[teacher], rows, train_steps, distil, latents, embeds, pooled))  # (n_local, S, C, h, w)
         if cfg.opd_loss == "pg-sample":  # r_t = -(log pi_theta(a_t|x_t) - log pi_T(a_t|x_t)) on the sampled a_t = x_{t-dt}
             step_reward = torch.zeros(n_local, len(train_steps))
             for jj, j in enumerate(train_steps):
@@ -256,8 +278,14 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                 step_reward[:, jj] = -(old_log_probs[:, j].cpu() - teacher_log_prob)
             if cfg.return_to_go:  # sum over this and the later distilled steps
                 step_reward = step_reward.flip(1).cumsum(1).flip(1)
-        # MAR: the anchor labels every sample, whatever its task
-        v_anchor = frozen_velocities(anchor, range(n_local), train_steps, latents, embeds, pooled) if cfg.mar_weight > 0 else None
+        # MAR: the anchor labels every sample, whatever its task; a sample routed to the anchor itself (e.g.
+        # --mar-teacher deqa on deqa prompts) already has its velocities in v_target, so it is not labelled twice
+        v_anchor = None
+        if cfg.mar_weight > 0:
+            others = [i for i in range(n_local) if not routed_to_anchor[tasks[i]]]
+            v_anchor = v_target.clone()
+            if others:
+                v_anchor[others] = frozen_velocities(anchor, others, train_steps, distil, latents, embeds, pooled)
         # divergence guard on the targets, over all ranks (a rank that stopped alone would leave the others waiting)
         worst = torch.stack([v.flatten(1).abs().amax(1) for v in (v_target, v_anchor) if v is not None]).amax(0)  # (n_local,)
         runs.assert_finite(runs.gather_cat(worst.to(dist.device), dist), "a teacher or anchor velocity", f"opd.py epoch {epoch + 1}",
@@ -278,8 +306,12 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = torch.zeros((), device=dist.device)  # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
-                for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
+                for mb_all in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     for jj, j in enumerate(train_steps):
+                        mb = mb_all[distil[mb_all, jj]]  # the microbatch's samples that distil step j
+                        if not len(mb):
+                            continue
+                        calls["training"] += len(mb)
                         s, s_next, x_t = sigmas[j].item(), sigmas[j + 1].item(), latents[mb, j]
                         v = sde.predict_velocity(world, x_t, s, embeds[mb], pooled[mb], guidance)
                         target = v_target[mb, jj].to(v.device)
@@ -294,12 +326,12 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                             mar = sde.velocity_kl(v, v_anchor[mb, jj].to(v.device), s, s_next, cfg.noise_level)
                             loss = loss + cfg.mar_weight * mar
                             if inner == 0:
-                                mar_sample[mb] += mar.detach().cpu() / len(train_steps)
-                        (loss.sum() / (N * len(train_steps))).backward()
+                                mar_sample[mb] += mar.detach().cpu() / k_steps
+                        (loss.sum() / (N * k_steps)).backward()  # the per-step mean (over the k distilled steps), summed over samples
                         step_loss += loss.detach().sum()
                         stats["loss"].append(loss.detach().mean().item())
                         if inner == 0:
-                            kl_sample[mb] += kl.detach().cpu() / len(train_steps)
+                            kl_sample[mb] += kl.detach().cpu() / k_steps
                 runs.all_reduce_sum(param_list, dist)
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 where = f"opd.py epoch {epoch + 1} optimizer step {opt_step + 1}"
@@ -322,7 +354,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                     per_task[f"reward_{t}"] = gathered[all_tasks == k, 0].mean().item()
         record = dict(epoch=epoch + 1, loss=float(np.mean(stats["loss"])), kl=gathered[:, 1].mean().item(),
                       mar=gathered[:, 2].mean().item(), opt_step=opt_step, **per_task,
-                      **{f"sec_{k}": v for k, v in timer.seconds.items()})
+                      **{f"sec_{k}": v for k, v in timer.seconds.items()},
+                      **{f"forwards_{k}": cfg_rows * v / max(n_local, 1) for k, v in dict(sampling=steps * n_local, **calls).items()})
         runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
         tqdm.write(f"epoch {epoch + 1}: KL {record['kl']:.3e} " + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("reward_"))
                    + f" | MAR {record['mar']:.2e} | " + " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))

@@ -8,6 +8,7 @@ this file to get the method; it imports no other module of this project. Read it
   4. sampling          CFG velocity and whole SDE/ODE trajectories               predict_velocity, sample
   5. objectives        Flow-GRPO's advantages and clipped surrogate; Flow-OPD's  group_advantages, clipped_surrogate,
                        task routing and distillation loss                        route_targets, opd_loss
+                       (and a random k of the trained steps per sample)          step_subset
 
 A "world" (worlds.py) is anything with the attributes sample() and predict_velocity() read: transformer,
 encode_prompts, decode, latent_shape, device, dtype and defaults (shift, train_steps, guidance_scale).
@@ -216,6 +217,20 @@ def sde_window_steps(steps, window, seed, epoch):
     last_start = max(steps // 2 - window, 0)
     start = int(torch.randint(0, last_start + 1, (1,), generator=torch.Generator().manual_seed(sample_seed(seed, epoch, -99))))
     return list(range(start, start + window))
+
+
+def step_subset(seeds, n_steps, k):
+    """Which of n_steps trained steps each sample distils: a (B, n_steps) bool mask with exactly k
+    True per row, drawn uniformly without replacement from each sample's own seed (the same on any
+    rank, in any batch, after a resume). k = 0 or k >= n_steps: every step. The mean of a sample's
+    per-step losses over its k steps is then an unbiased estimate of their mean over all n_steps, for
+    k / n_steps of the frozen and training calls (as Flow-GRPO-Fast and MixGRPO subsample GRPO's)."""
+    if not k or k >= n_steps:
+        return torch.ones(len(seeds), n_steps, dtype=torch.bool)
+    mask = torch.zeros(len(seeds), n_steps, dtype=torch.bool)
+    for i, s in enumerate(seeds):
+        mask[i, torch.randperm(n_steps, generator=torch.Generator().manual_seed(sample_seed(s, n_steps, k)))[:k]] = True
+    return mask
 
 
 @torch.no_grad()

@@ -79,10 +79,11 @@ def load_world(name="tiny", device=None, dtype=None):
             raise SystemExit(f"error: tiny-world base {base} does not exist (world {name!r}: 'tiny' or 'tiny:<base .safetensors>')")
         transformer, encode, codec = tiny_world.load_base(base, device=device)  # codec: the pixel-unshuffle, or the base's autoencoder
         transformer.requires_grad_(False)
-        defaults = dict(
-            resolution=tiny_world.IMAGE_SIZE, shift=tiny_world.SHIFT, train_steps=10,
+        latent = tuple(codec.shape) != tiny_world.LATENT_SHAPE  # a base with its own autoencoder samples as SD3 does:
+        defaults = dict(                                        # shift 3, noise on every step (the pixel departures go)
+            resolution=tiny_world.IMAGE_SIZE, shift=SD3_DEFAULTS["shift"] if latent else tiny_world.SHIFT, train_steps=10,
             eval_steps=tiny_world.DEFAULT_STEPS_EVAL, guidance_scale=tiny_world.DEFAULT_GUIDANCE,
-            noise_level=tiny_world.DEFAULT_NOISE_LEVEL, sde_window=tiny_world.DEFAULT_SDE_WINDOW,
+            noise_level=tiny_world.DEFAULT_NOISE_LEVEL, sde_window=0 if latent else tiny_world.DEFAULT_SDE_WINDOW,
         )
         decode = lambda latents: codec.decode(latents.float().cpu())
         return World("tiny", name, transformer, _cached(encode), decode, tuple(codec.shape),

@@ -7,7 +7,9 @@ ONE iteration of each from the same sde / worlds / rewards calls, in the same or
 batch sizes, steps, CFG, trained / distilled steps, teacher routing and MAR anchor (the functions
 grpo_iteration, sft_iteration, opd_iteration below follow the scripts' loops line by line as of commit
 6969c5b, divergence guard and SD3's encode-once prompt cache included; keep them in step when a script
-changes). Left out: checkpoints, logs, grids, the SFT cache's shard files. On one world and one
+changes). Left out: checkpoints, logs, grids, the SFT cache's shard files, and opd.py's fewer-calls options
+(--distil-steps, the anchor's reuse on samples routed to it): this times the paper's setting, and
+bench/gain_per_call.py weighs those options' calls against the gain they keep. On one world and one
 transformer it measures, per stage:
 
   phases     wall seconds of sampling, rewards, frozen forwards (GRPO's KL reference, OPD's teachers

@@ -3,6 +3,7 @@ closed forms, routing that never calls a teacher on another task's prompts, teac
 base, and the real script on the tiny world: zero loss when the student is the teacher, MAR weight 0
 changes nothing, 2 processes == 1 process."""
 
+import json
 import os
 
 import pytest
@@ -175,3 +176,44 @@ def test_two_processes_equal_one(tmp_path, teachers):
     assert [r["kl"] for r in one] == pytest.approx([r["kl"] for r in two], rel=1e-4)
     a, b = read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two")
     assert_same_adam_training(a, b, lr=1e-4, opt_steps=one[-1]["opt_step"])  # the default lr
+
+
+@needs_base
+def test_distil_steps_subsamples_the_calls_and_all_of_them_is_the_default(tmp_path, teachers):
+    """--distil-steps k: the teacher, anchor and training calls per image fall to k / S of the default's
+    (counted in the log), the student still learns (its adapter moves), and k = S is the default run,
+    bit for bit."""
+    _, spec = teachers
+    args = ["--task", "geneval:1,ocr:1", "--teachers", spec, "--epochs", "1", "--mar-weight", "0.5", *FAST]  # S = floor(3 x 0.99) = 2
+    run_script("opd.py", "--out", tmp_path / "all", *args)
+    run_script("opd.py", "--distil-steps", "2", "--out", tmp_path / "k2", *args)
+    run_script("opd.py", "--distil-steps", "1", "--out", tmp_path / "k1", *args)
+    (full,), (k2,), (k1,) = (read_log(tmp_path / x) for x in ("all", "k2", "k1"))
+    a, b, c = (read_adapter(tmp_path / x) for x in ("all", "k2", "k1"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full["forwards_sampling"] == k1["forwards_sampling"] == 2 * 3  # CFG x T
+    assert full["forwards_frozen"] == 2 * 2 * 2 and k1["forwards_frozen"] == 2 * 2 * 1  # (teacher + anchor) x CFG x steps
+    assert full["forwards_training"] == 2 * 2 and k1["forwards_training"] == 2 * 1
+    assert not all(torch.equal(a[k], c[k]) for k in a) and any(c[k].abs().max() > 0 for k in c if "lora_B" in k)
+    # bench/gain_per_call.py reads those counts and scores the runs, paired: a run that IS the teacher keeps
+    # exactly all of its gain, and k = 1 spent (6 + 4 + 2 x 2) / (6 + 8 + 2 x 4) of the calls
+    run_script("bench/gain_per_call.py", "--task", "deqa", "--teacher", tmp_path / "all" / "adapter.safetensors", "--prompts", "2",
+               "--images", "1", "--threads", "1", "--runs", f"all={tmp_path / 'all'},k1={tmp_path / 'k1'}", "--out", tmp_path / "gain.json")
+    rows = {r["run"]: r for r in json.load(open(tmp_path / "gain.json"))["runs"]}
+    assert rows["all"]["share"] == pytest.approx(1.0, abs=1e-9) and rows["all"]["share_se"] == pytest.approx(0.0, abs=1e-9)
+    assert rows["k1"]["calls_relative"] == pytest.approx(14 / 22)
+
+
+@needs_base
+def test_anchor_routed_to_itself_is_not_called_twice(tmp_path, teachers):
+    """--mar-teacher ocr: on ocr prompts the anchor IS their teacher, so its velocities are reused, not
+    recomputed. The run trains as one whose anchor is the same weights loaded as a separate adapter
+    (which is called on every sample), to float rounding, with 3/4 of its frozen calls."""
+    files, spec = teachers
+    args = ["--task", "geneval:1,ocr:1", "--teachers", spec, "--epochs", "1", "--mar-weight", "0.5", *FAST]
+    run_script("opd.py", "--mar-teacher", "ocr", "--out", tmp_path / "reuse", *args)
+    run_script("opd.py", "--mar-teacher", files["ocr"], "--out", tmp_path / "separate", *args)
+    (reuse,), (separate,) = read_log(tmp_path / "reuse"), read_log(tmp_path / "separate")
+    assert reuse["mar"] == pytest.approx(separate["mar"], rel=1e-5) and reuse["mar"] > 0
+    assert separate["forwards_frozen"] == 8 and reuse["forwards_frozen"] == 6  # the 2 ocr samples of 4 skip the anchor
+    assert_same_adam_training(read_adapter(tmp_path / "reuse"), read_adapter(tmp_path / "separate"), lr=1e-4, opt_steps=reuse["opt_step"])

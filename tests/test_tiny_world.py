@@ -160,7 +160,8 @@ def test_latent_map_round_trips():
 def test_a_base_with_an_autoencoder_has_its_latent(tmp_path):
     """A base that carries vae.* tensors (pilot B of issue #19) is a world with that autoencoder's latent:
     SD3's normalisation z = (encoder(x) - shift) * scale, a transformer of 1x1 patches on (C, 8, 8),
-    images decoded to 32x32 in [0, 1]. A base without them keeps the exact pixel-unshuffle."""
+    images decoded to 32x32 in [0, 1], sampled with SD3's shift 3 and noise on every step. A base without
+    them keeps the exact pixel-unshuffle and the pixel world's sampler (shift 1, the 2-step window)."""
     from safetensors.torch import save_file
 
     import sde
@@ -181,6 +182,9 @@ def test_a_base_with_an_autoencoder_has_its_latent(tmp_path):
     save_file({**base, **state}, str(tmp_path / "base.safetensors"))
     world = worlds.load_world(f"tiny:{tmp_path / 'base.safetensors'}", "cpu")
     assert world.latent_shape == (4, 8, 8) and world.transformer.config.patch_size == 1
+    assert (world.defaults["shift"], world.defaults["sde_window"]) == (3.0, 0)  # a latent world samples as SD3 does
+    pixels = worlds.load_world("tiny", "cpu").defaults
+    assert (pixels["shift"], pixels["sde_window"]) == (tw.SHIFT, tw.DEFAULT_SDE_WINDOW)
     images = sde.sample(world, ["a photo of a red circle"], steps=2, guidance_scale=3.0, noise_level=0.0, seeds=[0])["images"]
     assert images.shape == (1, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     assert tw.load_codec({}).shape == tw.LATENT_SHAPE and tw.load_codec({}).encode is tw.images_to_latents
