@@ -124,6 +124,10 @@ guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else c
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
 cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg.sde_window
 first_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))  # distilled steps (per epoch: see the loop)
+n_trained = len(first_steps) if cfg.opd_loss == "direct" or not cfg.sde_window else cfg.sde_window
+if cfg.distil_steps > n_trained:
+    raise SystemExit(f"error: --distil-steps {cfg.distil_steps} is more than the {n_trained} steps this run distils "
+                     f"({'floor(T x --timestep-fraction)' if n_trained == len(first_steps) else 'the SDE window'}); use 0 for all of them")
 task_weights = rewards.parse_weights(cfg.task)
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind, "runs", "opd")
 

@@ -11,7 +11,7 @@ import torch
 
 import sde
 import worlds
-from helpers import assert_same_adam_training, read_adapter, read_log, run_script, torchrun_script
+from helpers import assert_one_error_line, assert_same_adam_training, read_adapter, read_log, run_script, torchrun_script
 
 HAVE_BASE = os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors"))
 needs_base = pytest.mark.skipif(not HAVE_BASE, reason="the tiny world's base weights are not built yet")
@@ -217,3 +217,10 @@ def test_anchor_routed_to_itself_is_not_called_twice(tmp_path, teachers):
     assert reuse["mar"] == pytest.approx(separate["mar"], rel=1e-5) and reuse["mar"] > 0
     assert separate["forwards_frozen"] == 8 and reuse["forwards_frozen"] == 6  # the 2 ocr samples of 4 skip the anchor
     assert_same_adam_training(read_adapter(tmp_path / "reuse"), read_adapter(tmp_path / "separate"), lr=1e-4, opt_steps=reuse["opt_step"])
+
+
+@needs_base
+@pytest.mark.parametrize("k, says", [("-1", "must be 0 (every trained step) or a count"), ("3", "--distil-steps 3 is more than the 2 steps")])
+def test_bad_distil_steps_is_one_line(tmp_path, k, says):
+    assert_one_error_line(says, "opd.py", "--distil-steps", k, "--out", tmp_path, *FAST)  # S = floor(3 x 0.99) = 2
+    assert not os.path.exists(tmp_path / "adapter.safetensors")

@@ -142,3 +142,14 @@ def test_torchrun_repeat_bad_input_is_one_line():
     result = subprocess.run([sys.executable, "bench/torchrun_repeat.py", "restart", "--runs", "0"], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.strip() == "error: --runs must be at least 1, got 0"
+
+
+def test_gain_per_call_bad_input_is_one_line(tmp_path):
+    """bench/gain_per_call.py checks its run folders before it loads a model: one line, which folder, what is expected."""
+    from helpers import assert_one_error_line
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "log.jsonl").write_text('{"epoch": 1, "kl": 0.1}\n')
+    for runs_arg, says in (("k2", "must be label=folder pairs"), (f"a={tmp_path / 'none'}", "log.jsonl does not exist"),
+                           (f"a={tmp_path / 'old'}", "has no forwards_* fields")):
+        assert_one_error_line(says, "bench/gain_per_call.py", "--teacher", "x.safetensors", "--runs", runs_arg, timeout=120)
