@@ -285,3 +285,20 @@ def test_degrade_lowers_quality_and_is_never_captioned():
     assert degraded.shape == truth.shape and degraded.min() >= 0 and degraded.max() <= 1
     assert tw.score("deqa", degraded, prompts).mean() < tw.score("deqa", truth, prompts).mean() - 0.3
     assert tw.score("pickscore", degraded, prompts).mean() < tw.score("pickscore", truth, prompts).mean()
+
+
+def test_geneval_failure_reading_sees_clean_truth_and_ragged_blobs():
+    """bench/geneval_failures.py's reading of an image: ground truth is all clean shapes and never fails;
+    the same scenes cut by a grid of background lines fail GenEval, and those failures read as drawing
+    failures (ragged components), not as prompt-following ones."""
+    from bench.geneval_failures import read_images
+
+    prompts = tw.read_prompts("geneval", "test")[:N]
+    truth = truth_of(prompts)
+    strict, clean, total, ragged = read_images(truth, prompts)
+    assert strict.min() == 1 and clean == total > 0 and not ragged.any()
+    cut = truth.clone()
+    cut[:, :, :, 1::3] = cut[:, :, :1, :1]  # every third pixel column painted the background: shapes become combs
+    strict, clean, total, ragged = read_images(cut, prompts)
+    fail = strict < 1
+    assert fail.mean() > 0.5 and (fail & ragged).sum() > (fail & ~ragged).sum() and clean < total
