@@ -12,7 +12,10 @@ tiny_world.MIN_SHAPE_IOU) or is a ragged blob. A failing image (GenEval strict =
                                count or position for the prompt.
 It prints per base: GenEval (strict), the share of components that are clean shapes, the split of
 the failures, and GenEval per prompt category. The renderer's ground truth is the reference (every
-component clean).
+component clean). With --groups G it also samples what Flow-GRPO learns from: groups of G SDE images
+(the world's sampler and noise level, one shared initial noise a group) of 12 training prompts a
+category, and prints per category the strict success rate and the share of groups that hold a success
+at all (a group without one gives GRPO no signal on that clause).
 
 Command (tiny world, CPU, ~1 minute a base):
   python bench/geneval_failures.py --bases assets/tiny_base.safetensors,/tmp/pilot/base_b.safetensors
@@ -57,6 +60,7 @@ def main():
     p.add_argument("--bases", default=tw.CHECKPOINT, help="tiny base .safetensors files, comma-separated")
     p.add_argument("--prompts", type=int, default=120, help="GenEval test prompts (evenly spread)")
     p.add_argument("--images", type=int, default=2, help="images per prompt")
+    p.add_argument("--groups", type=int, default=0, help="G: also sample Flow-GRPO's groups of G SDE images (0 = no)")
     p.add_argument("--threads", type=int, default=0)
     cfg = p.parse_args()
     if cfg.threads:
@@ -81,6 +85,23 @@ def main():
         fail = strict < 1
         print(f"{name[-44:]:<44} {strict.mean():>7.3f} {clean / max(total, 1):>10.3f} of {total:<5} {(fail & ragged).mean():>18.3f} "
               f"{(fail & ~ragged).mean():>17.3f}   " + " ".join(f"{strict[category == c].mean():>12.3f}" for c in cats))
+    if cfg.groups:
+        train, _ = worlds.read_prompts(os.path.join(tw.PROMPT_DIR, "geneval_train.txt"))
+        G = cfg.groups
+        print(f"Flow-GRPO's groups: {G} SDE images a prompt (one initial noise a group), 12 training prompts a category: "
+              f"strict success rate / share of groups with a success")
+        for base in cfg.bases.split(","):
+            world = worlds.load_world(f"tiny:{base}")
+            cells = []
+            for c in cats:
+                group = [q for q in train if tw.geneval_category(tw.parse(q)) == c][:12]
+                many = [q for q in group for _ in range(G)]
+                out = sde.sample(world, many, world.defaults["train_steps"], world.defaults["guidance_scale"], world.defaults["noise_level"],
+                                 seeds=[sde.sample_seed(0, i) for i in range(len(many))], init_seeds=[sde.sample_seed(1, i // G) for i in range(len(many))],
+                                 sde_steps=sde.sde_window_steps(world.defaults["train_steps"], world.defaults["sde_window"], 0, 0), batch_size=64)
+                r = np.asarray(tw.score("geneval", out["images"], many)).reshape(len(group), G)
+                cells.append(f"{c} {r.mean():.3f} / {(r.max(1) > 0).mean():.2f}")
+            print(f"  {base[-44:]:<44} " + " | ".join(cells))
 
 
 if __name__ == "__main__":
