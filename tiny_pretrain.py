@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from tiny_world import (CHECKPOINT, DEFAULT_GUIDANCE, DEFAULT_STEPS_EVAL, HERE, IMAGE_SIZE, SHIFT, TASKS,
+from tiny_world import (CHECKPOINT, DEFAULT_GUIDANCE, DEFAULT_STEPS_EVAL, GENEVAL_CATEGORIES, HERE, IMAGE_SIZE, SHIFT, TASKS,
                         build_transformer, corrupt_caption, degrade, diversity, load_base, load_codec, make_encoder, make_prompt, read_prompts,
                         render_batch, sample, score, score_ood, text_tables, write_prompt_files)
 
@@ -61,15 +61,34 @@ def _save(path, transformer, tables, card, vae=None):
     os.replace(tmp, os.path.splitext(path)[0] + ".json")
 
 
+def parse_geneval_mix(text):
+    """'position:3,colour_attr:3' -> the odds of every GenEval category (unlisted ones 1); '' -> None (equal)."""
+    if not text:
+        return None
+    mix = dict.fromkeys(GENEVAL_CATEGORIES, 1.0)
+    for item in text.split(","):
+        name, _, odds = item.partition(":")
+        try:
+            value = float(odds)
+        except ValueError:
+            value = -1.0
+        if name not in mix or value < 0:
+            raise SystemExit(f"error: --geneval-mix item {item!r} must be category:odds with a category of {list(GENEVAL_CATEGORIES)} and odds >= 0")
+        mix[name] = value
+    if sum(mix.values()) <= 0:
+        raise SystemExit(f"error: --geneval-mix {text!r} gives every category odds 0")
+    return mix
+
+
 def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=None, caption_noise=0.0, quality_noise=0.0,
-             autoencoder=None):
+             autoencoder=None, geneval_mix=None):
     """Rectified-flow pretraining for `steps` optimizer steps (the same command gives the same base on any
     machine, up to float rounding) or, without steps, for `minutes` of wall time (the shipped v1 base).
     caption_noise / quality_noise: the share of scenes captioned with one alt-text-like error
     (tiny_world.corrupt_caption) / rendered with one quality fault their caption never names (degrade).
     autoencoder: a file of vae.* tensors (bench/pilot_autoencoder.py): the base then learns that frozen
     autoencoder's latents instead of the pixel-unshuffle's, and carries it in its checkpoint (with --init,
-    the init's latent is kept)."""
+    the init's latent is kept). geneval_mix: {category: odds} of the GenEval captions (default: equal)."""
     import copy
     from tqdm import tqdm
     torch.set_num_threads(threads)
@@ -105,14 +124,14 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
     card = dict(command="python " + " ".join(sys.argv), seed=seed, minutes=minutes, threads=threads, batch_size=BATCH_SIZE,
                 lr=lr, cooldown=cooldown, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
                 init=init, previous=previous, max_steps=steps, caption_noise=caption_noise, quality_noise=quality_noise,
-                autoencoder=autoencoder, latent=list(codec.shape))
+                autoencoder=autoencoder, latent=list(codec.shape), geneval_mix=geneval_mix)
     tasks, weights = list(PRETRAIN_MIX), list(PRETRAIN_MIX.values())
     t_start = last_save = time.time()
     step, loss_avg = 0, None
     bar = tqdm(total=steps or int(minutes * 60), unit="step" if steps else "s", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {postfix}")
     while (step < steps) if steps else (time.time() - t_start < minutes * 60):
         # data: captions from every task's generator, their ground-truth scenes, 10% dropped to ""
-        prompts = [make_prompt(tasks[rng.choice(4, p=weights)], rng) for _ in range(BATCH_SIZE)]
+        prompts = [make_prompt(tasks[rng.choice(4, p=weights)], rng, geneval_mix) for _ in range(BATCH_SIZE)]
         images = render_batch(prompts, rng)                                  # (B, 3, 32, 32)
         for i in range(BATCH_SIZE):  # web-like data: some images worse than their captions say ...
             if rng.random() < quality_noise:
@@ -223,6 +242,8 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (reproducible on any machine; overrides --minutes)")
     p.add_argument("--caption-noise", type=float, default=0.0, help="share of captions with one alt-text-like error")
     p.add_argument("--quality-noise", type=float, default=0.0, help="share of images with one unnamed quality fault")
+    p.add_argument("--geneval-mix", default="", help="odds of the GenEval caption categories, e.g. 'position:3,colour_attr:3' "
+                   "(unlisted: 1; default: all equal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=CHECKPOINT)
     p.add_argument("--init", default=None, help="continue from this checkpoint's weights (fresh optimizer)")
@@ -244,6 +265,6 @@ if __name__ == "__main__":
         write_prompt_files(args.seed)
     elif args.cmd == "pretrain":
         pretrain(args.minutes, args.seed, args.out, args.threads, args.init, args.lr, args.cooldown, args.steps,
-                 args.caption_noise, args.quality_noise, args.autoencoder)
+                 args.caption_noise, args.quality_noise, args.autoencoder, parse_geneval_mix(args.geneval_mix))
     else:
         calibrate(args.n, args.steps, args.guidance, args.shift, args.threads)

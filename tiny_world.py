@@ -231,8 +231,11 @@ def _geneval_prompt(rng, category):
 GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "colour_attr")
 
 
-def _raw_prompt(task, rng):
-    if task == "geneval":
+def _raw_prompt(task, rng, geneval_mix=None):
+    if task == "geneval":  # categories equally likely unless geneval_mix gives their odds {category: weight}
+        if geneval_mix:
+            w = np.array([geneval_mix.get(c, 0.0) for c in GENEVAL_CATEGORIES], np.float64)
+            return _geneval_prompt(rng, GENEVAL_CATEGORIES[rng.choice(len(w), p=w / w.sum())])
         return _geneval_prompt(rng, GENEVAL_CATEGORIES[rng.integers(len(GENEVAL_CATEGORIES))])
     if task == "ocr":
         n = int(rng.choice([1, 2], p=[0.4, 0.6]))
@@ -250,10 +253,11 @@ def _raw_prompt(task, rng):
     raise ValueError(f"unknown task {task!r}")
 
 
-def make_prompt(task, rng):
-    """A fresh in-distribution prompt of a task (held-out OOD compositions are rejected)."""
+def make_prompt(task, rng, geneval_mix=None):
+    """A fresh in-distribution prompt of a task (held-out OOD compositions are rejected); geneval_mix:
+    the odds of GenEval's categories (default: equal)."""
     while True:
-        prompt = _raw_prompt(task, rng)
+        prompt = _raw_prompt(task, rng, geneval_mix)
         if ood_category(parse(prompt)) is None:
             return prompt
 

@@ -302,3 +302,24 @@ def test_geneval_failure_reading_sees_clean_truth_and_ragged_blobs():
     strict, clean, total, ragged = read_images(cut, prompts)
     fail = strict < 1
     assert fail.mean() > 0.5 and (fail & ragged).sum() > (fail & ~ragged).sum() and clean < total
+
+
+def test_geneval_mix_sets_the_odds_of_the_caption_categories():
+    """tiny_pretrain.py pretrain --geneval-mix: the GenEval captions' categories follow the given odds
+    (unlisted ones 1, 0 = never), the default draws them equally, and bad odds are one error line."""
+    import tiny_pretrain
+
+    only = tiny_pretrain.parse_geneval_mix("single_object:0,two_object:0,counting:0,colors:0,colour_attr:0")
+    rng = np.random.default_rng(0)
+    assert {tw.geneval_category(tw.parse(tw.make_prompt("geneval", rng, only))) for _ in range(50)} == {"position"}
+    mix = tiny_pretrain.parse_geneval_mix("position:4,colour_attr:4")
+    rng = np.random.default_rng(0)
+    cats = [tw.geneval_category(tw.parse(tw.make_prompt("geneval", rng, mix))) for _ in range(1200)]
+    assert abs(cats.count("position") / 1200 - 4 / 12) < 0.05 and abs(cats.count("counting") / 1200 - 1 / 12) < 0.03
+    rng = np.random.default_rng(0)
+    cats = [tw.geneval_category(tw.parse(tw.make_prompt("geneval", rng))) for _ in range(1200)]
+    assert all(abs(cats.count(c) / 1200 - 1 / 6) < 0.04 for c in tw.GENEVAL_CATEGORIES)
+    assert tiny_pretrain.parse_geneval_mix("") is None
+    for bad in ("position", "nosuch:2", "position:-1"):
+        with pytest.raises(SystemExit, match="must be category:odds"):
+            tiny_pretrain.parse_geneval_mix(bad)
