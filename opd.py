@@ -124,10 +124,11 @@ guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else c
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
 cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg.sde_window
 first_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))  # distilled steps (per epoch: see the loop)
-n_trained = len(first_steps) if cfg.opd_loss == "direct" or not cfg.sde_window else cfg.sde_window
+window_only = cfg.opd_loss != "direct" and bool(cfg.sde_window)  # pg / pg-sample distil the window's steps (sampled actions)
+n_trained = cfg.sde_window if window_only else len(first_steps)
 if cfg.distil_steps > n_trained:
     raise SystemExit(f"error: --distil-steps {cfg.distil_steps} is more than the {n_trained} steps this run distils "
-                     f"({'floor(T x --timestep-fraction)' if n_trained == len(first_steps) else 'the SDE window'}); use 0 for all of them")
+                     f"({'the SDE window' if window_only else 'floor(T x --timestep-fraction)'}); use 0 for all of them")
 task_weights = rewards.parse_weights(cfg.task)
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind, "runs", "opd")
 
@@ -217,7 +218,7 @@ if dist.master:
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | loss {cfg.opd_loss} | MAR lambda {cfg.mar_weight} anchor {cfg.mar_teacher}")
     print(f"teachers {teacher_files} | routing {routing}")
     print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, SDE window {cfg.sde_window or 'all'}, distilled steps "
-          f"{first_steps if cfg.opd_loss == 'direct' or not cfg.sde_window else 'the window'}"
+          f"{'the window' if window_only else first_steps}"
           f"{f', a random {cfg.distil_steps} of them per sample' if cfg.distil_steps else ''} | "
           f"{sum(p.numel() for p in param_list):,} trainable params | out {out}")
 
@@ -256,9 +257,9 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     metadata = [chosen[i // cfg.group_size][2] for i in index]
     seeds = [sde.sample_seed(cfg.seed, epoch, i) for i in index]
     sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)
-    train_steps = first_steps if cfg.opd_loss == "direct" or not cfg.sde_window else sde_steps
+    train_steps = sde_steps if window_only else first_steps
     distil = sde.step_subset(seeds, len(train_steps), cfg.distil_steps)  # (n_local, S): which steps each sample distils
-    k_steps = min(cfg.distil_steps or len(train_steps), len(train_steps))  # steps each sample distils
+    k_steps = cfg.distil_steps or len(train_steps)  # steps each sample distils (at most len(train_steps): checked above)
     calls = dict(frozen=0, training=0)  # sample-steps each phase ran the transformer on (x2 with CFG)
 
     # 1. On-policy sampling: the student's own SDE trajectories (x_t ~ rho_theta)

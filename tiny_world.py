@@ -658,9 +658,9 @@ def _colour_classes(x):
     return cls
 
 
-def _detect(cls):
-    """Objects in one image: list of (colour, shape, cx, cy) from per-colour connected components."""
-    found = []
+def _components(cls):
+    """The object-sized connected components of each object colour in one image: (colour, shape or None
+    for a ragged blob, cx, cy) per component of at least MIN_OBJECT_AREA pixels."""
     for k, colour in enumerate(COLOURS):
         mask = cls == k
         if mask.sum() < MIN_OBJECT_AREA:
@@ -668,14 +668,15 @@ def _detect(cls):
         labels, n = ndimage.label(mask)
         for sl, lab in zip(ndimage.find_objects(labels), range(1, n + 1)):
             comp = labels[sl] == lab
-            area = comp.sum()
-            if area < MIN_OBJECT_AREA:
+            if comp.sum() < MIN_OBJECT_AREA:
                 continue
-            shape = _classify_shape(labels == lab, sl)
-            if shape:
-                ys, xs = np.nonzero(comp)
-                found.append((colour, shape, xs.mean() + sl[1].start + 0.5, ys.mean() + sl[0].start + 0.5))
-    return found
+            ys, xs = np.nonzero(comp)
+            yield colour, _classify_shape(labels == lab, sl), xs.mean() + sl[1].start + 0.5, ys.mean() + sl[0].start + 0.5
+
+
+def _detect(cls):
+    """Objects in one image: list of (colour, shape, cx, cy) from per-colour connected components."""
+    return [c for c in _components(cls) if c[1]]
 
 
 def _classify_shape(mask, sl):

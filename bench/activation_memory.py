@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: bench/ sits above nothing
 import runs  # noqa: E402
 import worlds  # noqa: E402
-from bench.speed import SD35_MEDIUM, SD3_TEXT_TOKENS  # noqa: E402
+from bench.speed import SD35_MEDIUM, SD3_TEXT_TOKENS, rss_bytes  # noqa: E402
 
 
 def build(config, device, dtype, checkpointing):
@@ -56,11 +56,6 @@ def build(config, device, dtype, checkpointing):
         tr.enable_gradient_checkpointing()
     tr.train()
     return tr
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -104,7 +99,8 @@ def saved_activations(tr, images, device, dtype, config, attention="default"):
         torch.nn.functional.scaled_dot_product_attention = sdpa
         for h in handles:
             h.remove()
-    grown = rss_bytes() - before if device != "meta" else None
+    after = rss_bytes()
+    grown = after - before if device != "meta" and before is not None and after is not None else None  # None: no /proc
     assert out.requires_grad
     total = sum(b for _, b in per_tensor.values())
     blocks = [b - a for a, b in zip(marks, marks[1:])]  # all but the last block (its end is not marked)
@@ -151,7 +147,7 @@ def main():
                                storage_bytes=storage, rss_growth_bytes=grown)
             print(f"  {'with' if ckpt else 'without':<7} checkpointing: meta count {meta['flash'] / 2**20:7.1f} MiB (flash) / "
                   f"{meta['math'] / 2**20:7.1f} MiB (math) | real CPU forward: saved storages {storage / 2**20:7.1f} MiB, "
-                  f"resident memory grew {grown / 2**20:7.1f} MiB")
+                  "resident memory grew " + (f"{grown / 2**20:7.1f} MiB" if grown is not None else "(unknown: no /proc)"))
     runs.write_json(cfg.out, result)
     print(f"wrote {cfg.out}")
 

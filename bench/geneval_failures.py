@@ -31,7 +31,6 @@ import sys
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: bench/ sits above nothing
 import sde  # noqa: E402
@@ -42,21 +41,10 @@ import worlds  # noqa: E402
 def read_images(images, prompts):
     """(strict GenEval per image, clean components, all components, any ragged component per image)."""
     strict = tw.score("geneval", images, prompts)
-    clean = total = 0
-    ragged = []
-    for cls in tw._colour_classes(tw._to_hwc(images)):
-        blob = False
-        for k in range(len(tw.COLOURS)):
-            labels, n = ndimage.label(cls == k)
-            for sl, lab in zip(ndimage.find_objects(labels), range(1, n + 1)):
-                if (labels[sl] == lab).sum() < tw.MIN_OBJECT_AREA:
-                    continue
-                total += 1
-                ok = tw._classify_shape(labels == lab, sl) is not None
-                clean += ok
-                blob |= not ok
-        ragged.append(blob)
-    return np.asarray(strict), clean, total, np.array(ragged)
+    shapes = [[shape for _, shape, _, _ in tw._components(cls)] for cls in tw._colour_classes(tw._to_hwc(images))]
+    clean = sum(s is not None for image in shapes for s in image)
+    total = sum(len(image) for image in shapes)
+    return np.asarray(strict), clean, total, np.array([None in image for image in shapes])
 
 
 def main():
@@ -75,8 +63,8 @@ def main():
     many = [prompts[i] for i in keep for _ in range(cfg.images)]
     rng = np.random.default_rng(0)
     rows = [("ground truth", tw.render_batch(many, rng))]
-    for base in cfg.bases.split(","):
-        world = worlds.load_world(f"tiny:{base}")
+    loaded = {base: worlds.load_world(f"tiny:{base}") for base in cfg.bases.split(",")}
+    for base, world in loaded.items():
         images = torch.cat([sde.sample(world, many[i:i + 64], steps=world.defaults["eval_steps"], guidance_scale=world.defaults["guidance_scale"],
                                        noise_level=0.0, seeds=list(range(i, i + len(many[i:i + 64]))))["images"] for i in range(0, len(many), 64)])
         rows.append((base, images))
@@ -95,8 +83,7 @@ def main():
         G = cfg.groups
         print(f"Flow-GRPO's groups: {G} SDE images a prompt (one initial noise a group), 12 training prompts a category: "
               f"strict success rate / share of groups with a success")
-        for base in cfg.bases.split(","):
-            world = worlds.load_world(f"tiny:{base}")
+        for base, world in loaded.items():
             cells = []
             for c in cats:
                 group = [q for q in train if tw.geneval_category(tw.parse(q)) == c][:12]
@@ -114,8 +101,7 @@ def main():
         flipped = [next(q.replace(f" {r} ", f" {o} ") for r, o in opposite.items() if f" {r} " in q) for q in prompts]
         print("relation word flipped, the same seeds (32 position prompts, ODE): mean |pixel change| of the flip vs of another seed; "
               "GenEval on the original prompt of the image of it / of the flipped prompt")
-        for base in cfg.bases.split(","):
-            world = worlds.load_world(f"tiny:{base}")
+        for base, world in loaded.items():
             run = lambda ps, first: sde.sample(world, ps, steps=world.defaults["eval_steps"], guidance_scale=world.defaults["guidance_scale"],
                                                noise_level=0.0, seeds=list(range(first, first + len(ps))))["images"]
             a, b, c = run(prompts, 0), run(flipped, 0), run(prompts, 1000)
