@@ -58,6 +58,7 @@ SETTINGS = dict(
     guidance_scale=(None, float, "CFG scale for sampling and training (default: the world's; 4.5 on SD3)"),
     noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise (default: the world's; 0.7 on SD3)"),
     sde_window=(None, int, "Flow-GRPO-Fast: only this many consecutive steps (window start drawn per epoch in the first half) are SDE steps and trained; 0 = all (Flow-GRPO; default: the world's, 0 on SD3, 2 on tiny)"),
+    window_start=(None, int, "with --sde-window: fix the window's first step (default: drawn per epoch in the first half)"),
     same_latent=(False, "the G images of a prompt start from one shared initial noise x_1 (Flow-GRPO's same_latent, DanceGRPO): the group then differs only by the SDE steps' noise, the actions being trained"),
     std_scope=("global", "advantage std over the whole batch ('global', Flow-GRPO) or per prompt ('group')"),
     adv_clip=(5.0, "advantages are clipped to +-adv_clip"),
@@ -94,6 +95,8 @@ steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
 cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg.sde_window
+if cfg.window_start is not None and not (cfg.sde_window and 0 <= cfg.window_start <= steps - cfg.sde_window):
+    raise SystemExit(f"error: --window-start {cfg.window_start} needs an SDE window (--sde-window > 0) that fits in the {steps} steps")
 n_trained = int(math.floor(steps * cfg.timestep_fraction))  # trained timestep indices: the first n_trained (Flow-GRPO),
                                                               # or the epoch's SDE window (sde.sde_window_steps)
 task_weights = rewards.parse_weights(cfg.task)
@@ -185,6 +188,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     metadata = [chosen[i // cfg.group_size][2] for i in index.tolist()]
     seeds, init_seeds = sde.epoch_seeds(cfg.seed, epoch, index.tolist(), cfg.group_size, cfg.same_latent)  # per-sample seeding
     sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)  # all steps unless windowed
+    if cfg.window_start is not None:
+        sde_steps = list(range(cfg.window_start, cfg.window_start + cfg.sde_window))
     train_steps = sde_steps if cfg.sde_window else list(range(n_trained))
 
     # 1. On-policy sampling: G SDE trajectories per prompt, with their per-step log-probs

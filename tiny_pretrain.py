@@ -30,7 +30,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tiny_world import (CHECKPOINT, DEFAULT_GUIDANCE, DEFAULT_STEPS_EVAL, GENEVAL_CATEGORIES, HERE, IMAGE_SIZE, SHIFT, TASKS,
-                        build_transformer, corrupt_caption, degrade, diversity, load_base, load_codec, make_encoder, make_prompt, read_prompts,
+                        build_transformer, corrupt_caption, degrade, omit_from_scene, diversity, load_base, load_codec, make_encoder, make_prompt, read_prompts,
                         render_batch, sample, score, score_ood, text_tables, write_prompt_files)
 
 # -----------------------------------------------------------------------------
@@ -81,14 +81,16 @@ def parse_geneval_mix(text):
 
 
 def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=None, caption_noise=0.0, quality_noise=0.0,
-             autoencoder=None, geneval_mix=None):
+             autoencoder=None, geneval_mix=None, omission_noise=0.0):
     """Rectified-flow pretraining for `steps` optimizer steps (the same command gives the same base on any
     machine, up to float rounding) or, without steps, for `minutes` of wall time (the shipped v1 base).
     caption_noise / quality_noise: the share of scenes captioned with one alt-text-like error
     (tiny_world.corrupt_caption) / rendered with one quality fault their caption never names (degrade).
     autoencoder: a file of vae.* tensors (bench/pilot_autoencoder.py): the base then learns that frozen
     autoencoder's latents instead of the pixel-unshuffle's, and carries it in its checkpoint (with --init,
-    the init's latent is kept). geneval_mix: {category: odds} of the GenEval captions (default: equal)."""
+    the init's latent is kept). geneval_mix: {category: odds} of the GenEval captions (default: equal).
+    omission_noise: the share of scenes rendered with one thing their caption names left out
+    (tiny_world.omit_from_scene): one failure that every kind of prompt shares."""
     import copy
     from tqdm import tqdm
     torch.set_num_threads(threads)
@@ -120,11 +122,11 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.99))
     n_params = sum(p.numel() for p in transformer.parameters())
     print(f"transformer: {n_params / 1e6:.2f}M parameters; batch {BATCH_SIZE}; " + (f"{steps} steps" if steps else f"{minutes} minutes")
-          + f"; caption noise {caption_noise}, quality noise {quality_noise}")
+          + f"; caption noise {caption_noise}, quality noise {quality_noise}, omission noise {omission_noise}")
     card = dict(command="python " + " ".join(sys.argv), seed=seed, minutes=minutes, threads=threads, batch_size=BATCH_SIZE,
                 lr=lr, cooldown=cooldown, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
                 init=init, previous=previous, max_steps=steps, caption_noise=caption_noise, quality_noise=quality_noise,
-                autoencoder=autoencoder, latent=list(codec.shape), geneval_mix=geneval_mix)
+                autoencoder=autoencoder, latent=list(codec.shape), geneval_mix=geneval_mix, omission_noise=omission_noise)
     tasks, weights = list(PRETRAIN_MIX), list(PRETRAIN_MIX.values())
     t_start = last_save = time.time()
     step, loss_avg = 0, None
@@ -132,7 +134,8 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
     while (step < steps) if steps else (time.time() - t_start < minutes * 60):
         # data: captions from every task's generator, their ground-truth scenes, 10% dropped to ""
         prompts = [make_prompt(tasks[rng.choice(4, p=weights)], rng, geneval_mix) for _ in range(BATCH_SIZE)]
-        images = render_batch(prompts, rng)                                  # (B, 3, 32, 32)
+        shown = [omit_from_scene(p, rng) if omission_noise and rng.random() < omission_noise else p for p in prompts]
+        images = render_batch(shown, rng)                                    # (B, 3, 32, 32)
         for i in range(BATCH_SIZE):  # web-like data: some images worse than their captions say ...
             if rng.random() < quality_noise:
                 images[i] = degrade(images[i], rng)
@@ -242,6 +245,8 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (reproducible on any machine; overrides --minutes)")
     p.add_argument("--caption-noise", type=float, default=0.0, help="share of captions with one alt-text-like error")
     p.add_argument("--quality-noise", type=float, default=0.0, help="share of images with one unnamed quality fault")
+    p.add_argument("--omission-noise", type=float, default=0.0, help="share of images that leave out one thing their "
+                   "caption names (the second object, one of a count, one glyph)")
     p.add_argument("--geneval-mix", default="", help="odds of the GenEval caption categories, e.g. 'position:3,colour_attr:3' "
                    "(unlisted: 1; default: all equal)")
     p.add_argument("--seed", type=int, default=0)
@@ -264,7 +269,10 @@ if __name__ == "__main__":
     if args.cmd == "prompts":
         write_prompt_files(args.seed)
     elif args.cmd == "pretrain":
+        for name in ("caption_noise", "quality_noise", "omission_noise"):
+            if not 0 <= getattr(args, name) <= 1:
+                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)} must be a share in [0, 1]")
         pretrain(args.minutes, args.seed, args.out, args.threads, args.init, args.lr, args.cooldown, args.steps,
-                 args.caption_noise, args.quality_noise, args.autoencoder, parse_geneval_mix(args.geneval_mix))
+                 args.caption_noise, args.quality_noise, args.autoencoder, parse_geneval_mix(args.geneval_mix), args.omission_noise)
     else:
         calibrate(args.n, args.steps, args.guidance, args.shift, args.threads)

@@ -382,6 +382,28 @@ def corrupt_caption(prompt, rng):
     return options[rng.integers(len(options))] if options else prompt
 
 
+def omit_from_scene(prompt, rng):
+    """The prompt of an image that leaves out one thing its caption names, as web images leave out what
+    their alt-text mentions: the second object, one of a count, or one glyph of a two-glyph sign.
+    Rendered under the original caption, it teaches a base to leave things out for every kind of prompt
+    alike. Returns the prompt itself when nothing can be left out (one object, one glyph)."""
+    spec = parse(prompt)
+    if spec["kind"] == "ocr":
+        text = spec["text"]
+        return f'a sign that says "{text[rng.integers(2)]}"' if len(text) == 2 else prompt
+    bg = f" on a {spec['background']} background" if spec["background"] else ""
+    o = spec["objects"][0]
+    if len(spec["objects"]) == 2:
+        return f"a photo of {_phrase(o['colour'], o['shape'], o['big'])}{bg}"
+    if o["count"] > 2:
+        colour = f"{o['colour']} " if o["colour"] else ""
+        fewer = f"a photo of {list(NUMBERS)[o['count'] - 2]} {colour}{o['shape']}s{bg}"
+        return fewer if ood_category(parse(fewer)) is None else prompt  # four rings -> three: held out
+    if o["count"] == 2:
+        return f"a photo of {_phrase(o['colour'], o['shape'])}{bg}"
+    return prompt
+
+
 def degrade(image, rng):
     """One web-like quality fault of an image (3, H, W) in [0, 1], never named by its caption: blur,
     sensor noise, low contrast, or blocky compression."""

@@ -22,6 +22,7 @@ and OCR experts do not learn here".
 Commands
   tiny world, CPU (about 40 s per task):   python bench/gradient_snr.py
   one task, more batches:                  python bench/gradient_snr.py --tasks ocr --batches 32
+  the same 8 prompts in every batch:       python bench/gradient_snr.py --tasks geneval --fixed-prompts --batches 24
   the notes' two tables:                  python bench/gradient_snr.py --batches 32 [--window-start 0]
   SD3.5-M, one GPU:                        python bench/gradient_snr.py --world <sd3.5m folder> --tasks ocr,pickscore
 """
@@ -55,6 +56,8 @@ SETTINGS = dict(
     sde_window=(None, int, "SDE window length, its start drawn per batch (default: the world's; 0 = every step)"),
     window_start=(None, int, "fix the window's first step (default: drawn per batch in the first half, as grpo_expert.py draws it per epoch)"),
     same_latent=(True, "a prompt's G images share their initial noise (reproduce.sh's experts do)"),
+    fixed_prompts=(False, "every batch draws epoch 0's prompts (fresh noise each batch): is the signal of the same "
+                          "prompts consistent? (high here but ~0 without: the signal differs from prompt to prompt)"),
     lora_rank=(32, "LoRA rank r"),
     lora_alpha=(64, "LoRA alpha"),
     threads=(0, "CPU threads (0 = all cores)"),
@@ -89,14 +92,14 @@ P, G = cfg.prompts_per_batch, cfg.group_size
 B = P * G
 groups = torch.arange(B) // G
 where = "a step drawn per batch" if cfg.window_start is None else f"step {cfg.window_start}"
-print(f"world {world.name} | {cfg.batches} batches of {P} prompts x G={G} = {B} images per task | T={steps}, "
+print(f"world {world.name} | {cfg.batches} batches of {P} {'fixed ' if cfg.fixed_prompts else ''}prompts x G={G} = {B} images per task | T={steps}, "
       f"{f'SDE window of {window} steps starting at {where}' if window else 'every step stochastic'}, a={noise_level}, CFG {guidance}")
 
 
 def batch_gradients(task, k, params):
     """One batch of grpo_expert.py's epoch k for `task`: its policy gradient at ratio 1, and the same with
     the advantages shuffled inside each group (the control) as flat float32 vectors, and the rewards (P, G)."""
-    chosen = worlds.draw_prompts(train_prompts, {task: 1.0}, P, cfg.seed, k)  # grpo_expert.py's epoch-k prompts
+    chosen = worlds.draw_prompts(train_prompts, {task: 1.0}, P, cfg.seed, 0 if cfg.fixed_prompts else k)  # grpo_expert.py's epoch-k prompts
     prompts = [chosen[i // G][1] for i in range(B)]
     metadata = [chosen[i // G][2] for i in range(B)]
     seeds, init_seeds = sde.epoch_seeds(cfg.seed, k, range(B), G, cfg.same_latent)  # grpo_expert.py's epoch-k noise

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sde
-from helpers import ROOT, assert_same_adam_training, ode_scores, read_adapter, read_log, run_script, torchrun_script
+from helpers import ROOT, assert_one_error_line, assert_same_adam_training, ode_scores, read_adapter, read_log, run_script, torchrun_script
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors")),
                                 reason="the tiny world's base weights are not built yet")
@@ -81,6 +81,11 @@ def test_two_processes_equal_one(tmp_path):
     assert one[-1]["opt_step"] > 0 and min(r["kept"] for r in one) > 0  # groups with reward spread: real updates
     a, b = read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two")
     assert_same_adam_training(a, b, lr=3e-4, opt_steps=one[-1]["opt_step"])  # the default lr
+
+
+def test_window_start_needs_a_window_that_fits(tmp_path):
+    for args in (["--sde-window", "0", "--window-start", "0"], ["--sde-window", "2", "--window-start", "3"]):  # 4 steps
+        assert_one_error_line("needs an SDE window", "grpo_expert.py", *FAST, *args, "--out", tmp_path)
 
 
 def test_reward_rises_on_an_easy_task(tmp_path):

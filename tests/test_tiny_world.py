@@ -12,6 +12,7 @@ from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tiny_world as tw  # noqa: E402
+from helpers import assert_one_error_line  # noqa: E402
 
 N = 24  # test prompts per task: enough for stable means, fast on a CPU
 
@@ -243,18 +244,23 @@ def _attributes(spec):
     return [(o["count"], o["colour"], o["shape"]) for o in spec["objects"]], spec["text"]
 
 
+def _edited_prompts(task, edit, n, seed):
+    """n (prompt, edited prompt, their attributes) of fresh prompts of a task; every edit parses and holds
+    no held-out composition."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        prompt = tw.make_prompt(task, rng)
+        edited = edit(prompt, rng)
+        assert tw.ood_category(tw.parse(edited)) is None
+        yield prompt, edited, _attributes(tw.parse(prompt)), _attributes(tw.parse(edited))
+
+
 @pytest.mark.parametrize("task", ["geneval", "ocr", "deqa"])
 def test_corrupt_caption_makes_one_alt_text_error(task):
     """A corrupted caption parses, holds no held-out composition, and differs from its image's caption by
     exactly one error of the four kinds; the image's own reward then ranks the true caption above it."""
-    rng = np.random.default_rng(3)
     kinds = set()
-    for _ in range(60):
-        prompt = tw.make_prompt(task, rng)
-        bad = tw.corrupt_caption(prompt, rng)
-        spec, bad_spec = tw.parse(prompt), tw.parse(bad)
-        assert tw.ood_category(bad_spec) is None
-        (objs, text), (bad_objs, bad_text) = _attributes(spec), _attributes(bad_spec)
+    for prompt, bad, (objs, text), (bad_objs, bad_text) in _edited_prompts(task, tw.corrupt_caption, 60, seed=3):
         if bad == prompt:  # no error fits (every option would be a held-out composition)
             continue
         if text is not None:
@@ -275,6 +281,30 @@ def test_corrupt_caption_makes_one_alt_text_error(task):
                 image = truth_of([prompt])
                 assert tw.score("geneval", image, [prompt])[0] > tw.score("geneval", image, [bad])[0]
     assert kinds >= ({"glyph", "missing glyph"} if task == "ocr" else {"colour", "object left out"})
+
+
+@pytest.mark.parametrize("task", ["geneval", "ocr"])
+def test_omit_from_scene_leaves_out_one_named_thing(task):
+    """An omission image's prompt names one thing fewer than its caption (the second object, one of a
+    count, one glyph) and no held-out composition; under the caption the reward ranks the full scene
+    above it (GenEval's partial credit, OCR's edit distance); single things are never left out."""
+    kinds = set()
+    for prompt, shown, (objs, text), (shown_objs, shown_text) in _edited_prompts(task, tw.omit_from_scene, 80, seed=5):
+        if shown == prompt:
+            assert (text is not None and len(text) == 1) or (len(objs) == 1 and objs[0][0] in (1, 4))
+            continue
+        if text is not None:
+            assert len(text) == 2 and shown_text in (text[0], text[1])
+            kinds.add("glyph")
+        elif len(objs) == 2:
+            assert shown_objs == objs[:1] and tw.parse(shown)["background"] == tw.parse(prompt)["background"]
+            kinds.add("object")
+        else:
+            assert shown_objs[0][0] == objs[0][0] - 1 and shown_objs[0][1:] == objs[0][1:]
+            kinds.add("count")
+        truth, omitted = truth_of([prompt]), truth_of([shown])
+        assert tw.score(task, truth, [prompt], strict=False)[0] > tw.score(task, omitted, [prompt], strict=False)[0]
+    assert kinds == ({"glyph"} if task == "ocr" else {"object", "count"})
 
 
 def test_degrade_lowers_quality_and_is_never_captioned():
@@ -323,3 +353,10 @@ def test_geneval_mix_sets_the_odds_of_the_caption_categories():
     for bad in ("position", "nosuch:2", "position:-1"):
         with pytest.raises(SystemExit, match="must be category:odds"):
             tiny_pretrain.parse_geneval_mix(bad)
+
+
+def test_pretraining_noise_shares_outside_0_1_are_one_error_line(tmp_path):
+    for flag in ("--omission-noise", "--caption-noise", "--quality-noise"):
+        assert_one_error_line("must be a share in [0, 1]", "tiny_pretrain.py", "pretrain", "--steps", "1", flag, "1.5",
+                              "--out", tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
