@@ -56,8 +56,8 @@ SETTINGS = dict(
     sde_window=(None, int, "SDE window length, its start drawn per batch (default: the world's; 0 = every step)"),
     window_start=(None, int, "fix the window's first step (default: drawn per batch in the first half, as grpo_expert.py draws it per epoch)"),
     same_latent=(True, "a prompt's G images share their initial noise (reproduce.sh's experts do)"),
-    fixed_prompts=(False, "every batch draws epoch 0's prompts (fresh noise each batch): is the signal of the same "
-                          "prompts consistent? (high here but ~0 without: the signal differs from prompt to prompt)"),
+    fixed_prompts=(False, "every batch draws epoch 0's prompts (fresh noise each batch): a cosine above the one without "
+                          "means that the signal differs from prompt to prompt; the same cosine, that the noise drowns it"),
     lora_rank=(32, "LoRA rank r"),
     lora_alpha=(64, "LoRA alpha"),
     threads=(0, "CPU threads (0 = all cores)"),
