@@ -8,7 +8,8 @@ reward; normalise rewards within each prompt's group into advantages; raise the 
 the steps of better-than-average images with PPO's clipped ratio loss, kept near the base model by a
 KL penalty. --sde-window K (Flow-GRPO-Fast) makes only K consecutive steps stochastic and trains only
 those; the tiny world uses K = 2 (its pixels keep the late steps' noise: README, "The tiny world"),
-SD3.5-M every step (K = 0), as the paper. --same-latent starts a prompt's G images from one initial
+SD3.5-M every step (K = 0), as the paper. The window starts at a step drawn per epoch in the first
+half, or at --window-start s (docs/NOTES.md, pilot F: only the first step). --same-latent starts a prompt's G images from one initial
 noise, so that a group differs only by the SDE steps' noise (reproduce.sh uses it on the tiny world).
 
 Commands
@@ -95,8 +96,10 @@ steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
 cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg.sde_window
-if cfg.window_start is not None and not (cfg.sde_window and 0 <= cfg.window_start <= steps - cfg.sde_window):
-    raise SystemExit(f"error: --window-start {cfg.window_start} needs an SDE window (--sde-window > 0) that fits in the {steps} steps")
+try:  # the window's settings, checked before anything runs
+    sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, 0, cfg.window_start)
+except ValueError as e:
+    raise SystemExit(f"error: --sde-window {cfg.sde_window} / --window-start {cfg.window_start}: {e}") from None
 n_trained = int(math.floor(steps * cfg.timestep_fraction))  # trained timestep indices: the first n_trained (Flow-GRPO),
                                                               # or the epoch's SDE window (sde.sde_window_steps)
 task_weights = rewards.parse_weights(cfg.task)
@@ -187,9 +190,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     prompts = [chosen[i // cfg.group_size][1] for i in index.tolist()]
     metadata = [chosen[i // cfg.group_size][2] for i in index.tolist()]
     seeds, init_seeds = sde.epoch_seeds(cfg.seed, epoch, index.tolist(), cfg.group_size, cfg.same_latent)  # per-sample seeding
-    sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)  # all steps unless windowed
-    if cfg.window_start is not None:
-        sde_steps = list(range(cfg.window_start, cfg.window_start + cfg.sde_window))
+    sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch, cfg.window_start)  # all steps unless windowed
     train_steps = sde_steps if cfg.sde_window else list(range(n_trained))
 
     # 1. On-policy sampling: G SDE trajectories per prompt, with their per-step log-probs

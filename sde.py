@@ -204,12 +204,17 @@ def seed_generators(seeds):
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def sde_window_steps(steps, window, seed, epoch):
+def sde_window_steps(steps, window, seed, epoch, start=None):
     """Flow-GRPO-Fast's SDE window: only `window` consecutive steps are stochastic (and trained), the
     rest are exact ODE steps. The window starts at a step drawn per epoch (the same on every rank)
-    from the first half of the trajectory, where composition is decided. window 0 = every step
-    (Flow-GRPO). The reward of an image then depends on the noise of those few steps only, and no
-    late-step noise is left in the image: credit assignment is far sharper for the same samples."""
+    from the first half of the trajectory, where composition is decided, or at `start` when given.
+    window 0 = every step (Flow-GRPO). The reward of an image then depends on the noise of those few
+    steps only, and no late-step noise is left in the image: credit assignment is far sharper for
+    the same samples."""
+    if start is not None:
+        if not (window and 0 <= start <= steps - window):
+            raise ValueError(f"window start {start} needs an SDE window (window > 0) that fits in the {steps} steps")
+        return list(range(start, start + window))
     if not window:
         return list(range(steps))
     if window > steps:

@@ -30,7 +30,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tiny_world import (CHECKPOINT, DEFAULT_GUIDANCE, DEFAULT_STEPS_EVAL, GENEVAL_CATEGORIES, HERE, IMAGE_SIZE, SHIFT, TASKS,
-                        build_transformer, corrupt_caption, degrade, omit_from_scene, diversity, load_base, load_codec, make_encoder, make_prompt, read_prompts,
+                        build_transformer, corrupt_caption, degrade, diversity, load_base, load_codec, make_encoder, make_prompt, omit_from_scene, read_prompts,
                         render_batch, sample, score, score_ood, text_tables, write_prompt_files)
 
 # -----------------------------------------------------------------------------

@@ -208,6 +208,15 @@ def _phrase(colour, shape, big=False):
     return f"{_article(words[0])} {' '.join(words)}"
 
 
+def _one_object_prompt(spec, count=1):
+    """The prompt of `count` of a spec's first object alone, on the spec's background."""
+    o, bg = spec["objects"][0], f" on a {spec['background']} background" if spec["background"] else ""
+    if count == 1:
+        return f"a photo of {_phrase(o['colour'], o['shape'], o['big'])}{bg}"
+    words = [list(NUMBERS)[count - 1]] + (["big"] if o["big"] else []) + ([o["colour"]] if o["colour"] else []) + [o["shape"] + "s"]
+    return f"a photo of {' '.join(words)}{bg}"
+
+
 def _geneval_prompt(rng, category):
     c1, c2 = rng.choice(list(COLOURS), 2, replace=False)
     s1, s2 = rng.choice(SHAPES, 2, replace=False)
@@ -375,9 +384,7 @@ def corrupt_caption(prompt, rng):
                     if 2 <= n <= 4:
                         options.append(" ".join(words[:i] + [list(NUMBERS)[n - 1]] + words[i + 1:]))
         if len(spec["objects"]) == 2:  # "a photo of X and|rel Y [on a ... background]" -> "a photo of X [on ...]"
-            bg = f" on a {spec['background']} background" if spec["background"] else ""
-            o = spec["objects"][0]
-            options.append(f"a photo of {_phrase(o['colour'], o['shape'], o['big'])}{bg}")
+            options.append(_one_object_prompt(spec))
     options = [c for c in options if ood_category(parse(c)) is None]
     return options[rng.integers(len(options))] if options else prompt
 
@@ -391,17 +398,11 @@ def omit_from_scene(prompt, rng):
     if spec["kind"] == "ocr":
         text = spec["text"]
         return f'a sign that says "{text[rng.integers(2)]}"' if len(text) == 2 else prompt
-    bg = f" on a {spec['background']} background" if spec["background"] else ""
-    o = spec["objects"][0]
     if len(spec["objects"]) == 2:
-        return f"a photo of {_phrase(o['colour'], o['shape'], o['big'])}{bg}"
-    if o["count"] > 2:
-        colour = f"{o['colour']} " if o["colour"] else ""
-        fewer = f"a photo of {list(NUMBERS)[o['count'] - 2]} {colour}{o['shape']}s{bg}"
-        return fewer if ood_category(parse(fewer)) is None else prompt  # four rings -> three: held out
-    if o["count"] == 2:
-        return f"a photo of {_phrase(o['colour'], o['shape'])}{bg}"
-    return prompt
+        return _one_object_prompt(spec)
+    count = spec["objects"][0]["count"]
+    fewer = _one_object_prompt(spec, count - 1) if count > 1 else prompt
+    return fewer if ood_category(parse(fewer)) is None else prompt  # four rings -> three: held out
 
 
 def degrade(image, rng):

@@ -78,9 +78,8 @@ def main():
             loaded.append(path)
             worlds.load_lora(world.transformer, path, name)
         with worlds.adapter(world.transformer, name):
-            images = torch.cat([sde.sample(world, many[i:i + 64], steps=world.defaults["eval_steps"],
-                                           guidance_scale=world.defaults["guidance_scale"], noise_level=0.0,
-                                           seeds=seeds[i:i + 64])["images"] for i in range(0, len(many), 64)])
+            images = sde.sample(world, many, steps=world.defaults["eval_steps"], guidance_scale=world.defaults["guidance_scale"],
+                                noise_level=0.0, seeds=seeds, batch_size=64)["images"]
         s = torch.as_tensor(score(images, many, [m for m in metadata for _ in range(cfg.images)]), dtype=torch.float64)
         return s.reshape(len(prompts), cfg.images).mean(1)
 

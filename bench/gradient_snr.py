@@ -84,8 +84,10 @@ tasks = [t for t in cfg.tasks.split(",") if t]
 for t in tasks:
     if t not in world.tasks:
         raise SystemExit(f"error: --tasks name {t!r} is not a task of the {world.kind} world {world.tasks}")
-if cfg.window_start is not None and not (window and 0 <= cfg.window_start <= steps - window):
-    raise SystemExit(f"error: --window-start {cfg.window_start} needs an SDE window (--sde-window > 0) that fits in the {steps} steps")
+try:  # the window's settings, checked before anything runs
+    sde.sde_window_steps(steps, window, cfg.seed, 0, cfg.window_start)
+except ValueError as e:
+    raise SystemExit(f"error: --sde-window {window} / --window-start {cfg.window_start}: {e}") from None
 if cfg.batches < 4:
     raise SystemExit(f"error: --batches {cfg.batches} is too few for a standard error; use 4 or more")
 P, G = cfg.prompts_per_batch, cfg.group_size
@@ -103,10 +105,7 @@ def batch_gradients(task, k, params):
     prompts = [chosen[i // G][1] for i in range(B)]
     metadata = [chosen[i // G][2] for i in range(B)]
     seeds, init_seeds = sde.epoch_seeds(cfg.seed, k, range(B), G, cfg.same_latent)  # grpo_expert.py's epoch-k noise
-    if window and cfg.window_start is not None:
-        sde_steps = list(range(cfg.window_start, cfg.window_start + window))
-    else:  # grpo_expert.py's epoch-k window (every step when window is 0)
-        sde_steps = sde.sde_window_steps(steps, window, cfg.seed, k)
+    sde_steps = sde.sde_window_steps(steps, window, cfg.seed, k, cfg.window_start)  # grpo_expert.py's epoch-k window (all steps if 0)
     trained = sde_steps if window else list(range(int(math.floor(steps * cfg.timestep_fraction))))
     traj = sde.sample(world, prompts, steps, guidance, noise_level, seeds=seeds, sde_steps=sde_steps, init_seeds=init_seeds)
     reward = reward_fn(traj["images"], prompts, metadata)

@@ -150,6 +150,11 @@ def test_sde_window_is_ode_outside_and_sde_inside(toy_world):
     assert sde.sde_window_steps(10, 2, 0, 7) == sde.sde_window_steps(10, 2, 0, 7)
     with pytest.raises(ValueError, match="window"):
         sde.sde_window_steps(4, 5, 0, 0)
+    assert all(sde.sde_window_steps(10, 1, 0, e, start=0) == [0] for e in range(5))  # a fixed start, every epoch
+    assert sde.sde_window_steps(10, 2, 0, 0, start=8) == [8, 9]  # any start that fits, not only the first half
+    for window, start in ((0, 0), (2, 9), (2, -1)):
+        with pytest.raises(ValueError, match="needs an SDE window"):
+            sde.sde_window_steps(10, window, 0, 0, start=start)
 
 
 def test_shared_initial_noise_makes_a_group_differ_only_by_its_sde_steps(toy_world):
