@@ -14,8 +14,12 @@ Tables (printed as Markdown, saved as JSON + Markdown under --out):
            SD3 needs T2I-CompBench's own evaluators, which are not shipped: the table says so).
   quality  quality rewards on a common prompt set (the deqa + pickscore test prompts) and, in the tiny
            world, within-prompt diversity (needs images_per_prompt >= 2).
+  paired   each model minus each reference of --paired-with (the base, GRPO-Mix) per task: the mean over
+           prompts of the per-prompt difference (same prompts, same seeds) with its paired standard error.
   gain     with --gain-of: each model's share of each teacher's gain over the base on the teacher's task,
            (model - base) / (teacher - base) from the main table (the paper: OPD keeps >= 90% of it).
+Every cell carries its standard error over prompts (JSON: '<column>_se'; Markdown: 'mean +- se'): a
+prompt's K images are averaged first, as prompts are what is drawn and what two models are paired on.
 Plus grid_<model>.png (the first prompts of every task, same seeds for all models), grid_compare.png
 (one row per model) and main.png (the main table as bars: the seesaw at a glance).
 
@@ -61,6 +65,8 @@ SETTINGS = dict(
     tasks=("", "tasks of the main table (default: all of the world's; e.g. 'ocr,pickscore' without reward servers)"),
     gain_of=("", "task=label pairs naming each task's teacher among --models ('deqa=grpo-deqa,...'): adds the gain table, "
                  "each model's share (model - base) / (teacher - base) of the teacher's gain on its task (needs base and the main table)"),
+    paired_with=("base,grpo-mix", "labels of --models that every other model is compared with, paired (same prompts and seeds): the "
+                                  "paired table (labels not among --models are skipped)"),
     quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore')"),
     images_per_prompt=(None, int, "images per prompt (default: tiny 2, sd3 4 as GenEval)"),
     limit=(0, "evaluate K prompts of each prompt file, evenly spread over it so every category is represented (0 = all)"),
@@ -123,6 +129,7 @@ for part in (p.strip() for p in cfg.gain_of.split(",") if p.strip()):
         raise SystemExit(f"error: --gain-of part {part!r}: write task=label with a task of the main table {main_tasks} "
                          f"and a label of --models {list(models)}")
     gain_of[task] = label
+paired_with = [r.strip() for r in cfg.paired_with.split(",") if r.strip()]
 if gain_of and ("base" not in models or "main" not in tables):
     raise SystemExit("error: --gain-of measures gains over the base: put 'base' in --models and 'main' in --tables")
 
@@ -319,27 +326,51 @@ for label, path in models.items():
 # Tables (master): means over the cached per-image scores of the prompts evaluated now
 
 
-def mean_of(label, name, col):
-    """Mean of one column over every image of the set's --limit prompts (NaN where not scored)."""
+def prompt_means(label, name, col):
+    """{prompt index: mean of the column over that prompt's K images} for the set's --limit prompts that
+    have the column (an OOD prompt scores only its own category). Means and their standard errors are
+    taken over prompts: the unit that is drawn, and the one two models are paired on (same seeds)."""
     cached = read_cache(cache_path(label, name))
-    values = [v for i in range(len(prompt_sets[name][1])) for v in np.atleast_1d(cached[str(i)].get(col, []))]
-    return float(np.mean(values)) if values else None
+    values = {i: np.atleast_1d(cached[str(i)].get(col, [])) for i in range(len(prompt_sets[name][1]))}
+    return {i: float(np.mean(v)) for i, v in values.items() if len(v)}
+
+
+def mean_se(values):
+    """Mean and standard error of the mean of per-prompt values (SE None with fewer than 2)."""
+    values = np.asarray(list(values), np.float64)
+    if not len(values):
+        return None, None
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def combined_se(coefficients, ses):
+    """SE of sum_i c_i x_i for independent x_i (different prompt sets) with SEs ses; None if any is None."""
+    if any(se is None for se in ses):
+        return None
+    return float(math.sqrt(sum((c * se) ** 2 for c, se in zip(coefficients, ses))))
 
 
 def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def markdown(title, columns, rows, note=""):
+def markdown(title, columns, rows, note="", signed=False):
+    """A Markdown table; a cell whose row also holds '<column>_se' is written 'mean +- se'."""
+    def cell(r, c):
+        if isinstance(r[c], str):
+            return r[c]
+        se = r.get(f"{c}_se")
+        value = "-" if r[c] is None else f"{r[c]:+.3f}" if signed else fmt(r[c])
+        return value + (f" +- {se:.3f}" if se is not None and r[c] is not None else "")
     lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(r[c] if isinstance(r[c], str) else fmt(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     return "\n".join(lines + (["", note] if note else [])) + "\n"
 
 
-def save_table(name, title, columns, rows, note=""):
+def save_table(name, title, columns, rows, note="", signed=False):
     runs.write_json(os.path.join(out, f"{name}.json"), dict(rows=rows, **({"note": note} if note else {}), settings=sampling,
                                                            prompts={s: len(prompt_sets[s][1]) for s in prompt_sets}))
-    text = markdown(title, columns, rows, note)
+    text = markdown(title, columns, rows, note, signed)
     runs.atomic_write(os.path.join(out, f"{name}.md"), text)
     print("\n" + text)
 
@@ -349,23 +380,54 @@ if dist.master:
     setting_note = f"ODE {steps} steps, CFG {guidance}, {K} images/prompt, seed {cfg.seed}; prompts: {n_prompts}."
 
     if "main" in tables:
+        units = {"pickscore": rewards.PICKSCORE_SCALE} if sd3 else {}  # the sd3 reward is logit/26; the paper reports the logit
+        # the Average is linear in the four columns: these are its coefficients (for its SE and its paired difference)
+        average_coef = [rewards.paper_average(*unit) if sd3 else 1 / 4 for unit in np.eye(4)]
+        per_prompt = {}  # (label, task) -> {prompt index: the prompt's mean score, in the table's units}
         rows = []
         for label in models:
             row = {"model": label}
             for t in rewards.TINY_REWARDS:  # the paper's column order: geneval, ocr, deqa, pickscore
-                row[t] = mean_of(label, t, t) if t in main_tasks else None
-            if sd3 and row["pickscore"] is not None:
-                row["pickscore"] *= rewards.PICKSCORE_SCALE  # the reward is logit/26; the paper reports the logit
+                row[t] = row[f"{t}_se"] = None
+                if t in main_tasks:
+                    per_prompt[label, t] = {i: v * units.get(t, 1) for i, v in prompt_means(label, t, t).items()}
+                    row[t], row[f"{t}_se"] = mean_se(per_prompt[label, t].values())
             parts = [row[t] for t in rewards.TINY_REWARDS]
-            if None in parts:
-                row["average"] = None
-            else:  # sd3: mean(GenEval, OCR, DeQA/5, PickScore/26); tiny: every reward is in [0, 1] already
+            row["average"] = row["average_se"] = None
+            if None not in parts:  # sd3: mean(GenEval, OCR, DeQA/5, PickScore/26); tiny: every reward is in [0, 1] already
                 row["average"] = rewards.paper_average(*parts) if sd3 else float(np.mean(parts))
+                row["average_se"] = combined_se(average_coef, [row[f"{t}_se"] for t in rewards.TINY_REWARDS])
             rows.append(row)
         main_rows = rows
         avg = "mean(GenEval, OCR, DeQA/5, PickScore/26)" if sd3 else "the plain mean (tiny-world rewards are in [0, 1])"
         save_table("main", "Main table: each task on its own test split", ["model", *rewards.TINY_REWARDS, "average"], rows,
-                   f"Average = {avg}. {setting_note}")
+                   f"Average = {avg}. Each cell: mean +- its standard error over prompts (the Average's from the four "
+                   f"columns' SEs, independent prompt sets). {setting_note}")
+
+        # differences against the references (the base, GRPO-Mix), paired: the same prompts and seeds
+        rows = []
+        for ref in (r for r in paired_with if r in models):
+            for label in models:
+                if label == ref:
+                    continue
+                row = {"model": label, "minus": ref}
+                for t in rewards.TINY_REWARDS:
+                    row[t] = row[f"{t}_se"] = None
+                    if t in main_tasks:
+                        mine, theirs = per_prompt[label, t], per_prompt[ref, t]
+                        row[t], row[f"{t}_se"] = mean_se(mine[i] - theirs[i] for i in mine if i in theirs)
+                parts = [row[t] for t in rewards.TINY_REWARDS]
+                row["average"] = row["average_se"] = None
+                if None not in parts:
+                    row["average"] = float(sum(c * x for c, x in zip(average_coef, parts)))
+                    row["average_se"] = combined_se(average_coef, [row[f"{t}_se"] for t in rewards.TINY_REWARDS])
+                rows.append(row)
+        if rows:
+            save_table("paired", "Paired differences: each model minus a reference, on the same prompts and seeds",
+                       ["model", "minus", *rewards.TINY_REWARDS, "average"], rows,
+                       "Each cell: the mean over prompts of (model - reference) +- its paired standard error. A difference "
+                       "is a claim only beyond 2 SE and beyond the run-to-run spread of two seeds (README). "
+                       f"{setting_note}", signed=True)
 
     if gain_of:  # the paper's claim that the student keeps most (>= 90%) of each teacher's gain on its task
         by_label = {row["model"]: row for row in main_rows}
@@ -373,12 +435,21 @@ if dist.master:
         gains = {t: by_label[teacher][t] - base_row[t] for t, teacher in gain_of.items()}
         rows = []
         for label in models:
-            if label != "base":  # a teacher that does not beat the base has no gain to share: '-'
-                rows.append({"model": label, **{t: (by_label[label][t] - base_row[t]) / g if g > 0 else None
-                                                for t, g in gains.items()}})
+            if label == "base":
+                continue
+            row = {"model": label}
+            for t, g in gains.items():  # a teacher that does not beat the base has no gain to share: '-'
+                row[t] = row[f"{t}_se"] = None
+                if g > 0:
+                    row[t] = (by_label[label][t] - base_row[t]) / g
+                    # delta method for a ratio of paired means: SE = std(d_model - share * d_teacher) / (sqrt(n) gain)
+                    base, model, teacher = per_prompt["base", t], per_prompt[label, t], per_prompt[gain_of[t], t]
+                    residual = [(model[i] - base[i]) - row[t] * (teacher[i] - base[i]) for i in base]
+                    row[f"{t}_se"] = float(np.std(residual, ddof=1) / math.sqrt(len(residual)) / g) if len(residual) > 1 else None
+            rows.append(row)
         save_table("gain", "Share of each teacher's gain over the base on the teacher's task", ["model", *gain_of], rows,
-                   "(model - base) / (teacher - base) on each task's main-table column; teachers: "
-                   + ", ".join(f"{t} {teacher} ({gains[t]:+.3f})" for t, teacher in gain_of.items())
+                   "(model - base) / (teacher - base) on each task's main-table column, +- its SE over prompts (delta method, "
+                   "paired); teachers: " + ", ".join(f"{t} {teacher} ({gains[t]:+.3f})" for t, teacher in gain_of.items())
                    + f". '-': the teacher does not beat the base. {setting_note}")
 
     if "ood" in tables:
@@ -390,28 +461,29 @@ if dist.master:
         else:
             rows = []
             for label in models:
-                row = {"model": label, **{c: mean_of(label, "ood", f"ood_{c}") for c in OOD_CATEGORIES}}
-                present = [row[c] for c in OOD_CATEGORIES if row[c] is not None]
-                row["overall"] = float(np.mean(present)) if present else None  # mean of the category means
+                row = {"model": label}
+                for c in OOD_CATEGORIES:  # over the prompts of the category (each OOD prompt holds one)
+                    row[c], row[f"{c}_se"] = mean_se(prompt_means(label, "ood", f"ood_{c}").values())
+                present = [c for c in OOD_CATEGORIES if row[c] is not None]
+                row["overall"] = float(np.mean([row[c] for c in present])) if present else None  # mean of the category means
+                row["overall_se"] = combined_se([1 / len(present)] * len(present), [row[f"{c}_se"] for c in present]) if present else None
                 rows.append(row)
             save_table("ood", "Out-of-domain compositions (held-out, GenEval-strict correctness)", columns, rows,
-                       f"Overall = mean of the category means. {setting_note}")
+                       f"Overall = mean of the category means. Each cell +- its SE over prompts. {setting_note}")
 
     if "quality" in tables:
         metrics = quality_metrics + ([] if sd3 else ["diversity"])
         rows = []
         for label in models:
             row = {"model": label}
-            for m in metrics:  # pooled over both prompt sets, each image (or prompt, for diversity) counted once
-                values = [(mean_of(label, s, m), len(prompt_sets[s][1])) for s in QUALITY_SETS]
-                values = [(v, n) for v, n in values if v is not None]
-                row[m] = sum(v * n for v, n in values) / sum(n for _, n in values) if values else None
-                if sd3 and m == "pickscore" and row[m] is not None:
-                    row[m] *= rewards.PICKSCORE_SCALE
+            for m in metrics:  # pooled over both prompt sets, each prompt counted once
+                values = [v for s in QUALITY_SETS for v in prompt_means(label, s, m).values()]
+                scale = rewards.PICKSCORE_SCALE if sd3 and m == "pickscore" else 1
+                row[m], row[f"{m}_se"] = mean_se(scale * v for v in values)
             rows.append(row)
         note = f"Prompts: the {' + '.join(QUALITY_SETS)} test splits. " + (
             f"{NOT_WIRED}." if sd3 else "Diversity = mean pairwise RMS pixel distance between the images of one prompt.")
-        save_table("quality", "Quality", ["model", *metrics], rows, f"{note} {setting_note}")
+        save_table("quality", "Quality", ["model", *metrics], rows, f"{note} Each cell +- its SE over prompts. {setting_note}")
 
     # -------------------------------------------------------------------------
     # Pictures: one grid per model, one comparison grid (a row per model), the main table as bars

@@ -9,7 +9,10 @@ the steps of better-than-average images with PPO's clipped ratio loss, kept near
 KL penalty. --sde-window K (Flow-GRPO-Fast) makes only K consecutive steps stochastic and trains only
 those; the tiny world uses K = 2 (its pixels keep the late steps' noise: README, "The tiny world"),
 SD3.5-M every step (K = 0), as the paper. The window starts at a step drawn per epoch in the first
-half, or at --window-start s (docs/NOTES.md, pilot F: only the first step). --same-latent starts a prompt's G images from one initial
+half, or at --window-start s (docs/NOTES.md, pilot F: only the first step). The LoRA still acts at every
+step, so the steps outside the window drift with nothing to hold them; --kl-outside k holds k of them per
+sample near the base with their SDE-step KL (docs/NOTES.md, pilot G: that drift was all of a first-step
+expert's quality loss). --same-latent starts a prompt's G images from one initial
 noise, so that a group differs only by the SDE steps' noise (reproduce.sh uses it on the tiny world).
 
 Commands
@@ -60,6 +63,9 @@ SETTINGS = dict(
     noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise (default: the world's; 0.7 on SD3)"),
     sde_window=(None, int, "Flow-GRPO-Fast: only this many consecutive steps (window start drawn per epoch in the first half) are SDE steps and trained; 0 = all (Flow-GRPO; default: the world's, 0 on SD3, 2 on tiny)"),
     window_start=(None, int, "with --sde-window: fix the window's first step (default: drawn per epoch in the first half)"),
+    kl_outside=(0, "with --sde-window: also hold k of the trained steps outside the window (drawn per sample and epoch) near "
+                   "the base, with the KL each would have as an SDE step, every such step weighted as a window step "
+                   "(0 = Flow-GRPO-Fast, which leaves them free; docs/NOTES.md, pilot G)"),
     same_latent=(False, "the G images of a prompt start from one shared initial noise x_1 (Flow-GRPO's same_latent, DanceGRPO): the group then differs only by the SDE steps' noise, the actions being trained"),
     std_scope=("global", "advantage std over the whole batch ('global', Flow-GRPO) or per prompt ('group')"),
     adv_clip=(5.0, "advantages are clipped to +-adv_clip"),
@@ -102,6 +108,12 @@ except ValueError as e:
     raise SystemExit(f"error: --sde-window {cfg.sde_window} / --window-start {cfg.window_start}: {e}") from None
 n_trained = int(math.floor(steps * cfg.timestep_fraction))  # trained timestep indices: the first n_trained (Flow-GRPO),
                                                               # or the epoch's SDE window (sde.sde_window_steps)
+if cfg.kl_outside:  # a window has the same length every epoch and lies in the first half: epoch 0's tells how many steps lie outside it
+    window0 = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, 0, cfg.window_start) if cfg.sde_window else []
+    n_outside = len([j for j in range(n_trained) if j not in window0]) if cfg.sde_window else 0
+    if cfg.kl_outside < 0 or not cfg.sde_window or cfg.kl_outside > n_outside:
+        raise SystemExit(f"error: --kl-outside {cfg.kl_outside} needs an SDE window and at most the {max(n_outside, 0)} trained steps "
+                         f"outside it (--sde-window {cfg.sde_window}, {n_trained} trained steps of T={steps})")
 task_weights = rewards.parse_weights(cfg.task)
 extra_weights = rewards.parse_weights(cfg.reward) if cfg.reward else {}
 for name in list(task_weights) + list(extra_weights):
@@ -111,6 +123,8 @@ tag = "mix" if len(task_weights) > 1 else next(iter(task_weights))
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind, "runs", f"grpo-{tag}")
 DEFAULT_BETA = {"geneval": 0.04, "ocr": 0.04, "pickscore": 0.01, "deqa": 0.01}
 beta = cfg.beta if cfg.beta is not None else min(DEFAULT_BETA[t] for t in task_weights)
+if cfg.kl_outside and beta <= 0:
+    raise SystemExit(f"error: --kl-outside {cfg.kl_outside} holds steps near the base with the KL, so it needs --beta > 0 (got {beta})")
 
 N = cfg.prompts_per_epoch * cfg.group_size  # images per epoch, all ranks
 first, n_local = runs.shard(N, dist)  # this rank holds global samples [first, first + n_local)
@@ -192,6 +206,9 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     seeds, init_seeds = sde.epoch_seeds(cfg.seed, epoch, index.tolist(), cfg.group_size, cfg.same_latent)  # per-sample seeding
     sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch, cfg.window_start)  # all steps unless windowed
     train_steps = sde_steps if cfg.sde_window else list(range(n_trained))
+    # --kl-outside: the trained steps the window leaves deterministic, and which k of them each sample holds
+    outside = [j for j in range(n_trained) if j not in train_steps] if cfg.kl_outside else []
+    held = sde.step_subset(seeds, len(outside), cfg.kl_outside) if outside else None  # (n_local, len(outside)) bool
 
     # 1. On-policy sampling: G SDE trajectories per prompt, with their per-step log-probs
     transformer.eval()
@@ -221,7 +238,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
 
     # 4. Policy update: PPO-clipped ratio loss on every trained step + beta * KL to the base (eq. 8)
     transformer.train()
-    stats = dict(loss=[], policy=[], kl=[], ratio=[], clipfrac=[])
+    stats = dict(loss=[], policy=[], kl=[], kl_outside=[], ratio=[], clipfrac=[])
     ratio_first = None
     with timer("training"):
         for inner in range(cfg.inner_epochs):
@@ -254,6 +271,19 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                         stats["kl"].append(kl.detach().mean().item())
                         stats["ratio"].extend(ratio.detach().tolist())
                         stats["clipfrac"].append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
+                    for c, j in enumerate(outside):  # --kl-outside: beta * KL at the held steps outside the window
+                        rows = mb[held[mb, c]]  # this microbatch's samples that hold step j
+                        if not len(rows):
+                            continue
+                        v = sde.predict_velocity(world, latents[rows, j], sigmas[j].item(), embeds[rows], pooled[rows], guidance)
+                        kl = sde.velocity_kl(v, reference_velocity(latents[rows, j], j, rows), sigmas[j].item(),
+                                             sigmas[j + 1].item(), cfg.noise_level)
+                        if cfg.kl_dt_factor:
+                            kl = kl * (sigmas[j] - sigmas[j + 1]).item()
+                        loss = beta * kl * len(outside) / cfg.kl_outside  # k held steps stand for all len(outside): unbiased
+                        (loss.sum() / (n_chunk * len(train_steps))).backward()
+                        step_loss += loss.detach().sum()
+                        stats["kl_outside"].append(kl.detach().mean().item())
                     if ratio_first is None:  # on-policy check: before the first update the ratio is exactly 1
                         ratio_first = float(np.mean(stats["ratio"]))
                 runs.all_reduce_sum(param_list, dist)
@@ -270,6 +300,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     if dist.master:
         record = dict(epoch=epoch + 1, reward=all_reward.mean().item(), **per_task, kept=len(kept) / N,
                       kl=float(np.mean(stats["kl"])) if stats["kl"] else 0.0,
+                      **(dict(kl_outside=float(np.mean(stats["kl_outside"])) if stats["kl_outside"] else 0.0) if cfg.kl_outside else {}),
                       policy_loss=float(np.mean(stats["policy"])) if stats["policy"] else 0.0,
                       clipfrac=float(np.mean(stats["clipfrac"])) if stats["clipfrac"] else 0.0,
                       ratio_mean=float(np.mean(stats["ratio"])) if stats["ratio"] else 1.0,

@@ -2,9 +2,13 @@
 deterministic, 2 processes == 1 process, a resumed (partly cached) evaluation == a fresh one, a full
 cache samples nothing, main.json's schema, and the gain table (--gain-of)."""
 
+import glob
 import json
+import math
 import os
 import shutil
+
+import numpy as np
 
 import pytest
 import torch
@@ -80,7 +84,7 @@ def test_main_table_schema_and_outputs(one_process):
     rows = read(out)
     assert [r["model"] for r in rows] == ["base", "lora"]
     for row in rows:
-        assert set(row) == {"model", *COLUMNS, "average"}
+        assert set(row) == {"model", *COLUMNS, "average", *(f"{c}_se" for c in (*COLUMNS, "average"))}
         assert all(0 <= row[c] <= 1 for c in (*COLUMNS, "average")), row
         assert row["average"] == pytest.approx(sum(row[c] for c in COLUMNS) / 4)  # tiny world: the plain mean
     for name in ("main.md", "ood.json", "quality.json", "main.png", "grid_base.png", "grid_lora.png", "grid_compare.png"):
@@ -92,6 +96,36 @@ def test_main_table_schema_and_outputs(one_process):
     assert len(scored) == 3, ood
     assert {"deqa", "pickscore", "diversity"} <= set(read(out, "quality")[0])
     assert "| base |" in log and "30 images per model" in log  # the printed table; 3 prompts x 5 sets x 2 images
+
+
+@needs_tiny
+def test_every_cell_has_its_standard_error_and_differences_are_paired(one_process):
+    """The means and SEs of main.json and paired.json, recomputed here from the per-image score cache: a
+    prompt's images averaged first, SE = sd / sqrt(prompts), the Average's SE from the four columns'
+    (independent prompt sets), and lora - base as the mean and SE of per-prompt differences."""
+    out, _ = one_process
+    main = {r["model"]: r for r in read(out)}
+    paired = read(out, "paired")
+    assert [(r["model"], r["minus"]) for r in paired] == [("lora", "base")]  # grpo-mix is not among --models: skipped
+
+    def per_prompt(label, task):
+        (path,) = glob.glob(str(out / "eval_cache" / f"{label}-{task}-*.json"))
+        prompts = json.load(open(path))["prompts"]
+        return np.array([np.mean(prompts[str(i)][task]) for i in range(3)])  # --limit 3
+
+    for label in ("base", "lora"):
+        for t in COLUMNS:
+            x = per_prompt(label, t)
+            assert main[label][t] == pytest.approx(x.mean()) and main[label][f"{t}_se"] == pytest.approx(x.std(ddof=1) / math.sqrt(3))
+        assert main[label]["average_se"] == pytest.approx(math.sqrt(sum(main[label][f"{t}_se"] ** 2 for t in COLUMNS)) / 4)
+    for t in COLUMNS:
+        d = per_prompt("lora", t) - per_prompt("base", t)
+        assert paired[0][t] == pytest.approx(d.mean()) and paired[0][f"{t}_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(3))
+        assert paired[0][t] == pytest.approx(main["lora"][t] - main["base"][t])
+    assert paired[0]["average"] == pytest.approx(main["lora"]["average"] - main["base"]["average"])
+    ood, quality = read(out, "ood")[0], read(out, "quality")[0]
+    assert "overall_se" in ood and {"deqa_se", "pickscore_se", "diversity_se"} <= set(quality)
+    assert " +- " in open(out / "main.md").read() and " +- " in open(out / "paired.md").read()
 
 
 @needs_tiny

@@ -153,26 +153,3 @@ def test_gain_per_call_bad_input_is_one_line(tmp_path):
     for runs_arg, says in (("k2", "must be label=folder pairs"), (f"a={tmp_path / 'none'}", "log.jsonl does not exist"),
                            (f"a={tmp_path / 'old'}", "has no forwards_* fields")):
         assert_one_error_line(says, "bench/gain_per_call.py", "--teacher", "x.safetensors", "--runs", runs_arg, timeout=120)
-
-
-def test_paired_scores_on_known_numbers(tmp_path):
-    """bench/paired_scores.py reads evaluate.py's score cache: per-prompt means, their SE over prompts, and
-    the paired difference's SE, here on numbers worked by hand; a missing model is one error line."""
-    import json
-
-    from bench.paired_scores import paired
-
-    cache = tmp_path / "eval_cache"
-    cache.mkdir()
-    a = {"0": [1.0, 0.0], "1": [0.0, 0.0], "2": [1.0, 1.0]}  # prompt means 0.5, 0, 1
-    b = {"0": [1.0, 1.0], "1": [0.0, 1.0], "2": [1.0, 1.0]}  # prompt means 1, 0.5, 1: differences 0.5, 0.5, 0
-    for model, scores in (("base", a), ("x", b)):
-        prompts = {k: {"prompt": f"p{k}", "geneval": v} for k, v in scores.items()}
-        (cache / f"{model}-geneval-0123.json").write_text(json.dumps(dict(settings={}, prompts=prompts)))
-    ma, ea, mb, eb, d, ed, n = paired(str(cache), "base", "x", "geneval")
-    assert n == 3 and ma == pytest.approx(0.5) and mb == pytest.approx(2.5 / 3) and d == pytest.approx(1 / 3)
-    assert ea == pytest.approx(0.5 / 3 ** 0.5)                 # std of (0.5, 0, 1) is 0.5
-    assert ed == pytest.approx((1 / 12) ** 0.5 / 3 ** 0.5)     # std of (0.5, 0.5, 0) is sqrt(1/12)
-    assert ed < ea  # the prompts' shared difficulty cancels in the paired difference
-    with pytest.raises(SystemExit, match="0 score files of model 'y'"):
-        paired(str(cache), "base", "y", "geneval")

@@ -25,10 +25,14 @@ def test_reproduce_smoke_runs_every_stage(tmp_path):
     with open(tmp_path / "main.json") as f:
         rows = json.load(f)["rows"]
     assert [r["model"] for r in rows] == ROWS
+    columns = ("geneval", "ocr", "deqa", "pickscore", "average")
     for r in rows:
-        assert set(r) == {"model", "geneval", "ocr", "deqa", "pickscore", "average"}
-        assert all(0 <= r[k] <= 1 for k in r if k != "model"), r
-    for name in ("ood.json", "quality.json", "gain.json", "main.md", "main.png", "grid_compare.png"):
+        assert set(r) == {"model", *columns, *(f"{c}_se" for c in columns)}
+        assert all(0 <= r[k] <= 1 for k in r if k != "model" and r[k] is not None) and all(r[c] is not None for c in columns), r
+    for name in ("ood.json", "quality.json", "gain.json", "paired.json", "main.md", "main.png", "grid_compare.png"):
         assert (tmp_path / name).is_file(), name
+    with open(tmp_path / "paired.json") as f:  # every model minus the base, and minus GRPO-Mix
+        pairs = [(r["model"], r["minus"]) for r in json.load(f)["rows"]]
+    assert pairs == [(m, "base") for m in ROWS if m != "base"] + [(m, "grpo-mix") for m in ROWS if m != "grpo-mix"]
     bad = subprocess.run(["bash", "reproduce.sh", "--fast"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--quick, --smoke, --ablations" in bad.stderr
