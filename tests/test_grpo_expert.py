@@ -114,24 +114,27 @@ def test_reward_rises_on_an_easy_task(tmp_path):
     assert mean > max(0.02, 3 * se), f"deqa reward of the expert's ODE images - the base's: {mean:+.3f} +- {se:.3f}"
 
 
-def _velocity_drift(run_dir, prompts, steps=4):
-    """Per trained step j of the base's ODE trajectories of `prompts`: mean (v_adapter - v_base)^2."""
+def _velocity_drift(run_dirs, prompts, steps=4):
+    """Per run, per trained step j of the base's ODE trajectories of `prompts`: mean (v_adapter - v_base)^2."""
     import worlds
 
     world = worlds.load_world("tiny", "cpu")
-    worlds.load_lora(world.transformer, str(run_dir / "adapter.safetensors"), "trained")
     with torch.no_grad(), worlds.adapter(world.transformer, None):
         traj = sde.sample(world, prompts, steps=steps, noise_level=0.0, seeds=list(range(len(prompts))))
-    drift = []
-    with torch.no_grad():
-        for j in range(steps - 1):
-            x, sigma = traj["latents"][:, j], traj["sigmas"][j].item()
-            with worlds.adapter(world.transformer, "trained"):
-                v = sde.predict_velocity(world, x, sigma, traj["embeds"], traj["pooled"], world.defaults["guidance_scale"])
-            with worlds.adapter(world.transformer, None):
-                v_base = sde.predict_velocity(world, x, sigma, traj["embeds"], traj["pooled"], world.defaults["guidance_scale"])
-            drift.append(((v - v_base) ** 2).mean().item())
-    return drift
+    out = []
+    for k, run_dir in enumerate(run_dirs):
+        worlds.load_lora(world.transformer, str(run_dir / "adapter.safetensors"), f"trained{k}")
+        drift = []
+        with torch.no_grad():
+            for j in range(steps - 1):
+                x, sigma = traj["latents"][:, j], traj["sigmas"][j].item()
+                v = {}
+                for name in (f"trained{k}", None):
+                    with worlds.adapter(world.transformer, name):
+                        v[name] = sde.predict_velocity(world, x, sigma, traj["embeds"], traj["pooled"], world.defaults["guidance_scale"])
+                drift.append(((v[f"trained{k}"] - v[None]) ** 2).mean().item())
+        out.append(drift)
+    return out
 
 
 def test_kl_outside_holds_the_steps_the_window_leaves_free(tmp_path):
@@ -140,7 +143,7 @@ def test_kl_outside_holds_the_steps_the_window_leaves_free(tmp_path):
     pilot G). From an adapter whose other steps have drifted, 3 epochs with a strong KL pull every step back
     (the LoRA is shared), and --kl-outside 2 (both other trained steps held by their SDE-step KL) pulls
     those two further. Measured (mean squared velocity change, steps 1 and 2): drifted 4.5, 3.7; without
-    2.6, 2.5; with 1.6, 1.8. Asserted: with < 0.85 x without at each. Bad values: one error line, nothing written."""
+    2.6, 2.5; with 1.6, 1.8. Asserted: with < 0.85 x without at each. A bad value: one error line, nothing written."""
     args = ["--task", "pickscore", "--sde-window", "1", "--window-start", "0", *FAST]
     run_script("grpo_expert.py", "--epochs", "3", "--lr", "3e-2", "--out", str(tmp_path / "drifted"), *args)
     more = ["--epochs", "3", "--lr", "3e-3", "--beta", "100", "--init", str(tmp_path / "drifted" / "adapter.safetensors"), *args]
@@ -148,9 +151,8 @@ def test_kl_outside_holds_the_steps_the_window_leaves_free(tmp_path):
     run_script("grpo_expert.py", "--out", str(tmp_path / "held"), "--kl-outside", "2", *more)
     assert "kl_outside" in read_log(tmp_path / "held")[-1] and "kl_outside" not in read_log(tmp_path / "free")[-1]
     prompts = ["a photo of a big red circle", "a photo of a big blue square on a white background"]
-    start, free, held = (_velocity_drift(tmp_path / r, prompts) for r in ("drifted", "free", "held"))
+    start, free, held = _velocity_drift([tmp_path / r for r in ("drifted", "free", "held")], prompts)
     print("drift per step, start:", start, "free:", free, "held:", held)
     assert all(h < 0.85 * f for h, f in zip(held[1:], free[1:]))
     assert_one_error_line("at most the 2 trained steps outside it", "grpo_expert.py", *more, "--kl-outside", "3", "--out", tmp_path / "bad")
-    assert_one_error_line("needs --beta > 0", "grpo_expert.py", *more, "--beta", "0", "--kl-outside", "1", "--out", tmp_path / "bad")
     assert not os.path.exists(tmp_path / "bad")
