@@ -383,21 +383,22 @@ if dist.master:
         units = {"pickscore": rewards.PICKSCORE_SCALE} if sd3 else {}  # the sd3 reward is logit/26; the paper reports the logit
         # the Average is linear in the four columns: these are its coefficients (for its SE and its paired difference)
         average_coef = [rewards.paper_average(*unit) if sd3 else 1 / 4 for unit in np.eye(4)]
-        per_prompt = {}  # (label, task) -> {prompt index: the prompt's mean score, in the table's units}
-        rows = []
-        for label in models:
-            row = {"model": label}
-            for t in rewards.TINY_REWARDS:  # the paper's column order: geneval, ocr, deqa, pickscore
-                row[t] = row[f"{t}_se"] = None
-                if t in main_tasks:
-                    per_prompt[label, t] = {i: v * units.get(t, 1) for i, v in prompt_means(label, t, t).items()}
-                    row[t], row[f"{t}_se"] = mean_se(per_prompt[label, t].values())
+        per_prompt = {(label, t): {i: v * units.get(t, 1) for i, v in prompt_means(label, t, t).items()}
+                      for label in models for t in main_tasks}  # (label, task) -> {prompt: its mean score, in the table's units}
+
+        def main_row(row, values_of):
+            """Fill row's task columns (the paper's order: geneval, ocr, deqa, pickscore) with the mean +- SE of
+            values_of(task), the task's per-prompt values, and the Average from them."""
+            for t in rewards.TINY_REWARDS:
+                row[t], row[f"{t}_se"] = mean_se(values_of(t)) if t in main_tasks else (None, None)
             parts = [row[t] for t in rewards.TINY_REWARDS]
             row["average"] = row["average_se"] = None
             if None not in parts:  # sd3: mean(GenEval, OCR, DeQA/5, PickScore/26); tiny: every reward is in [0, 1] already
                 row["average"] = rewards.paper_average(*parts) if sd3 else float(np.mean(parts))
                 row["average_se"] = combined_se(average_coef, [row[f"{t}_se"] for t in rewards.TINY_REWARDS])
-            rows.append(row)
+            return row
+
+        rows = [main_row({"model": label}, lambda t: per_prompt[label, t].values()) for label in models]
         main_rows = rows
         avg = "mean(GenEval, OCR, DeQA/5, PickScore/26)" if sd3 else "the plain mean (tiny-world rewards are in [0, 1])"
         save_table("main", "Main table: each task on its own test split", ["model", *rewards.TINY_REWARDS, "average"], rows,
@@ -405,23 +406,13 @@ if dist.master:
                    f"columns' SEs, independent prompt sets). {setting_note}")
 
         # differences against the references (the base, GRPO-Mix), paired: the same prompts and seeds
-        rows = []
+        def differences(label, ref, t):
+            mine, theirs = per_prompt[label, t], per_prompt[ref, t]
+            return [v - theirs[i] for i, v in mine.items() if i in theirs]
+
+        rows = []  # the Average of the differences is the difference of the Averages (it is linear)
         for ref in (r for r in paired_with if r in models):
-            for label in models:
-                if label == ref:
-                    continue
-                row = {"model": label, "minus": ref}
-                for t in rewards.TINY_REWARDS:
-                    row[t] = row[f"{t}_se"] = None
-                    if t in main_tasks:
-                        mine, theirs = per_prompt[label, t], per_prompt[ref, t]
-                        row[t], row[f"{t}_se"] = mean_se(mine[i] - theirs[i] for i in mine if i in theirs)
-                parts = [row[t] for t in rewards.TINY_REWARDS]
-                row["average"] = row["average_se"] = None
-                if None not in parts:
-                    row["average"] = float(sum(c * x for c, x in zip(average_coef, parts)))
-                    row["average_se"] = combined_se(average_coef, [row[f"{t}_se"] for t in rewards.TINY_REWARDS])
-                rows.append(row)
+            rows += [main_row({"model": label, "minus": ref}, lambda t: differences(label, ref, t)) for label in models if label != ref]
         if rows:
             save_table("paired", "Paired differences: each model minus a reference, on the same prompts and seeds",
                        ["model", "minus", *rewards.TINY_REWARDS, "average"], rows,

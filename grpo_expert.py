@@ -103,16 +103,15 @@ guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else c
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
 cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg.sde_window
 try:  # the window's settings, checked before anything runs
-    sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, 0, cfg.window_start)
+    window0 = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, 0, cfg.window_start)  # every step without a window
 except ValueError as e:
     raise SystemExit(f"error: --sde-window {cfg.sde_window} / --window-start {cfg.window_start}: {e}") from None
 n_trained = int(math.floor(steps * cfg.timestep_fraction))  # trained timestep indices: the first n_trained (Flow-GRPO),
                                                               # or the epoch's SDE window (sde.sde_window_steps)
 if cfg.kl_outside:  # a window has the same length every epoch and lies in the first half: epoch 0's tells how many steps lie outside it
-    window0 = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, 0, cfg.window_start) if cfg.sde_window else []
-    n_outside = len([j for j in range(n_trained) if j not in window0]) if cfg.sde_window else 0
-    if cfg.kl_outside < 0 or not cfg.sde_window or cfg.kl_outside > n_outside:
-        raise SystemExit(f"error: --kl-outside {cfg.kl_outside} needs an SDE window and at most the {max(n_outside, 0)} trained steps "
+    n_outside = sum(j not in window0 for j in range(n_trained))  # 0 without a window
+    if not 0 < cfg.kl_outside <= n_outside:
+        raise SystemExit(f"error: --kl-outside {cfg.kl_outside} needs an SDE window and at most the {n_outside} trained steps "
                          f"outside it (--sde-window {cfg.sde_window}, {n_trained} trained steps of T={steps})")
 task_weights = rewards.parse_weights(cfg.task)
 extra_weights = rewards.parse_weights(cfg.reward) if cfg.reward else {}
@@ -180,6 +179,13 @@ def reference_velocity(x_t, j, mb):
     base = worlds.adapter(transformer, None) if reference_world is None else contextlib.nullcontext()
     with base:
         return sde.predict_velocity(reference_world or world, x_t, sigmas[j].item(), embeds[mb], pooled[mb], guidance)
+
+
+def kl_to_reference(v, x_t, j, mb):
+    """KL(pi_theta || pi_ref) of step j in closed form (sde.velocity_kl), per sample, times |dt| with
+    --kl-dt-factor (Flow-GRPO's code; its betas assume it)."""
+    kl = sde.velocity_kl(v, reference_velocity(x_t, j, mb), sigmas[j].item(), sigmas[j + 1].item(), cfg.noise_level)
+    return kl * (sigmas[j] - sigmas[j + 1]).item() if cfg.kl_dt_factor else kl
 
 
 def save_outputs(epoch):
@@ -257,12 +263,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                         _, log_prob, _, _ = sde.sde_step_with_logprob(v, sigmas[j].item(), sigmas[j + 1].item(), x_t,
                                                                       cfg.noise_level, prev_sample=x_next)
                         policy_loss, ratio = sde.clipped_surrogate(log_prob, old_log_probs[mb, j], adv, cfg.clip_range)
-                        kl = torch.zeros_like(policy_loss)
-                        if beta > 0:  # KL(pi_theta || pi_ref) in closed form (sde.velocity_kl)
-                            v_ref = reference_velocity(x_t, j, mb)
-                            kl = sde.velocity_kl(v, v_ref, sigmas[j].item(), sigmas[j + 1].item(), cfg.noise_level)
-                            if cfg.kl_dt_factor:
-                                kl = kl * (sigmas[j] - sigmas[j + 1]).item()
+                        kl = kl_to_reference(v, x_t, j, mb) if beta > 0 else torch.zeros_like(policy_loss)
                         loss = policy_loss + beta * kl
                         (loss.sum() / (n_chunk * len(train_steps))).backward()
                         step_loss += loss.detach().sum()
@@ -276,10 +277,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                         if not len(rows):
                             continue
                         v = sde.predict_velocity(world, latents[rows, j], sigmas[j].item(), embeds[rows], pooled[rows], guidance)
-                        kl = sde.velocity_kl(v, reference_velocity(latents[rows, j], j, rows), sigmas[j].item(),
-                                             sigmas[j + 1].item(), cfg.noise_level)
-                        if cfg.kl_dt_factor:
-                            kl = kl * (sigmas[j] - sigmas[j + 1]).item()
+                        kl = kl_to_reference(v, latents[rows, j], j, rows)
                         loss = beta * kl * len(outside) / cfg.kl_outside  # k held steps stand for all len(outside): unbiased
                         (loss.sum() / (n_chunk * len(train_steps))).backward()
                         step_loss += loss.detach().sum()
@@ -300,7 +298,6 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     if dist.master:
         record = dict(epoch=epoch + 1, reward=all_reward.mean().item(), **per_task, kept=len(kept) / N,
                       kl=float(np.mean(stats["kl"])) if stats["kl"] else 0.0,
-                      **(dict(kl_outside=float(np.mean(stats["kl_outside"])) if stats["kl_outside"] else 0.0) if cfg.kl_outside else {}),
                       policy_loss=float(np.mean(stats["policy"])) if stats["policy"] else 0.0,
                       clipfrac=float(np.mean(stats["clipfrac"])) if stats["clipfrac"] else 0.0,
                       ratio_mean=float(np.mean(stats["ratio"])) if stats["ratio"] else 1.0,
@@ -308,6 +305,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                       ratio_max=float(np.max(stats["ratio"])) if stats["ratio"] else 1.0,
                       ratio_first=ratio_first if ratio_first is not None else 1.0, opt_step=opt_step,
                       **{f"sec_{k}": v for k, v in timer.seconds.items()})
+        if cfg.kl_outside:
+            record["kl_outside"] = float(np.mean(stats["kl_outside"])) if stats["kl_outside"] else 0.0
         runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
         tqdm.write(f"epoch {epoch + 1}: reward {record['reward']:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in per_task.items())
                    + f" | kl {record['kl']:.2e} clip {record['clipfrac']:.2f} ratio {record['ratio_mean']:.4f} | "
