@@ -189,14 +189,16 @@ def kl_to_reference(v, x_t, j, mb):
 
 
 def save_outputs(epoch):
-    """Exact-resume checkpoint + the EMA adapter that later stages use, written atomically (master only)."""
+    """The EMA adapter that later stages use, then the exact-resume checkpoint, each written atomically
+    (master only). The checkpoint goes last: a run killed between the two resumes from the previous
+    checkpoint and writes both again, where the other order could leave a finished run's adapter stale."""
     if not dist.master:
         return
-    runs.save_train_state(out, epoch, params, ema, optimizer, opt_step, identity)
     if cfg.full_finetune:
         runs.save_tensors(os.path.join(out, "transformer.safetensors"), {k: v for k, v in ema.items()})
     else:
         worlds.save_lora(transformer, "policy", os.path.join(out, "adapter.safetensors"), state_dict=ema)
+    runs.save_train_state(out, epoch, params, ema, optimizer, opt_step, identity)
 
 
 # -----------------------------------------------------------------------------

@@ -368,8 +368,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
             images = traj["images"]
             runs.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
     if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-        if dist.master:
-            runs.save_train_state(out, epoch + 1, params, ema, optimizer, opt_step, identity)
+        if dist.master:  # the adapter, then the checkpoint: a kill between the two redoes both (grpo_expert.py)
             worlds.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"), state_dict=ema)
+            runs.save_train_state(out, epoch + 1, params, ema, optimizer, opt_step, identity)
 
 runs.end_distributed(dist)

@@ -353,14 +353,15 @@ def probe_loss():
 
 
 def save_outputs(step):
-    """Exact-resume checkpoint + the EMA adapter that later stages use, written atomically (master only)."""
+    """The EMA adapter that later stages use, then the exact-resume checkpoint (last, as in
+    grpo_expert.py: a kill between the two redoes both), each written atomically (master only)."""
     if not dist.master:
         return
-    runs.save_checkpoint(out, step, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
-                                        optimizer=optimizer.state_dict(), step=step, identity=json.dumps(identity)))
     # save_lora wants peft's state-dict keys, which lack the adapter name that named_parameters() has
     worlds.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"),
                   state_dict={k.replace(".student.", "."): v for k, v in ema.items()})
+    runs.save_checkpoint(out, step, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
+                                        optimizer=optimizer.state_dict(), step=step, identity=json.dumps(identity)))
 
 
 # -----------------------------------------------------------------------------
