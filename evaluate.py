@@ -435,8 +435,8 @@ if dist.master:
                     row[t] = (by_label[label][t] - base_row[t]) / g
                     # delta method for a ratio of paired means: SE = std(d_model - share * d_teacher) / (sqrt(n) gain)
                     base, model, teacher = per_prompt["base", t], per_prompt[label, t], per_prompt[gain_of[t], t]
-                    residual = [(model[i] - base[i]) - row[t] * (teacher[i] - base[i]) for i in base]
-                    row[f"{t}_se"] = float(np.std(residual, ddof=1) / math.sqrt(len(residual)) / g) if len(residual) > 1 else None
+                    _, se = mean_se((model[i] - base[i]) - row[t] * (teacher[i] - base[i]) for i in base)
+                    row[f"{t}_se"] = se / g if se is not None else None
             rows.append(row)
         save_table("gain", "Share of each teacher's gain over the base on the teacher's task", ["model", *gain_of], rows,
                    "(model - base) / (teacher - base) on each task's main-table column, +- its SE over prompts (delta method, "
