@@ -95,10 +95,11 @@ def test_reward_rises_on_an_easy_task(tmp_path):
     ODE images of those prompts (20 steps, CFG 3: evaluate.py's settings) above the base's, paired by seed
     (12 seeds a prompt). Two runs (seeds 1 and 2), because one run's gain depends on the machine's float
     rounding: seed 0 gave +0.053 +- 0.009 on one machine and +0.012 +- 0.009 on another, where seeds 1, 2
-    and 3 gave +0.061, +0.078 and +0.079 (+- 0.012). Asserted: the two experts' mean gain, paired with the
-    base image by image, above 3 standard errors and above 0.02; it fails only if both runs learn little.
+    and 3 gave +0.061, +0.078 and +0.079 (+- 0.012; these with 16 seeds a prompt). Asserted: the two
+    experts' mean gain, paired with the base image by image, above 3 standard errors and above 0.02; it
+    fails only if both runs learn little.
     The training rewards' first and last 10 epochs are printed (too noisy to assert on: seed 1 0.828 ->
-    0.849). ~3 min on one core."""
+    0.849). 298 s side by side in the suite (--durations)."""
     import worlds
 
     prompts = worlds.read_prompts(os.path.join(ROOT, "prompts", "tiny", "deqa_train.txt"))[0][:4]
