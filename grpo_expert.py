@@ -34,7 +34,6 @@ import dataclasses
 import math
 import os
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -53,10 +52,10 @@ SETTINGS = dict(
     out=(None, str, "output folder (default results/<world>/runs/grpo-<task>)"),
     init=("", "start from this LoRA file instead of a fresh adapter"),
     epochs=(60, "epochs; one epoch = sample, score, update"),
-    prompts_per_epoch=(8, "distinct prompts per epoch, over all ranks"),
-    group_size=(8, "G: images per prompt (the group that defines the advantage baseline)"),
-    sample_batch=(16, "images per sampling forward, per rank"),
-    train_batch=(16, "images per training forward, per rank"),
+    prompts_per_epoch=(None, int, "distinct prompts per epoch, over all ranks (default: the world's; 48 on SD3, Flow-GRPO's, 8 on tiny)"),
+    group_size=(None, int, "G: images per prompt, the group that defines the advantage baseline (default: 24 on SD3, 8 on tiny)"),
+    sample_batch=(None, int, "images per sampling forward, per rank (default: 9 on SD3, Flow-GRPO's per GPU; 16 on tiny)"),
+    train_batch=(None, int, "images per training forward, per rank (default: 9 on SD3, ~43 GiB of activations; 16 on tiny)"),
     steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
     timestep_fraction=(0.99, "train the first floor(T * fraction) steps (0.99 -> 9 of 10, Flow-GRPO)"),
     guidance_scale=(None, float, "CFG scale for sampling and training (default: the world's; 4.5 on SD3)"),
@@ -102,6 +101,8 @@ steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
 cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg.sde_window
+for name in ("prompts_per_epoch", "group_size", "sample_batch", "train_batch"):  # the world's batch unless given
+    setattr(cfg, name, world.defaults[name] if getattr(cfg, name) is None else getattr(cfg, name))
 try:  # the window's settings, checked before anything runs
     window0 = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, 0, cfg.window_start)  # every step without a window
 except ValueError as e:
@@ -131,6 +132,9 @@ first, n_local = runs.shard(N, dist)  # this rank holds global samples [first, f
 transformer = world.transformer
 if cfg.full_finetune:
     reference_world = dataclasses.replace(world, transformer=copy.deepcopy(transformer))  # the frozen base, for the KL
+    if world.dtype != torch.float32:  # float32 master weights: bf16 weights and AdamW states lose small updates
+        transformer.float()
+        world = dataclasses.replace(world, dtype=torch.float32)
     transformer.requires_grad_(True)
     params = dict(transformer.named_parameters())
 else:
@@ -159,7 +163,7 @@ if cfg.gradient_checkpointing:
 # What this run is (settings + input hashes): a checkpoint in --out is resumed only if it records the same.
 identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
                                    **{f"prompts_{t}": path for t, path in train_files.items()}), paths=("world", "init"))
-start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, identity) if cfg.resume else (0, 0)
+start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, identity, dist=dist) if cfg.resume else (0, 0)
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
@@ -246,13 +250,11 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
 
     # 4. Policy update: PPO-clipped ratio loss on every trained step + beta * KL to the base (eq. 8)
     transformer.train()
-    stats = dict(loss=[], policy=[], kl=[], kl_outside=[], ratio=[], clipfrac=[])
-    ratio_first = None
+    stats = dict(loss=[], policy=[], kl=[], kl_outside=[], ratio=[], clipfrac=[])  # detached tensors: read once per epoch
     with timer("training"):
         for inner in range(cfg.inner_epochs):
-            shuffle = torch.Generator().manual_seed(sde.sample_seed(cfg.seed, epoch, -1 - inner))  # same on every rank
-            perm = kept[torch.randperm(len(kept), generator=shuffle)]
-            for chunk in (perm.chunk(cfg.updates_per_epoch) if len(perm) else []):
+            chunks = runs.optimizer_chunks(kept, cfg.updates_per_epoch, sde.sample_seed(cfg.seed, epoch, -1 - inner))
+            for chunk in (chunks if len(kept) else []):  # each rank's share of every chunk is within one sample of equal
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = torch.zeros((), device=dist.device)  # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
                 n_chunk = len(chunk)  # global count: every rank divides by it, so the summed gradient is the global mean
@@ -269,11 +271,11 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                         loss = policy_loss + beta * kl
                         (loss.sum() / (n_chunk * len(train_steps))).backward()
                         step_loss += loss.detach().sum()
-                        stats["loss"].append(loss.detach().mean().item())
-                        stats["policy"].append(policy_loss.detach().mean().item())
-                        stats["kl"].append(kl.detach().mean().item())
-                        stats["ratio"].extend(ratio.detach().tolist())
-                        stats["clipfrac"].append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
+                        stats["loss"].append(loss.detach().mean())
+                        stats["policy"].append(policy_loss.detach().mean())
+                        stats["kl"].append(kl.detach().mean())
+                        stats["ratio"].append(ratio.detach())
+                        stats["clipfrac"].append(((ratio.detach() - 1).abs() > cfg.clip_range).float().mean())
                     for c, j in enumerate(outside):  # --kl-outside: beta * KL at the held steps outside the window
                         rows = mb[held[mb, c]]  # this microbatch's samples that hold step j
                         if not len(rows):
@@ -283,14 +285,14 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                         loss = beta * kl * len(outside) / cfg.kl_outside  # k held steps stand for all len(outside): unbiased
                         (loss.sum() / (n_chunk * len(train_steps))).backward()
                         step_loss += loss.detach().sum()
-                        stats["kl_outside"].append(kl.detach().mean().item())
-                    if ratio_first is None:  # on-policy check: before the first update the ratio is exactly 1
-                        ratio_first = float(np.mean(stats["ratio"]))
+                        stats["kl_outside"].append(kl.detach().mean())
+                    if "ratio_first" not in stats:  # on-policy check: before the first update the ratio is exactly 1
+                        stats["ratio_first"] = torch.cat(stats["ratio"]).mean()
                 runs.all_reduce_sum(param_list, dist)
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 where = f"grpo_expert.py epoch {epoch + 1} optimizer step {opt_step + 1}"
-                runs.assert_finite(grad_norm, "the gradient norm", where)  # the same on every rank (summed gradients)
-                runs.assert_finite(step_loss, "the loss", where)
+                runs.assert_finite(torch.stack([grad_norm.float(), step_loss.float()]), "the gradient norm or the loss", where,
+                                   label=lambda i: ("it is the gradient norm", "it is the loss")[i])  # one host sync a step
                 optimizer.step()
                 opt_step += 1
                 if opt_step % cfg.ema_every == 0:
@@ -298,17 +300,15 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
 
     # 5. Log, grids, checkpoints
     if dist.master:
+        mean = lambda k, empty=0.0: torch.stack(stats[k]).mean().item() if stats[k] else empty  # noqa: E731
+        ratio = torch.cat(stats["ratio"]).cpu() if stats["ratio"] else torch.ones(1)
         record = dict(epoch=epoch + 1, reward=all_reward.mean().item(), **per_task, kept=len(kept) / N,
-                      kl=float(np.mean(stats["kl"])) if stats["kl"] else 0.0,
-                      policy_loss=float(np.mean(stats["policy"])) if stats["policy"] else 0.0,
-                      clipfrac=float(np.mean(stats["clipfrac"])) if stats["clipfrac"] else 0.0,
-                      ratio_mean=float(np.mean(stats["ratio"])) if stats["ratio"] else 1.0,
-                      ratio_min=float(np.min(stats["ratio"])) if stats["ratio"] else 1.0,
-                      ratio_max=float(np.max(stats["ratio"])) if stats["ratio"] else 1.0,
-                      ratio_first=ratio_first if ratio_first is not None else 1.0, opt_step=opt_step,
-                      **{f"sec_{k}": v for k, v in timer.seconds.items()})
+                      kl=mean("kl"), policy_loss=mean("policy"), clipfrac=mean("clipfrac"),
+                      ratio_mean=ratio.mean().item(), ratio_min=ratio.min().item(), ratio_max=ratio.max().item(),
+                      ratio_first=stats["ratio_first"].item() if "ratio_first" in stats else 1.0, opt_step=opt_step,
+                      **{f"sec_{k}": v for k, v in timer.seconds.items()}, **runs.peak_memory(dist.device))
         if cfg.kl_outside:
-            record["kl_outside"] = float(np.mean(stats["kl_outside"])) if stats["kl_outside"] else 0.0
+            record["kl_outside"] = mean("kl_outside")
         runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
         tqdm.write(f"epoch {epoch + 1}: reward {record['reward']:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in per_task.items())
                    + f" | kl {record['kl']:.2e} clip {record['clipfrac']:.2f} ratio {record['ratio_mean']:.4f} | "

@@ -50,7 +50,6 @@ import json
 import math
 import os
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -75,10 +74,10 @@ SETTINGS = dict(
     mar_teacher=("base", "the anchor: 'base' (official default), a task name (that task's teacher; the paper uses its DeQA expert), or a LoRA file"),
     out=(None, str, "output folder (default results/<world>/runs/opd)"),
     epochs=(40, "epochs; one epoch = student samples, teachers label, student updates"),
-    prompts_per_epoch=(8, "distinct prompts per epoch, over all ranks"),
-    group_size=(8, "G: student trajectories per prompt"),
-    sample_batch=(16, "images per sampling forward, per rank"),
-    train_batch=(16, "images per training forward, per rank"),
+    prompts_per_epoch=(None, int, "distinct prompts per epoch, over all ranks (default: the world's; 48 on SD3, 8 on tiny)"),
+    group_size=(None, int, "G: student trajectories per prompt (default: 24 on SD3, 8 on tiny; the official OPD config: 16)"),
+    sample_batch=(None, int, "images per sampling forward, per rank (default: 9 on SD3, 16 on tiny)"),
+    train_batch=(None, int, "images per training forward, per rank (default: 9 on SD3, 16 on tiny)"),
     steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
     timestep_fraction=(0.99, "distil the first floor(T * fraction) steps"),
     distil_steps=(0, "k: each sample distils a random k of those steps, drawn anew per sample and epoch: an unbiased "
@@ -88,6 +87,10 @@ SETTINGS = dict(
     sde_window=(None, int, "only this many consecutive steps of the student's trajectories are SDE steps (Flow-GRPO-Fast, as grpo_expert.py; 0 = all; default: the world's). direct distils every trained step; pg / pg-sample only the window's (the steps with a sampled action)"),
     clip_range=(1e-4, "pg / pg-sample: PPO clip range"),
     adv_clip=(5.0, "pg / pg-sample: rewards used as advantages are clamped to +-adv_clip (official: 5)"),
+    kl_dt_factor=(False, "weight each step's KL (and MAR's) by |dt| more, as the official OPD does (its std has no sqrt|dt|: "
+                         "its weight is |dt| w(t)); off = the exact per-step KL w(t) ||v_s - v_T||^2"),
+    skip_zero_advantage=(False, "train only on samples whose group's task rewards differ, as the official OPD does even in its "
+                                "KL-only mode (needs --score); off = distil every sample"),
     lr=(1e-4, "AdamW learning rate (official OPD config: 1e-4)"),
     weight_decay=(1e-4, "AdamW weight decay"),
     grad_clip=(1.0, "gradient-norm clip"),
@@ -108,6 +111,8 @@ SETTINGS = dict(
 cfg = runs.parse_settings(__doc__, SETTINGS)
 if cfg.opd_loss not in ("direct", "pg", "pg-sample"):
     raise SystemExit(f"error: --opd-loss must be direct, pg or pg-sample, got {cfg.opd_loss!r}")
+if cfg.skip_zero_advantage and not cfg.score:
+    raise SystemExit("error: --skip-zero-advantage needs the task rewards: drop --no-score")
 if cfg.distil_steps < 0:
     raise SystemExit(f"error: --distil-steps must be 0 (every trained step) or a count k >= 1, got {cfg.distil_steps}")
 
@@ -123,6 +128,8 @@ steps = cfg.steps or world.defaults["train_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
 cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else cfg.noise_level
 cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg.sde_window
+for name in ("prompts_per_epoch", "group_size", "sample_batch", "train_batch"):  # the world's batch unless given
+    setattr(cfg, name, world.defaults[name] if getattr(cfg, name) is None else getattr(cfg, name))
 first_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))  # distilled steps (per epoch: see the loop)
 window_only = cfg.opd_loss != "direct" and bool(cfg.sde_window)  # pg / pg-sample distil the window's steps (sampled actions)
 n_trained = cfg.sde_window if window_only else len(first_steps)
@@ -143,14 +150,28 @@ for task, row in routing.items():
         raise SystemExit(f"error: prompts of task {task!r} route to {missing}, which have no teacher in --teachers {sorted(teacher_files)}")
 
 
-def load_teacher(name, path):
-    """A LoRA file becomes adapter `name` on the shared base (frozen); a full state dict becomes a copy."""
-    weights, meta = runs.load_tensors(path) if os.path.isfile(path) else (None, {})
-    if weights is None:
+def is_full_weight(path):
+    """A teacher file that is a whole transformer state dict, not a LoRA (diffusers file or PEFT folder)."""
+    if os.path.isdir(path):
+        return False
+    if not os.path.isfile(path):
         raise SystemExit(f"error: teacher file {path} does not exist")
-    if "lora_adapter_metadata" in meta:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return not any("lora_" in k for k in f.keys())
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise SystemExit(f"error: teacher {path} is not a readable safetensors file ({e})") from None
+
+
+def load_teacher(name, path):
+    """A LoRA (file or PEFT folder) becomes adapter `name` on the shared base (frozen); a full state dict
+    becomes a copy of the transformer."""
+    if not is_full_weight(path):
         worlds.load_lora(transformer, path, name, trainable=False)
         return None  # switch to it with worlds.adapter(transformer, name)
+    weights, _ = runs.load_tensors(path)
     full = copy.deepcopy(transformer)
     try:
         full.load_state_dict(weights)
@@ -164,7 +185,8 @@ def load_teacher(name, path):
 teacher_copy = {}  # teacher name -> World with its own transformer (full-weight teachers only)
 teacher_adapter = {t: None if f == "base" else f"teacher_{t}" for t, f in teacher_files.items()}  # what frozen_velocity switches to
 used = sorted({k for t in task_weights for k in routing[t]})
-for t in used:
+# full-weight teachers first: a copy made after a LoRA is attached would carry peft's layers (strict load fails)
+for t in sorted(used, key=lambda t: teacher_adapter[t] is None or not is_full_weight(teacher_files[t])):
     if teacher_adapter[t] is not None:
         teacher_copy[t] = load_teacher(teacher_adapter[t], teacher_files[t])
 if cfg.mar_teacher in ("base", ""):
@@ -209,7 +231,7 @@ anchor_file = cfg.mar_teacher if anchor == "anchor" else None
 identity = runs.run_identity(cfg, dict(base=world.source, student=cfg.student, anchor=anchor_file,
                                        **{f"teacher_{t}": teacher_files[t] for t in used},
                                        **{f"prompts_{t}": path for t, path in train_files.items()}), paths=("world", "student", "teachers") + (("mar_teacher",) if anchor_file else ()))
-start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, identity) if cfg.resume else (0, 0)
+start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, identity, dist=dist) if cfg.resume else (0, 0)
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
@@ -296,20 +318,27 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
         runs.assert_finite(runs.gather_cat(worst.to(dist.device), dist), "a teacher or anchor velocity", f"opd.py epoch {epoch + 1}",
                            label=lambda i: f"task {chosen[i // cfg.group_size][0]}, prompt {chosen[i // cfg.group_size][1]!r}")
 
-    # 3. Rewards on the side: how well the student does each task (logged, not used for training)
+    # 3. Rewards on the side: how well the student does each task (logged; trained on only to pick samples
+    #    with --skip-zero-advantage, the official code's filter)
     with timer("reward"):
         scores = rewards.score_by_task(task_reward, traj["images"], prompts, metadata, tasks)
+        if cfg.skip_zero_advantage:
+            all_scores = runs.gather_cat(scores.to(dist.device), dist).cpu()
+            trained = sde.group_advantages(all_scores, torch.arange(N) // cfg.group_size)[1].nonzero().squeeze(1)
+        else:
+            trained = torch.arange(N)
 
     # 4. Update the student (eq. "Flow-OPD objective"): distillation loss + lambda * MAR
-    stats = dict(loss=[])
-    kl_sample, mar_sample = torch.zeros(n_local), torch.zeros(n_local)  # per-sample means over the distilled steps (first pass)
+    stats = dict(loss=[])  # detached tensors: read once per epoch
+    # per-sample means over the distilled steps (first pass), kept on the device: no host sync per microbatch
+    kl_sample, mar_sample = torch.zeros(n_local, device=dist.device), torch.zeros(n_local, device=dist.device)
     with timer("training"), worlds.adapter(transformer, "student"):
         for inner in range(cfg.inner_epochs):
-            shuffle = torch.Generator().manual_seed(sde.sample_seed(cfg.seed, epoch, -1 - inner))  # the same on every rank
-            perm = torch.randperm(N, generator=shuffle)
-            for chunk in perm.chunk(cfg.updates_per_epoch):
+            chunks = runs.optimizer_chunks(trained, cfg.updates_per_epoch, sde.sample_seed(cfg.seed, epoch, -1 - inner))
+            for chunk in (chunks if len(trained) else []):  # each rank's share of every chunk is within one sample of equal
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = torch.zeros((), device=dist.device)  # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
+                n_chunk = len(chunk)  # global count: the summed gradient is the chunk's mean, as grpo_expert.py's
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
                 for mb_all in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     for jj, j in enumerate(train_steps):
@@ -324,31 +353,32 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                         if cfg.opd_loss != "direct":  # the policy-gradient forms need the sampled action's log-prob
                             _, log_prob, _, _ = sde.sde_step_with_logprob(v, s, s_next, x_t, cfg.noise_level, prev_sample=latents[mb, j + 1])
                             reward_t = step_reward[mb, jj].to(v.device) if cfg.opd_loss == "pg-sample" else None
+                        dt = abs(s - s_next) if cfg.kl_dt_factor else 1.0  # the official code's extra |dt| (--kl-dt-factor)
                         distill, kl = sde.opd_loss(cfg.opd_loss, v, target, log_prob, old_log_probs[mb, j], reward_t, s, s_next,
-                                                   cfg.noise_level, cfg.clip_range, cfg.adv_clip)  # (mb,), KL(pi_theta || pi_T) at x_t
+                                                   cfg.noise_level, cfg.clip_range, cfg.adv_clip, kl_scale=dt)  # (mb,), KL(pi_theta || pi_T) at x_t
                         loss = distill
                         if v_anchor is not None:  # MAR: lambda * w(t) ||v_theta - v_anchor||^2, on all data
-                            mar = sde.velocity_kl(v, v_anchor[mb, jj].to(v.device), s, s_next, cfg.noise_level)
+                            mar = dt * sde.velocity_kl(v, v_anchor[mb, jj].to(v.device), s, s_next, cfg.noise_level)
                             loss = loss + cfg.mar_weight * mar
                             if inner == 0:
-                                mar_sample[mb] += mar.detach().cpu() / k_steps
-                        (loss.sum() / (N * k_steps)).backward()  # the per-step mean (over the k distilled steps), summed over samples
+                                mar_sample[mb] += mar.detach() / k_steps
+                        (loss.sum() / (n_chunk * k_steps)).backward()  # the per-step mean (over the k distilled steps), mean over the chunk
                         step_loss += loss.detach().sum()
-                        stats["loss"].append(loss.detach().mean().item())
+                        stats["loss"].append(loss.detach().mean())
                         if inner == 0:
-                            kl_sample[mb] += kl.detach().cpu() / k_steps
+                            kl_sample[mb] += kl.detach() / k_steps
                 runs.all_reduce_sum(param_list, dist)
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 where = f"opd.py epoch {epoch + 1} optimizer step {opt_step + 1}"
-                runs.assert_finite(grad_norm, "the gradient norm", where)  # the same on every rank (summed gradients)
-                runs.assert_finite(step_loss, "the loss", where)
+                runs.assert_finite(torch.stack([grad_norm.float(), step_loss.float()]), "the gradient norm or the loss", where,
+                                   label=lambda i: ("it is the gradient norm", "it is the loss")[i])  # one host sync a step
                 optimizer.step()
                 opt_step += 1
                 if opt_step % cfg.ema_every == 0:
                     runs.ema_update(ema, params, cfg.ema_decay)
 
     # 5. Log, grids, checkpoints
-    gathered = runs.gather_cat(torch.stack([scores, kl_sample, mar_sample], 1).to(dist.device), dist).cpu()  # (N, 3)
+    gathered = runs.gather_cat(torch.stack([scores.to(dist.device), kl_sample, mar_sample], 1), dist).cpu()  # (N, 3)
     all_tasks = runs.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
     if dist.master:
         per_task = {}
@@ -357,9 +387,9 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                 per_task[f"kl_{t}"] = gathered[all_tasks == k, 1].mean().item()  # KL to this task's teacher
                 if cfg.score:
                     per_task[f"reward_{t}"] = gathered[all_tasks == k, 0].mean().item()
-        record = dict(epoch=epoch + 1, loss=float(np.mean(stats["loss"])), kl=gathered[:, 1].mean().item(),
-                      mar=gathered[:, 2].mean().item(), opt_step=opt_step, **per_task,
-                      **{f"sec_{k}": v for k, v in timer.seconds.items()},
+        record = dict(epoch=epoch + 1, loss=torch.stack(stats["loss"]).mean().item() if stats["loss"] else 0.0,
+                      kl=gathered[:, 1].mean().item(), mar=gathered[:, 2].mean().item(), opt_step=opt_step, **per_task,
+                      trained=len(trained) / N, **{f"sec_{k}": v for k, v in timer.seconds.items()}, **runs.peak_memory(dist.device),
                       **{f"forwards_{k}": cfg_rows * v / max(n_local, 1) for k, v in dict(sampling=steps * n_local, **calls).items()})
         runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
         tqdm.write(f"epoch {epoch + 1}: KL {record['kl']:.3e} " + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("reward_"))

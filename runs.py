@@ -5,6 +5,7 @@ safetensors checkpoints and exact resume, logs, sample grids, timers. Nothing of
 """
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -51,6 +52,9 @@ def setup_distributed():
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    # float32 matmuls (the LoRA, AdamW, the KL in float32) on TensorFloat-32 cores, as Flow-GRPO's allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not torch.distributed.is_initialized():
         # torchrun --max-restarts keeps its store across restarts, and a restarted process group writes its
         # peers' addresses under the same keys as the dead one: a fast peer could read a dead address
@@ -58,8 +62,22 @@ def setup_distributed():
         # restart keeps each round's keys apart.
         store, _, _ = next(torch.distributed.rendezvous("env://"))
         store = torch.distributed.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
+                                             timeout=datetime.timedelta(minutes=dist_timeout_minutes()))
     return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device, master=rank == 0)
+
+
+def dist_timeout_minutes():
+    """How long a collective waits for the slowest rank before the job fails: FLOWOPD_DIST_TIMEOUT minutes,
+    default 120. NCCL's default, 10 minutes, is shorter than phases that run on one rank's CPU while the
+    others wait (PickScore shards of sft_init.py --best-of 4, encoding 25k prompts, a first checkpoint)."""
+    value = os.environ.get("FLOWOPD_DIST_TIMEOUT", "120")
+    try:
+        minutes = float(value)
+        assert minutes > 0
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: FLOWOPD_DIST_TIMEOUT={value!r}: expected a number of minutes > 0") from None
+    return minutes
 
 
 def end_distributed(dist):
@@ -210,20 +228,44 @@ def save_train_state(run_dir, epoch, params, ema, optimizer, opt_step, identity=
                                                 identity=json.dumps(identity)))
 
 
-def load_train_state(run_dir, params, ema, optimizer, identity=None, length="epochs"):
+def load_train_state(run_dir, params, ema, optimizer, identity=None, length="epochs", dist=None):
     """Restore what save_train_state wrote (in place) after check_resume has compared its identity with
-    this run's identity; returns (epoch, opt_step), (0, 0) when there is no checkpoint."""
+    this run's identity; returns (epoch, opt_step), (0, 0) when there is no checkpoint. Under torchrun
+    every rank loads on its own, then all ranks compare what they hold (agree_across_ranks)."""
     state = load_checkpoint(run_dir)
-    if state is None:
-        return 0, 0
-    check_resume(run_dir, state, identity, length, state["epoch"])
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state["params"][k])
-        for k, v in ema.items():
-            v.copy_(state["ema"][k])
-    optimizer.load_state_dict(state["optimizer"])
-    return state["epoch"], state["opt_step"]
+    done = (0, 0)
+    if state is not None:
+        check_resume(run_dir, state, identity, length, state["epoch"])
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state["params"][k])
+            for k, v in ema.items():
+                v.copy_(state["ema"][k])
+        optimizer.load_state_dict(state["optimizer"])
+        done = (state["epoch"], state["opt_step"])
+    if dist is not None:
+        agree_across_ranks(dist, f"{run_dir} (the resumed epoch and weights)", done, params)
+    return done
+
+
+def agree_across_ranks(dist, what, numbers, tensors=None):
+    """Stop every rank with one line unless all ranks hold the same `numbers` (ints) and `tensors` ({name:
+    tensor}, hashed). A node-local --out would otherwise let rank 0 resume at epoch k while the others start
+    fresh, and train diverged ranks without a hang."""
+    if dist.world_size == 1:
+        return
+    h = hashlib.sha256(json.dumps(list(numbers)).encode())
+    for k in sorted(tensors or {}):
+        v = tensors[k].detach().float().contiguous().cpu()
+        h.update(k.encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    mine = torch.tensor([int.from_bytes(h.digest()[:7], "little"), *numbers], dtype=torch.long, device=dist.device)
+    every = gather_cat(mine[None], dist).cpu()  # (world_size, 1 + len(numbers))
+    if not (every == every[0]).all():
+        differ = [r for r in range(dist.world_size) if not torch.equal(every[r], every[0])]
+        raise SystemExit(f"error: the ranks disagree on {what}: rank 0 holds {every[0, 1:].tolist()}, rank {differ[0]} "
+                         f"{every[differ[0], 1:].tolist()} ({len(differ)} ranks differ from rank 0); is --out on a "
+                         "filesystem that every node shares?")
 
 
 # -----------------------------------------------------------------------------
@@ -381,12 +423,34 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def optimizer_chunks(samples, n_chunks, seed):
+    """Split an epoch's samples (global indices, ascending) into n_chunks optimizer steps: sample k of
+    `samples` goes to step (k + offset) % n_chunks, the offset drawn from `seed`. Every contiguous block
+    of samples, so every rank's share under any number of ranks, is spread evenly over the steps (within
+    one sample), and the split does not depend on the number of ranks (1 process equals torchrun). A
+    global permutation cut into chunks gave ranks unequal shares: at 32 ranks the slowest held ~1.5x the
+    mean, and every rank waited for it. Returns a list of n_chunks index tensors (ascending)."""
+    samples = torch.as_tensor(samples, dtype=torch.long)
+    offset = int(torch.randint(0, n_chunks, (1,), generator=torch.Generator().manual_seed(seed)))
+    step = (torch.arange(len(samples)) + offset) % n_chunks
+    return [samples[step == c] for c in range(n_chunks)]
+
+
 def shard(n_global, dist, what="images per epoch"):
     """This rank's contiguous block [first, first + n_local) of n_global samples."""
     if n_global % dist.world_size:
         raise SystemExit(f"error: {n_global} {what} must be divisible by the {dist.world_size} ranks: change the batch settings or the number of processes")
     n_local = n_global // dist.world_size
     return dist.rank * n_local, n_local
+
+
+def peak_memory(device):
+    """The log's memory fields on a GPU: the peak allocated since the last call, in GiB (then reset)."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return dict(peak_mem_gib=round(peak, 2))
 
 
 class Timer:

@@ -166,18 +166,19 @@ def predict_velocity(world, latents, sigma, embeds, pooled, guidance_scale, null
     B = latents.shape[0]
     t = torch.as_tensor(sigma, dtype=torch.float32, device=world.device).expand(B) * 1000
     x = latents.to(world.device, world.dtype)
+    embeds, pooled = embeds.to(world.dtype), pooled.to(world.dtype)  # a float32 copy (full fine-tuning) of a bf16 cache
     if guidance_scale is None or guidance_scale <= 1:
         v = world.transformer(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
-                              timestep=t.to(world.dtype), return_dict=False)[0]
+                              timestep=t, return_dict=False)[0]
         return v.float()
     if null is None:
         null = world.encode_prompts([""])
-    null_embeds, null_pooled = (n.expand(B, *n.shape[1:]) for n in null)
+    null_embeds, null_pooled = (n.to(world.dtype).expand(B, *n.shape[1:]) for n in null)
     v = world.transformer(
         hidden_states=torch.cat([x, x]),
         encoder_hidden_states=torch.cat([null_embeds, embeds]),
         pooled_projections=torch.cat([null_pooled, pooled]),
-        timestep=torch.cat([t, t]).to(world.dtype),
+        timestep=torch.cat([t, t]),  # float32, as diffusers' pipeline and Flow-GRPO pass it (bf16 rounds 913.35 to 912)
         return_dict=False,
     )[0].float()
     v_uncond, v_cond = v.chunk(2)
@@ -240,7 +241,7 @@ def step_subset(seeds, n_steps, k):
 
 @torch.no_grad()
 def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, generator=None, seeds=None, decode=True,
-           batch_size=None, sde_steps=None, init_seeds=None):
+           batch_size=None, sde_steps=None, init_seeds=None, on_batch=None):
     """Run the SDE (noise_level > 0) or the ODE (noise_level = 0) from pure noise.
 
     prompts: list of B strings. seeds: B integers; sample i draws its initial noise and every step's
@@ -251,6 +252,8 @@ def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, gen
     the others are deterministic Euler steps with log_prob 0 (sde_window_steps). init_seeds: B integers
     that seed the initial noise x_1 alone (samples given the same one start from the same x_1, as
     Flow-GRPO's same_latent / DanceGRPO's shared group noise); None = x_1 from seeds' generators.
+    on_batch(start, images): called with each decoded batch as soon as it exists, so that a caller can
+    score it in the background while the next batch samples (Flow-GRPO overlaps the two the same way).
     Returns a dict: latents (B, T+1, C, h, w) float32 on the world's device (x_1 ... x_0),
     log_probs (B, T), sigmas (T+1,), embeds/pooled (the prompts' conditioning), seeds, images
     (B, 3, H, W) float32 in [0, 1] on the CPU when decode."""
@@ -280,6 +283,8 @@ def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, gen
         part = dict(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1), embeds=embeds, pooled=pooled)
         if decode:
             part["images"] = world.decode(x)
+            if on_batch is not None:
+                on_batch(b, part["images"])
         parts.append(part)
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     out.update(sigmas=sigmas, seeds=list(seeds))
@@ -338,15 +343,17 @@ def route_targets(tasks, routing, velocity_of):
     return target
 
 
-def opd_loss(kind, v, v_target, log_prob, old_log_prob, step_reward, sigma, sigma_next, noise_level, clip_range, adv_clip):
+def opd_loss(kind, v, v_target, log_prob, old_log_prob, step_reward, sigma, sigma_next, noise_level, clip_range, adv_clip,
+             kl_scale=1.0):
     """Flow-OPD's distillation loss at one step, per sample (B,), and the KL it is built from.
     kind "direct":    KL_t = w(t) ||v_theta - v_T||^2 itself (gradient through v_theta)
     kind "pg":        PPO surrogate with advantage r_t = -w(t) ||sg(v_theta) - v_T||^2 (the published form;
                       r_t is a function of the state only, so its expected gradient is zero)
     kind "pg-sample": PPO surrogate with the sampled action's log-ratio step_reward =
                       -(log pi_theta(a|x_t) - log pi_T(a|x_t)) (LLM on-policy distillation)
-    log_prob: the student's log-prob of the sampled action now (with grad), old_log_prob: at sampling."""
-    kl = velocity_kl(v, v_target, sigma, sigma_next, noise_level)
+    log_prob: the student's log-prob of the sampled action now (with grad), old_log_prob: at sampling.
+    kl_scale multiplies the KL (|dt| gives the official code's weighting, |dt| w(t))."""
+    kl = kl_scale * velocity_kl(v, v_target, sigma, sigma_next, noise_level)
     if kind == "direct":
         return kl, kl
     if kind == "pg":

@@ -46,7 +46,11 @@ class World:
 # The settings of the paper (Flow-GRPO's): 512 px, shift 3.0, T = 10 SDE steps for training,
 # 40 ODE steps for evaluation, CFG 4.5, noise level a = 0.7.
 SD3_DEFAULTS = dict(resolution=512, shift=3.0, train_steps=10, eval_steps=40, guidance_scale=4.5, noise_level=0.7, max_sequence_length=128,
-                    sde_window=0)  # 0: every step is stochastic (Flow-GRPO, the paper); see sde_window_steps
+                    sde_window=0,  # 0: every step is stochastic (Flow-GRPO, the paper); see sde_window_steps
+                    # Flow-GRPO's SD3.5-M batch (config/grpo.py): 48 prompts x 24 images an epoch over all GPUs, 9 images
+                    # a forward per GPU. Activations of 9 training images: ~43 GiB without checkpointing (README).
+                    prompts_per_epoch=48, group_size=24, sample_batch=9, train_batch=9)
+TINY_BATCH = dict(prompts_per_epoch=8, group_size=8, sample_batch=16, train_batch=16)  # the tiny world's: minutes on a CPU
 TASKS = ("geneval", "ocr", "deqa", "pickscore")
 
 
@@ -62,6 +66,7 @@ def _cached(encode):
                 cache[p] = (embeds[i], pooled[i])
         return torch.stack([cache[p][0] for p in prompts]), torch.stack([cache[p][1] for p in prompts])
 
+    cached_encode.uncached = encode  # encode_once streams many prompts to disk: it must not fill this cache
     return cached_encode
 
 
@@ -84,7 +89,7 @@ def load_world(name="tiny", device=None, dtype=None):
             resolution=tiny_world.IMAGE_SIZE, shift=SD3_DEFAULTS["shift"] if latent else tiny_world.SHIFT, train_steps=10,
             eval_steps=tiny_world.DEFAULT_STEPS_EVAL, guidance_scale=tiny_world.DEFAULT_GUIDANCE,
             noise_level=tiny_world.DEFAULT_NOISE_LEVEL, sde_window=0 if latent else tiny_world.DEFAULT_SDE_WINDOW,
-        )
+            **TINY_BATCH)
         decode = lambda latents: codec.decode(latents.float().cpu())
         return World("tiny", name, transformer, _cached(encode), decode, tuple(codec.shape),
                      device, torch.float32, defaults, tuple(tiny_world.TASKS), base)
@@ -98,9 +103,14 @@ def _load_sd3(path, device, dtype):
         raise SystemExit(f"error: {path} is not a Stable Diffusion 3 pipeline folder (no model_index.json); pass the SD3.5-Medium folder or hub id")
     if not os.path.exists(path) and path.count("/") != 1:
         raise SystemExit(f"error: world {path!r} is neither 'tiny', an existing folder, nor a hub id like stabilityai/stable-diffusion-3.5-medium")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # FLOWOPD_DTYPE=bfloat16 runs the GPU's precision on a CPU (the tests' check of the bf16 path)
+    named = os.environ.get("FLOWOPD_DTYPE")
+    if named and not isinstance(getattr(torch, named, None), torch.dtype):
+        raise SystemExit(f"error: FLOWOPD_DTYPE={named!r} is not a torch dtype (bfloat16, float16 or float32)")
+    dtype = dtype or (getattr(torch, named) if named else torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype)
+        # the VAE in float32, as Flow-GRPO decodes (0.17 GB): bf16 decoding shifts the pixels the rewards see
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype={"default": dtype, "vae": torch.float32})
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load an SD3 pipeline from {path!r}: {str(e).splitlines()[0]}")
     pipe.to(device)
@@ -120,7 +130,7 @@ def _load_sd3(path, device, dtype):
 
     @torch.no_grad()
     def decode(latents):
-        latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        latents = latents.float() / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         images = pipe.vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
@@ -131,19 +141,27 @@ def _load_sd3(path, device, dtype):
 
 def encode_once(world, prompts, cache_dir, batch=64):
     """SD3: encode every prompt a run can use (and the empty one) once, keep them on disk in cache_dir
-    (a safetensors file named by the text encoders' and the prompts' identity, reused by later runs), then
-    free the three text encoders: T5-XXL alone holds ~9.5 GB of GPU memory in bf16, and every prompt
-    is known before training. Afterwards world.encode_prompts reads rows from the memory-mapped file
-    (embeds of all of Flow-GRPO's PickScore prompts are ~40 GB: they stay on disk, not on the GPU), and a
-    prompt outside the set is an error. The tiny world's encoder is a small table: nothing to do."""
+    (a folder named by the text encoders' and the prompts' identity, reused by later runs), then free the
+    three text encoders: T5-XXL alone holds ~9.5 GB of GPU memory in bf16, and every prompt is known
+    before training. The tiny world's encoder is a small table: nothing to do.
+
+    At scale (issue #26): one SD3 prompt embedding is 205 x 4096 bf16, 1.68 MB, so Flow-GRPO's 25,432
+    PickScore prompts are ~43 GB. So under torchrun each rank encodes only its own contiguous share of
+    the sorted prompts and streams it, batch by batch, into its own shard file (memory does not grow
+    with the number of prompts); rank 0 then writes index.json, the cache's commit point. Every rank
+    afterwards reads rows from all the shards, memory-mapped: a prompt outside the set is an error.
+    The folder must be one that all nodes see (FLOWOPD_PROMPT_CACHE overrides cache_dir): a node-local
+    folder is refused with one line on every rank, instead of ranks that disagree."""
     import hashlib
 
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     pipe = getattr(world, "pipeline", None)
     if world.kind != "sd3" or pipe is None or pipe.text_encoder_3 is None and pipe.text_encoder is None:
         return
+    cache_dir = os.environ.get("FLOWOPD_PROMPT_CACHE") or str(cache_dir)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     prompts = sorted(set(prompts) | {""})
     ident = hashlib.sha256(json.dumps([world.defaults["max_sequence_length"], str(world.dtype), prompts]).encode())
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
@@ -154,33 +172,112 @@ def encode_once(world, prompts, cache_dir, batch=64):
             if name.endswith(".json"):
                 with open(f, "rb") as g:
                     ident.update(g.read())
-    path = os.path.join(cache_dir, f"prompts-{ident.hexdigest()[:16]}.safetensors")
-    if not os.path.isfile(path):
-        embeds, pooled = zip(*(world.encode_prompts(prompts[i: i + batch]) for i in range(0, len(prompts), batch)))
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        save_file({"embeds": torch.cat(embeds).cpu().contiguous(), "pooled": torch.cat(pooled).cpu().contiguous()}, tmp,
-                  metadata={"prompts": json.dumps(prompts)})
-        os.replace(tmp, path)  # atomic: ranks writing the same file at once leave one whole copy
+    folder = os.path.join(cache_dir, f"prompts-{ident.hexdigest()[:16]}")
+    index_path = os.path.join(folder, "index.json")
+    encode = getattr(world.encode_prompts, "uncached", world.encode_prompts)  # never the in-memory cache
+
+    def agree(ok):  # every rank learns whether every rank is fine, so that all stop or none
+        if distributed:
+            flag = torch.tensor([int(ok)], device=world.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            ok = bool(flag.item())
+        return ok
+
+    if not agree(os.path.isfile(index_path)):
+        lo, hi = len(prompts) * rank // size, len(prompts) * (rank + 1) // size  # this rank's contiguous share
+        shard = f"shard-{rank:05d}-of-{size:05d}.safetensors"
+        _write_shard(os.path.join(folder, shard), encode, prompts[lo:hi], batch,
+                     dict(prompts=json.dumps(prompts[lo:hi])))
+        if distributed:
+            torch.distributed.barrier()
+        if rank == 0:  # the commit point: a cache without index.json is encoded again
+            shards = [dict(file=f"shard-{r:05d}-of-{size:05d}.safetensors",
+                           first=len(prompts) * r // size, count=len(prompts) * (r + 1) // size - len(prompts) * r // size)
+                      for r in range(size)]
+            _atomic_text(index_path, json.dumps(dict(prompts=len(prompts), shards=shards)))
+        if distributed:
+            torch.distributed.barrier()
+    seen = os.path.isfile(index_path)
+    if seen:
+        with open(index_path) as f:
+            index = json.load(f)
+        seen = all(os.path.isfile(os.path.join(folder, s["file"])) for s in index["shards"])
+    if not agree(seen):
+        raise SystemExit(f"error: the prompt cache {folder} is not complete on every rank (rank {rank}: "
+                         f"{'complete' if seen else 'missing files'}): put it on a filesystem that all nodes share "
+                         "(FLOWOPD_PROMPT_CACHE=<shared folder>)")
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
     if world.device.type == "cuda":
         torch.cuda.empty_cache()
-    f = safe_open(path, "pt")
-    row = {p: i for i, p in enumerate(json.loads(f.metadata()["prompts"]))}
-    embeds, pooled = f.get_slice("embeds"), f.get_slice("pooled")
+    row, slices = {}, []
+    for k, s in enumerate(index["shards"]):
+        f = safe_open(os.path.join(folder, s["file"]), "pt")
+        slices.append((f.get_slice("embeds"), f.get_slice("pooled")) if s["count"] else (None, None))
+        for i, p in enumerate(json.loads(f.metadata()["prompts"])):
+            row[p] = (k, i)
 
     def encode_from_disk(batch_prompts):
         missing = [p for p in batch_prompts if p not in row]
         if missing:
-            raise SystemExit(f"error: prompt {missing[0]!r} was not among the {len(row)} prompts encoded at start-up ({path}); "
+            raise SystemExit(f"error: prompt {missing[0]!r} was not among the {len(row)} prompts encoded at start-up ({folder}); "
                              "the text encoders are freed: pass every prompt file the run uses to worlds.encode_once")
         rows = [row[p] for p in batch_prompts]
-        return (torch.cat([embeds[i: i + 1] for i in rows]).to(world.device, world.dtype),
-                torch.cat([pooled[i: i + 1] for i in rows]).to(world.device, world.dtype))
+        return (torch.cat([slices[k][0][i: i + 1] for k, i in rows]).to(world.device, world.dtype),
+                torch.cat([slices[k][1][i: i + 1] for k, i in rows]).to(world.device, world.dtype))
 
     world.encode_prompts = encode_from_disk
-    return path
+    return folder
+
+
+_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def _write_shard(path, encode, prompts, batch, metadata):
+    """Encode `prompts` batch by batch straight into one safetensors file ('embeds' (n, L, D), 'pooled'
+    (n, P)), written in place at each batch's offset and renamed when whole: only one batch is ever in
+    memory, however many prompts there are. safetensors is an 8-byte header length, a JSON header with
+    every tensor's dtype, shape and byte range, then the raw bytes: simple enough to stream."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if not prompts:  # a rank with no share (more ranks than prompts): an empty shard
+                header = json.dumps({"__metadata__": metadata}).encode()
+                f.write(len(header).to_bytes(8, "little") + header)
+            at = None
+            for b in range(0, len(prompts), batch):
+                embeds, pooled = (t.detach().contiguous().cpu() for t in encode(prompts[b: b + batch]))
+                if at is None:  # the first batch tells the shapes: write the header, then fill in place
+                    e_row, p_row = embeds[0].numel() * embeds.element_size(), pooled[0].numel() * pooled.element_size()
+                    n = len(prompts)
+                    header = {"embeds": dict(dtype=_SAFETENSORS_DTYPES[embeds.dtype], shape=[n, *embeds.shape[1:]],
+                                             data_offsets=[0, n * e_row]),
+                              "pooled": dict(dtype=_SAFETENSORS_DTYPES[pooled.dtype], shape=[n, *pooled.shape[1:]],
+                                             data_offsets=[n * e_row, n * e_row + n * p_row]),
+                              "__metadata__": metadata}
+                    header = json.dumps(header).encode()
+                    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+                    at = 8 + len(header)
+                    f.write(len(header).to_bytes(8, "little") + header)
+                    f.truncate(at + n * (e_row + p_row))
+                f.seek(at + b * e_row)
+                f.write(embeds.view(torch.uint8).numpy().tobytes())
+                f.seek(at + n * e_row + b * p_row)
+                f.write(pooled.view(torch.uint8).numpy().tobytes())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_text(path, text):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -279,7 +376,8 @@ def draw_prompts(task_prompts, task_weights, n, seed, epoch):
 
 # -----------------------------------------------------------------------------
 # 3. LoRA adapters (peft, through diffusers' PeftAdapterMixin), saved so that diffusers'
-#    StableDiffusion3Pipeline.load_lora_weights reads them
+#    StableDiffusion3Pipeline.load_lora_weights reads them; read from those files and from PEFT adapter
+#    folders (PeftModel.save_pretrained: Flow-GRPO's released teachers)
 
 # Flow-GRPO's target modules: every attention projection of the joint (image + text) blocks.
 LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -288,7 +386,9 @@ LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.t
 
 def add_lora(transformer, name="default", rank=32, alpha=64, targets=LORA_TARGETS, seed=0):
     """Attach a fresh LoRA adapter (A ~ Gaussian from `seed`, B = 0: the model is unchanged) and make it
-    the active one. The seed keeps A independent of whatever used the global RNG before."""
+    the active one. The seed keeps A independent of whatever used the global RNG before. The adapter is
+    float32 whatever the base's dtype (it is trained): peft makes it in the base layers' dtype, so on a
+    bf16 base A holds bf16-rounded Gaussian values, as peft's own get_peft_model (which then casts to float32)."""
     from peft import LoraConfig
 
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
@@ -296,7 +396,11 @@ def add_lora(transformer, name="default", rank=32, alpha=64, targets=LORA_TARGET
         torch.manual_seed(seed)
         transformer.add_adapter(config, adapter_name=name)
     transformer.set_adapter(name)
-    return [p for n, p in transformer.named_parameters() if f".{name}." in n]
+    params = [p for n, p in transformer.named_parameters() if f".{name}." in n]
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    return params
 
 
 def lora_parameters(transformer, name):
@@ -334,50 +438,139 @@ def write_lora(path, weights, config):
         os.replace(os.path.join(tmp, "pytorch_lora_weights.safetensors"), path)
 
 
-def read_lora(path):
-    """(weights keyed like peft's state dict without the 'transformer.' prefix, peft config dict)."""
-    from safetensors import safe_open
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
+
+def _lora_files(path):
+    """(safetensors file, adapter_config.json beside it or None) of a LoRA path: a file, or a PEFT adapter
+    folder. One error line for a missing path or a folder without a readable PEFT adapter."""
+    if os.path.isdir(path):
+        file, config = os.path.join(path, PEFT_WEIGHTS), os.path.join(path, PEFT_CONFIG)
+        if not os.path.isfile(file):
+            if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+                raise SystemExit(f"error: LoRA folder {path} holds adapter_model.bin (a pickled PEFT adapter), not {PEFT_WEIGHTS}; "
+                                 f"convert it once: safetensors.torch.save_file(torch.load(bin), '{PEFT_WEIGHTS}')")
+            raise SystemExit(f"error: LoRA folder {path} has no {PEFT_WEIGHTS}; expected a PEFT adapter folder (PeftModel.save_pretrained)")
+        if not os.path.isfile(config):
+            raise SystemExit(f"error: LoRA folder {path} has {PEFT_WEIGHTS} but no {PEFT_CONFIG}")
+        return file, config
     if not os.path.isfile(path):
         raise SystemExit(f"error: LoRA file {path} does not exist")
+    config = os.path.join(os.path.dirname(os.path.abspath(path)), PEFT_CONFIG)
+    return path, config if os.path.isfile(config) else None
+
+
+def is_lora(path):
+    """Whether `path` is a LoRA that read_lora reads (a diffusers-format file, a PEFT folder or a PEFT
+    adapter_model.safetensors), not a full state dict: cheap (reads the header only), never raises."""
+    from safetensors import safe_open
+
     try:
-        with safe_open(path, "pt") as f:
-            weights = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+        file, config = _lora_files(path)
+        with safe_open(file, "pt") as f:
+            return "lora_adapter_metadata" in (f.metadata() or {}) or (config is not None and any(".lora_A." in k for k in f.keys()))
+    except (SystemExit, Exception):
+        return False
+
+
+def read_lora(path):
+    """(weights keyed like peft's state dict, '<module>.lora_A.weight', peft config dict) of a LoRA in either format:
+      - diffusers': one safetensors file, keys 'transformer.<module>.lora_A.weight', the LoraConfig in its metadata
+        (worlds.save_lora, StableDiffusion3Pipeline.save_lora_weights);
+      - peft's (PeftModel.save_pretrained: Flow-GRPO's released checkpoints): the adapter folder, or its
+        adapter_model.safetensors with adapter_config.json beside it, keys 'base_model.model.<module>.lora_A.weight'.
+    The weights keep the file's dtype. Anything else stops with one error line naming the file."""
+    from safetensors import safe_open
+
+    file, config_file = _lora_files(path)
+    try:
+        with safe_open(file, "pt") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise SystemExit(f"error: {path} is not a readable safetensors LoRA file ({e})")
-    if "lora_adapter_metadata" not in meta:
-        raise SystemExit(f"error: {path} has no LoRA config in its metadata; expected a file written by worlds.save_lora or diffusers' save_lora_weights")
-    config = {k.removeprefix("transformer."): v for k, v in json.loads(meta["lora_adapter_metadata"]).items()}
-    return weights, config
+        raise SystemExit(f"error: {file} is not a readable safetensors LoRA file ({e})")
+    if "lora_adapter_metadata" in meta:
+        weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
+        config = {k.removeprefix("transformer."): v for k, v in json.loads(meta["lora_adapter_metadata"]).items()}
+        return weights, config
+    if config_file is None:
+        raise SystemExit(f"error: {path} has no LoRA config: no lora_adapter_metadata in the file and no {PEFT_CONFIG} beside it; "
+                         f"expected a file written by worlds.save_lora or diffusers' save_lora_weights, or a PEFT adapter folder")
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {config_file} is not a readable PEFT adapter config ({e})")
+    if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA" or "r" not in config:
+        raise SystemExit(f"error: {config_file} is not a LoRA adapter config (peft_type {config.get('peft_type') if isinstance(config, dict) else None!r}, expected 'LORA' with a rank r)")
+    return {k.removeprefix("base_model.model."): v for k, v in weights.items()}, config
 
 
-def load_lora(transformer, path, name, trainable=False):
-    """Attach the LoRA saved at `path` as adapter `name` (exact weights, rank and alpha from the file).
-    The adapter that was active stays active (the first adapter loaded becomes the active one); the new
-    adapter is frozen unless `trainable` (teachers are frozen, a student initialised from a file is not)."""
+def load_lora(transformer, path, name, trainable=False, dtype=None):
+    """Attach the LoRA at `path` (any form read_lora reads) as adapter `name`: rank, alpha and targets from
+    its config, the weights copied in exactly. The adapter that was active stays active (the first adapter
+    loaded becomes the active one); the new adapter is frozen unless `trainable` (teachers are frozen, a
+    student initialised from a file is not).
+
+    dtype: the adapter's dtype; None = float32 for a trainable adapter (it holds the file's exact values,
+    not values rounded through a bf16 base's dtype), the base layers' dtype for a frozen one (peft runs a
+    float32 adapter on a bf16 layer too: it casts the input to lora_A's dtype and the sum back).
+
+    Checked before any weight is used, one error line naming the file: the config targets modules of this
+    transformer, and the file holds exactly the adapter's weights with their shapes (rank, in and out
+    features). A missing weight is an error, not a silent default (peft would leave that lora_B at zero,
+    switching the layer's update off)."""
     from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
 
     weights, config = read_lora(path)
     keep = {f.name for f in dataclasses.fields(LoraConfig)}
-    config = LoraConfig(**{k: v for k, v in config.items() if k in keep and k not in ("peft_type", "task_type")})
-    previous = list(transformer.active_adapters()) if getattr(transformer, "_hf_peft_config_loaded", False) else []
+    base_model = config.get("base_model_name_or_path")
+    names = f" (its config names base model {base_model})" if base_model else ""
+    try:
+        config = LoraConfig(**{k: v for k, v in config.items() if k in keep and k not in ("peft_type", "task_type", "inference_mode")})
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {path} has a LoRA config peft cannot use ({str(e).splitlines()[0]})")
+    if name in (getattr(transformer, "peft_config", None) or {}):
+        raise ValueError(f"the transformer already has an adapter named {name!r}")
+    previous = list(transformer.active_adapters() or []) if getattr(transformer, "_hf_peft_config_loaded", False) else []
     grads = {n: p.requires_grad for n, p in transformer.named_parameters() if "lora_" in n}
-    transformer.add_adapter(config, adapter_name=name)
-    result = set_peft_model_state_dict(transformer, weights, adapter_name=name)
-    missing = [k for k in result.missing_keys if f".{name}." in k]
-    if result.unexpected_keys or missing:
-        transformer.delete_adapters(name)
-        raise SystemExit(f"error: {path} does not fit this transformer (unexpected {result.unexpected_keys[:3]}, missing {missing[:3]})")
+    try:
+        transformer.add_adapter(config, adapter_name=name)
+    except ValueError as e:  # peft: no module matches the targets; it has made no layer, forget the config it kept
+        (getattr(transformer, "peft_config", None) or {}).pop(name, None)
+        if not getattr(transformer, "peft_config", None):
+            transformer._hf_peft_config_loaded = False
+        raise SystemExit(f"error: {path} does not fit this transformer: {str(e).splitlines()[0]}{names}")
+    params = lora_parameters(transformer, name)
+    expected = {k.replace(f".{name}.", "."): p for k, p in params.items()}  # peft's state-dict keys
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    wrong = [k for k in sorted(expected.keys() & weights.keys()) if tuple(weights[k].shape) != tuple(expected[k].shape)]
+    problem = None
+    if wrong:
+        k = wrong[0]
+        problem = (f"{len(wrong)} weights have the wrong shape, e.g. {k} is {tuple(weights[k].shape)}, expected "
+                   f"{tuple(expected[k].shape)} (rank r={config.r} in its config, the layer's in/out features here)")
+    elif missing or unexpected:
+        targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+        parts = ([f"lacks {len(missing)} of their weights (e.g. {missing[0]})"] if missing else []) + \
+                ([f"has {len(unexpected)} weights it does not target here (e.g. {unexpected[0]})"] if unexpected else [])
+        problem = f"its config targets {len(expected) // 2} LoRA layers here (target_modules {targets}) but the file " + " and ".join(parts)
     if previous:
         transformer.set_adapter(previous if len(previous) > 1 else previous[0])
+    if problem:
+        transformer.delete_adapters(name)
     for n, p in transformer.named_parameters():
         if n in grads:
             p.requires_grad_(grads[n])
-    params = lora_parameters(transformer, name)
-    for p in params.values():
-        p.requires_grad_(trainable)
+    if problem:
+        raise SystemExit(f"error: {path} does not fit this transformer: {problem}{names}")
+    dtype = dtype or (torch.float32 if trainable else None)
+    with torch.no_grad():
+        for k, p in expected.items():
+            if dtype is not None and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+            p.copy_(weights[k])  # exact when p is float32 (or the file's dtype)
+            p.requires_grad_(trainable)
     return params
 
 
