@@ -47,8 +47,13 @@ import worlds
 
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
-    task=("geneval", "the task to reward, or a weighted mix 'geneval:3,ocr:1,pickscore:1' (GRPO-Mix: each prompt's task drawn with these odds)"),
+    task=("geneval", "the task to reward, or a weighted mix 'geneval:3,ocr:1,pickscore:1' (GRPO-Mix; see --mix)"),
     reward=("", "extra reward terms added to every sample's task reward, e.g. 'deqa:1' (GRPO-Mix's DeQA 1:1)"),
+    mix=("epochs", "several tasks: 'epochs' alternates whole epochs in the weights' ratio (3:1:1 = 3 GenEval epochs, then 1 OCR, "
+                   "1 PickScore), each on its task's prompts and reward (the paper's GRPO-Mix); 'prompts' draws each prompt's "
+                   "task with those odds, advantages normalised per task"),
+    prompts=("", "train on these tasks' prompts ('geneval,ocr,pickscore', or with odds) with the --reward mix alone as the "
+                 "reward, no task reward: the paper's DeQA teacher is --prompts geneval,ocr,pickscore --reward deqa:0.4,pickscore:0.6"),
     out=(None, str, "output folder (default results/<world>/runs/grpo-<task>)"),
     init=("", "start from this LoRA file instead of a fresh adapter"),
     epochs=(60, "epochs; one epoch = sample, score, update"),
@@ -79,7 +84,8 @@ SETTINGS = dict(
     lora_rank=(32, "LoRA rank r"),
     lora_alpha=(64, "LoRA alpha (scale alpha / r)"),
     full_finetune=(False, "train every transformer weight instead of a LoRA (reference = a frozen copy)"),
-    ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is evaluated and saved)"),
+    ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is evaluated and saved), after Flow-GRPO's warm-up "
+                    "min((1 + s) / (10 + s), decay) at optimizer step s"),
     ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
     threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local ranks)"),
     gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less memory (SD3.5-M on 40-80 GB cards), the same gradients"),
@@ -114,15 +120,26 @@ if cfg.kl_outside:  # a window has the same length every epoch and lies in the f
     if not 0 < cfg.kl_outside <= n_outside:
         raise SystemExit(f"error: --kl-outside {cfg.kl_outside} needs an SDE window and at most the {n_outside} trained steps "
                          f"outside it (--sde-window {cfg.sde_window}, {n_trained} trained steps of T={steps})")
-task_weights = rewards.parse_weights(cfg.task)
+# task_weights: whose prompts an epoch draws (and, without --prompts, whose reward each sample gets)
+task_weights = rewards.parse_weights(cfg.prompts or cfg.task)
 extra_weights = rewards.parse_weights(cfg.reward) if cfg.reward else {}
 for name in list(task_weights) + list(extra_weights):
     if name not in world.tasks:
-        raise SystemExit(f"error: --task/--reward name {name!r} is not a task of the {world.kind} world {world.tasks}")
-tag = "mix" if len(task_weights) > 1 else next(iter(task_weights))
+        raise SystemExit(f"error: --task/--prompts/--reward name {name!r} is not a task of the {world.kind} world {world.tasks}")
+if cfg.prompts and not extra_weights:
+    raise SystemExit(f"error: --prompts {cfg.prompts} trains on the --reward mix alone, and --reward is empty (e.g. --reward deqa:0.4,pickscore:0.6)")
+if cfg.mix not in ("epochs", "prompts"):
+    raise SystemExit(f"error: --mix must be 'epochs' or 'prompts', got {cfg.mix!r}")
+mixed = len(task_weights) > 1
+cycle = [t for t, w in task_weights.items() for _ in range(int(w))]  # --mix epochs: epoch e trains task cycle[e % len]
+if mixed and cfg.mix == "epochs" and any(w != int(w) for w in task_weights.values()):
+    raise SystemExit(f"error: --mix epochs alternates whole epochs: the weights of {cfg.prompts or cfg.task!r} must be whole numbers (3:1:1)")
+tag = "+".join(extra_weights) if cfg.prompts else "mix" if mixed else next(iter(task_weights))
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind, "runs", f"grpo-{tag}")
 DEFAULT_BETA = {"geneval": 0.04, "ocr": 0.04, "pickscore": 0.01, "deqa": 0.01}
-beta = cfg.beta if cfg.beta is not None else min(DEFAULT_BETA[t] for t in task_weights)
+MIX_BETA = 0.04  # Flow-GRPO's official mix config
+beta = cfg.beta if cfg.beta is not None else (min(DEFAULT_BETA[t] for t in extra_weights) if cfg.prompts else
+                                              MIX_BETA if mixed else DEFAULT_BETA[next(iter(task_weights))])
 if cfg.kl_outside and beta <= 0:
     raise SystemExit(f"error: --kl-outside {cfg.kl_outside} holds steps near the base with the KL, so it needs --beta > 0 (got {beta})")
 
@@ -151,8 +168,22 @@ param_list = list(params.values())
 optimizer = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_decay)
 ema = {k: p.detach().clone().float() for k, p in params.items()}
 
-task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights}
-extra_reward = {t: rewards.get_reward(t, world.kind) for t in extra_weights}
+# every reward model on this rank's device (PickScore's CLIP-H on the GPU, as Flow-GRPO scores)
+task_reward = {} if cfg.prompts else {t: rewards.get_reward(t, world.kind, dist.device) for t in task_weights}
+extra_reward = {t: rewards.get_reward(t, world.kind, dist.device) for t in extra_weights}
+
+
+def sample_reward(task):
+    """The reward of a sample of `task`'s prompts: its task reward (none with --prompts) + the weighted extras."""
+    def reward(images, prompts, metadata):
+        total = torch.as_tensor(task_reward[task](images, prompts, metadata)).float().cpu() if task in task_reward else torch.zeros(len(images))
+        for name, weight in extra_weights.items():
+            total = total + weight * torch.as_tensor(extra_reward[name](images, prompts, metadata)).float().cpu()
+        return total
+    return reward
+
+
+scorer = rewards.BatchScorer({t: sample_reward(t) for t in task_weights})  # scores batch k while batch k+1 samples
 train_files = {t: worlds.prompt_file(world, t, "train") for t in task_weights}
 train_prompts = {t: worlds.read_prompts(path) for t, path in train_files.items()}
 worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in prompts],
@@ -168,7 +199,8 @@ start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, ident
 if dist.master:
     os.makedirs(out, exist_ok=True)
     runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size))
-    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | tasks {task_weights} extra {extra_weights}")
+    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | {'prompts' if cfg.prompts else 'tasks'} "
+          f"{task_weights} extra {extra_weights}" + (f" | mix by {cfg.mix}" + (f": epochs cycle {cycle}" if cfg.mix == "epochs" else "") if mixed else ""))
     print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, "
           f"trained steps {f'a window of {cfg.sde_window}' if cfg.sde_window else list(range(n_trained))} | "
           f"{cfg.updates_per_epoch * cfg.inner_epochs} optimizer steps/epoch | {sum(p.numel() for p in param_list):,} trainable params | beta {beta} | out {out}")
@@ -210,7 +242,8 @@ def save_outputs(epoch):
 
 for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.master, initial=start_epoch, total=cfg.epochs):
     timer = runs.Timer()
-    chosen = worlds.draw_prompts(train_prompts, task_weights, cfg.prompts_per_epoch, cfg.seed, epoch)
+    epoch_weights = {cycle[epoch % len(cycle)]: 1.0} if mixed and cfg.mix == "epochs" else task_weights  # this epoch's task(s)
+    chosen = worlds.draw_prompts(train_prompts, epoch_weights, cfg.prompts_per_epoch, cfg.seed, epoch)
     index = torch.arange(first, first + n_local)  # global sample indices held by this rank
     tasks = [chosen[i // cfg.group_size][0] for i in index.tolist()]
     prompts = [chosen[i // cfg.group_size][1] for i in index.tolist()]
@@ -222,20 +255,21 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     outside = [j for j in range(n_trained) if j not in train_steps] if cfg.kl_outside else []
     held = sde.step_subset(seeds, len(outside), cfg.kl_outside) if outside else None  # (n_local, len(outside)) bool
 
-    # 1. On-policy sampling: G SDE trajectories per prompt, with their per-step log-probs
+    # 1. On-policy sampling: G SDE trajectories per prompt, with their per-step log-probs; each decoded batch
+    #    is handed to the scorer's thread at once, so scoring overlaps the sampling of the next batch
     transformer.eval()
+    score_batch = lambda b, batch_images: scorer.submit(batch_images, prompts[b: b + len(batch_images)],  # noqa: E731
+                                                        metadata[b: b + len(batch_images)], tasks[b: b + len(batch_images)])
     with timer("sampling"):
         traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch,
-                          sde_steps=sde_steps, init_seeds=init_seeds)
+                          sde_steps=sde_steps, init_seeds=init_seeds, on_batch=score_batch)
         latents, old_log_probs = traj["latents"], traj["log_probs"]  # (n_local, T+1, C, h, w), (n_local, T)
         embeds, pooled, sigmas = traj["embeds"], traj["pooled"], traj["sigmas"]
         images = traj["images"]  # (n_local, 3, H, W) in [0, 1]
 
-    # 2. Scalar rewards: the prompt's task reward (+ the extra weighted terms)
+    # 2. Scalar rewards: the prompt's task reward (+ the extra weighted terms); what is left of the scoring
     with timer("reward"):
-        reward = rewards.score_by_task(task_reward, images, prompts, metadata, tasks)
-        for name, weight in extra_weights.items():
-            reward += weight * extra_reward[name](images, prompts, metadata)
+        reward = scorer.result()  # (n_local,)
         # every rank needs every reward: a group's images may live on several ranks
         all_reward = runs.gather_cat(reward.to(dist.device), dist).cpu()
         all_task = runs.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
@@ -244,8 +278,13 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                            label=lambda i: f"task {chosen[i // cfg.group_size][0]}, prompt {chosen[i // cfg.group_size][1]!r}")
 
     # 3. Group-normalised advantages (Flow-GRPO eq. 7): A = (r - mean_group) / (std + 1e-4), clipped
+    #    A prompt-mixed batch is normalised task by task: one std over rewards of different scales (PickScore/26
+    #    spreads ~10x less than GenEval) would shrink the small-scale task's advantages.
     groups = torch.arange(N) // cfg.group_size
-    advantages, keep = sde.group_advantages(all_reward, groups, cfg.std_scope, clip=cfg.adv_clip)
+    advantages, keep = torch.zeros(N), torch.zeros(N, dtype=torch.bool)
+    for k in all_task.unique():
+        rows = all_task == k
+        advantages[rows], keep[rows] = sde.group_advantages(all_reward[rows], groups[rows], cfg.std_scope, clip=cfg.adv_clip)
     kept = keep.nonzero().squeeze(1)  # global indices of samples in groups with reward spread
 
     # 4. Policy update: PPO-clipped ratio loss on every trained step + beta * KL to the base (eq. 8)
@@ -296,7 +335,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                 optimizer.step()
                 opt_step += 1
                 if opt_step % cfg.ema_every == 0:
-                    runs.ema_update(ema, params, cfg.ema_decay)
+                    runs.ema_update(ema, params, cfg.ema_decay, step=opt_step)
 
     # 5. Log, grids, checkpoints
     if dist.master:

@@ -221,7 +221,8 @@ worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in p
                    os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
 if cfg.gradient_checkpointing:
     world.transformer.enable_gradient_checkpointing()
-task_reward = {t: rewards.get_reward(t, world.kind) for t in task_weights} if cfg.score else {}
+task_reward = {t: rewards.get_reward(t, world.kind, dist.device) for t in task_weights} if cfg.score else {}
+scorer = rewards.BatchScorer(task_reward)  # scores batch k on its own thread while batch k+1 samples
 N = cfg.prompts_per_epoch * cfg.group_size
 first, n_local = runs.shard(N, dist)
 cfg_rows = 2 if guidance and guidance > 1 else 1  # transformer rows per sample-step: CFG's [uncond; cond]
@@ -285,9 +286,11 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     calls = dict(frozen=0, training=0)  # sample-steps each phase ran the transformer on (x2 with CFG)
 
     # 1. On-policy sampling: the student's own SDE trajectories (x_t ~ rho_theta)
+    score_batch = lambda b, batch_images: scorer.submit(batch_images, prompts[b: b + len(batch_images)],  # noqa: E731
+                                                        metadata[b: b + len(batch_images)], tasks[b: b + len(batch_images)])
     with timer("sampling"), worlds.adapter(transformer, "student"):
         traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch,
-                          sde_steps=sde_steps)
+                          sde_steps=sde_steps, on_batch=score_batch if cfg.score else None)
     latents, old_log_probs = traj["latents"], traj["log_probs"]  # (n_local, T+1, C, h, w), (n_local, T)
     embeds, pooled, sigmas = traj["embeds"], traj["pooled"], traj["sigmas"]
 
@@ -321,7 +324,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     # 3. Rewards on the side: how well the student does each task (logged; trained on only to pick samples
     #    with --skip-zero-advantage, the official code's filter)
     with timer("reward"):
-        scores = rewards.score_by_task(task_reward, traj["images"], prompts, metadata, tasks)
+        scores = scorer.result() if cfg.score else torch.full((n_local,), float("nan"))
         if cfg.skip_zero_advantage:
             all_scores = runs.gather_cat(scores.to(dist.device), dist).cpu()
             trained = sde.group_advantages(all_scores, torch.arange(N) // cfg.group_size)[1].nonzero().squeeze(1)
@@ -375,7 +378,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                 optimizer.step()
                 opt_step += 1
                 if opt_step % cfg.ema_every == 0:
-                    runs.ema_update(ema, params, cfg.ema_decay)
+                    runs.ema_update(ema, params, cfg.ema_decay, step=opt_step)
 
     # 5. Log, grids, checkpoints
     gathered = runs.gather_cat(torch.stack([scores.to(dist.device), kl_sample, mar_sample], 1), dist).cpu()  # (N, 3)

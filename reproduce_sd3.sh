@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The paper's recipe on Stable Diffusion 3.5 Medium (Flow-OPD, arXiv 2605.08063), one resumable script:
-#   Stage 1   four single-task Flow-GRPO experts + the GRPO-Mix baseline        grpo_expert.py   (torchrun)
-#   Cold      merge the experts (task arithmetic) | SFT on their samples         merge.py | sft_init.py
+#   Stage 1   the teachers: Flow-GRPO's released GenEval, OCR and PickScore    grpo_expert.py   (torchrun)
+#             LoRAs (the paper's), the DeQA teacher trained as the paper says
+#             (the three datasets' prompts, reward 0.4 DeQA + 0.6 PickScore),
+#             and the GRPO-Mix baseline (epochs alternating 3:1:1, + DeQA 1:1)
+#   Cold      merge the experts (task arithmetic, | SFT on their samples         merge.py | sft_init.py
+#             cut to the SFT student's r 32 / alpha 64)
 #   Stage 2   multi-teacher OPD from each cold start, with MAR                   opd.py           (torchrun)
 #   Tables    the paper's main and quality tables over every model               evaluate.py      (torchrun)
 #
@@ -11,7 +15,12 @@
 #   bash reproduce_sd3.sh --toy TINY_SD3_FOLDER                        # the same stages, tiny budgets, plain CPU
 #                                                                      # processes (what tests/test_sd3_pipeline.py runs)
 # Options: --out DIR (default results/sd3; results/sd3-toy with --toy; on a filesystem every node sees),
-#          --port P (rendezvous port on the head node, default 29500).
+#          --port P (rendezvous port on the head node, default 29500),
+#          --released DIR (default $OUT/released): the paper's three teachers, Flow-GRPO's PEFT folders, fetched once:
+#              for m in GenEval Text PickScore; do
+#                huggingface-cli download jieliu/SD3.5M-FlowGRPO-$m --local-dir DIR/SD3.5M-FlowGRPO-$m; done
+#          --train-experts: train the GenEval, OCR and PickScore experts too, from scratch (~85% of the GPU hours;
+#              what --toy does, having no released teachers of a tiny random pipeline).
 # Environment: FLOWOPD_GENEVAL_URL / FLOWOPD_DEQA_URL (the reward servers, default http://127.0.0.1:18085 / :18086),
 #   FLOWOPD_PROMPTS (prompt root holding sd3/, default prompts/), FLOWOPD_AESTHETIC_MLP (the quality table's aesthetic
 #   head; without it only the main table is made), the budgets below (EXPERT_EPOCHS=... bash reproduce_sd3.sh ...),
@@ -26,7 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() { echo "usage: bash reproduce_sd3.sh [--toy] [--dry-run] [--nnodes N] [--nproc-per-node G] [--head HOST] [--port P] [--out DIR] SD3_FOLDER" >&2; exit 2; }
-TOY=0; DRY=0; NNODES=1; NPROC=8; HEAD=""; PORT=29500; OUT=""; SD=""
+TOY=0; DRY=0; NNODES=1; NPROC=8; HEAD=""; PORT=29500; OUT=""; SD=""; RELEASED=""; TRAIN_EXPERTS=0
 while [ $# -gt 0 ]; do
   case $1 in
     --toy) TOY=1 ;;
@@ -36,7 +45,9 @@ while [ $# -gt 0 ]; do
     --head) HEAD=${2:?}; shift ;;
     --port) PORT=${2:?}; shift ;;
     --out) OUT=${2:?}; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --released) RELEASED=${2:?}; shift ;;
+    --train-experts) TRAIN_EXPERTS=1 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     -*) echo "error: unknown option $1" >&2; usage ;;
     *) [ -z "$SD" ] || { echo "error: one SD3 folder, got '$SD' and '$1'" >&2; usage; }; SD=$1 ;;
   esac
@@ -69,9 +80,16 @@ OPD_EPOCHS=${OPD_EPOCHS:-500}
 # gradients; TRAIN_EXTRA is added to every training stage). 1152 images must divide over the ranks (8, 16, 32 GPUs do).
 TRAIN_EXTRA=${TRAIN_EXTRA:-}
 EXPERT="--prompts-per-epoch 48 --group-size 24 --sample-batch 9 --train-batch 9 $TRAIN_EXTRA"
-# GRPO-Mix: the same batches; GenEval:OCR:PickScore drawn 3:1:1 plus DeQA added to every reward 1:1, lr 1e-4 (the
-# mix configs; beta: the smallest of its tasks', 0.01).
-MIX="--task geneval:3,ocr:1,pickscore:1 --reward deqa:1 --lr 1e-4 $EXPERT"
+# GRPO-Mix (the paper's appendix): epochs alternate 3:1:1 over GenEval, OCR and PickScore, each epoch on its task's
+# prompts and reward, DeQA's reward summed 1:1; lr 1e-4 and beta 0.04 (the official mix config: grpo_expert.py's
+# defaults for a mix).
+MIX="--task geneval:3,ocr:1,pickscore:1 --mix epochs --reward deqa:1 --lr 1e-4 $EXPERT"
+# The DeQA teacher (the paper: "trained across the three datasets by blending DeQA and PickScore rewards at a 4:6
+# ratio"), also the MAR anchor; beta 0.01 (the smaller of DeQA's and PickScore's).
+DEQA="--prompts geneval,ocr,pickscore --reward deqa:0.4,pickscore:0.6 $EXPERT"
+# The merge's output: the SFT student's rank and alpha (r 32, alpha 64), so that OPD from either cold start trains an
+# adapter of one size at one effective learning rate (the exact task-arithmetic sum of four r 32 experts is r 128).
+MERGE="--method task-arithmetic --rank 32 --alpha 64"
 # OPD, the official config: 16 images per prompt, lr 1e-4, the KL minimised directly (its advantage -KL is not
 # detached: opd.py --opd-loss direct, README "Which OPD loss"), EMA 0.9 every 8 steps (opd.py's defaults);
 # 32 prompts per epoch (paper silent; 512 images, this project's choice); hard routing, each task to its own expert,
@@ -88,7 +106,9 @@ if [ $TOY = 1 ]; then  # the same sequence with tiny budgets: 4 SDE steps, a few
   OUT=${OUT:-results/sd3-toy}; EXPERT_EPOCHS=1; MIX_EPOCHS=1; SFT_ITEMS=2; SFT_STEPS=2; OPD_EPOCHS=6
   SMALL="--group-size 2 --steps 4 --ema-every 1 --ema-decay 0 --grid-every 0 --threads 1"
   EXPERT="$SMALL --prompts-per-epoch 2 --sample-batch 4 --train-batch 4 --lr 1e-2"
-  MIX="--task geneval:3,ocr:1,pickscore:1 --reward deqa:1 $EXPERT"
+  MIX="--task geneval:3,ocr:1,pickscore:1 --mix epochs --reward deqa:1 $EXPERT"
+  DEQA="--prompts geneval,ocr,pickscore --reward deqa:0.4,pickscore:0.6 $EXPERT"
+  [ -n "$RELEASED" ] || TRAIN_EXPERTS=1  # a tiny random pipeline has no released teachers
   # OPD: 8 images an epoch over the four tasks (an epoch's KL is then not one task's), one optimizer step per image,
   # lr 1e-3: the toy teachers are 2 Adam steps from the base, and a larger step overshoots that gap (measured: KL
   # falls ~3x over 6 epochs at 1e-3, bounces at 3e-3). --no-score: OPD only logs its samples' task rewards, and
@@ -100,6 +120,8 @@ if [ $TOY = 1 ]; then  # the same sequence with tiny budgets: 4 SDE steps, a few
 fi
 OUT=${OUT:-results/sd3}
 RUNS=$OUT/runs
+RELEASED=${RELEASED:-$OUT/released}
+declare -A RELEASE_NAME=([geneval]=GenEval [ocr]=Text [pickscore]=PickScore)
 TASKS="geneval ocr deqa pickscore"
 
 if [ $TOY = 1 ]; then
@@ -167,29 +189,42 @@ for task, (env, default) in rewards.DEFAULT_URLS.items():
 import rapidocr  # noqa: F401  (the OCR reward: pip install 'rapidocr>=3,<4' onnxruntime)
 print("preflight: prompt files and reward servers found")
 EOF
+  if [ $TRAIN_EXPERTS = 0 ]; then
+    for t in geneval ocr pickscore; do
+      f=$RELEASED/SD3.5M-FlowGRPO-${RELEASE_NAME[$t]}
+      [ -f "$f/adapter_config.json" ] || { echo "error: no released $t teacher at $f (adapter_config.json): huggingface-cli download jieliu/SD3.5M-FlowGRPO-${RELEASE_NAME[$t]} --local-dir $f, or pass --train-experts" >&2; exit 2; }
+    done
+  fi
 fi
 
 TEACHERS=""; ADAPTERS=""; GAIN=""; EXPERTS=""
+teacher() {  # where task $1's teacher is: Flow-GRPO's released folder, or this recipe's own run
+  if [ $TRAIN_EXPERTS = 0 ] && [ "$1" != deqa ]; then echo "$RELEASED/SD3.5M-FlowGRPO-${RELEASE_NAME[$1]}"; else echo "$RUNS/grpo-$1/adapter.safetensors"; fi
+}
 for t in $TASKS; do
-  TEACHERS="$TEACHERS${TEACHERS:+,}$t=$RUNS/grpo-$t/adapter.safetensors"
-  ADAPTERS="$ADAPTERS${ADAPTERS:+,}$RUNS/grpo-$t/adapter.safetensors"
+  TEACHERS="$TEACHERS${TEACHERS:+,}$t=$(teacher $t)"
+  ADAPTERS="$ADAPTERS${ADAPTERS:+,}$(teacher $t)"
   GAIN="$GAIN${GAIN:+,}$t=grpo-$t"
-  EXPERTS="$EXPERTS,grpo-$t=$RUNS/grpo-$t/adapter.safetensors"
+  EXPERTS="$EXPERTS,grpo-$t=$(teacher $t)"
 done
 W="--world $SD"
+[ $DRY = 0 ] || [ $TRAIN_EXPERTS = 1 ] || echo "# teachers (GenEval, OCR, PickScore: Flow-GRPO's released LoRAs): $TEACHERS"
 
-# ---- Stage 1: one Flow-GRPO expert per task, then GRPO-Mix
-for t in $TASKS; do
-  side grpo-$t stage grpo-$t $RUNS/grpo-$t launch grpo_expert.py $W --task $t $EXPERT --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$t
-done
+# ---- Stage 1: the DeQA teacher (the paper's recipe), the other experts only with --train-experts, then GRPO-Mix
+if [ $TRAIN_EXPERTS = 1 ]; then
+  for t in geneval ocr pickscore; do
+    side grpo-$t stage grpo-$t $RUNS/grpo-$t launch grpo_expert.py $W --task $t $EXPERT --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$t
+  done
+fi
+side grpo-deqa stage grpo-deqa $RUNS/grpo-deqa launch grpo_expert.py $W $DEQA --epochs $EXPERT_EPOCHS --out $RUNS/grpo-deqa
 side grpo-mix stage grpo-mix $RUNS/grpo-mix launch grpo_expert.py $W $MIX --epochs $MIX_EPOCHS --out $RUNS/grpo-mix
 together
 
 # ---- Cold start, then Stage 2 from it: OPD with MAR, from each cold start
-# Merge: the four experts' updates by task arithmetic (the paper gives no formula; the official code averages the
-# A and B factors of three experts: merge.py --method lora-mean).
+# Merge: the four experts' updates by task arithmetic, cut to the SFT student's rank by SVD (the paper gives no formula;
+# the official code averages the A and B factors of three experts: merge.py --method lora-mean, also r 32).
 from_merge() {
-  stage merge $RUNS/merge plain merge.py --adapters $ADAPTERS --method task-arithmetic --out $RUNS/merge/adapter.safetensors
+  stage merge $RUNS/merge plain merge.py --adapters $ADAPTERS $MERGE --out $RUNS/merge/adapter.safetensors
   stage opd-merge $RUNS/opd-merge launch opd.py $W --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS $OPD --epochs $OPD_EPOCHS --out $RUNS/opd-merge
   if [ "${NOMAR:-0}" = 1 ]; then
     stage opd-merge-nomar $RUNS/opd-merge-nomar launch opd.py $W --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS $OPD --mar-weight 0 --epochs $OPD_EPOCHS --out $RUNS/opd-merge-nomar
@@ -207,6 +242,7 @@ MODELS="base$EXPERTS,grpo-mix=$RUNS/grpo-mix/adapter.safetensors,merge-init=$RUN
 MODELS="$MODELS,sft-init=$RUNS/sft-init/adapter.safetensors,opd-sft=$RUNS/opd-sft/adapter.safetensors,opd-merge=$RUNS/opd-merge/adapter.safetensors"
 [ "${NOMAR:-0}" != 1 ] || MODELS="$MODELS,opd-merge-nomar=$RUNS/opd-merge-nomar/adapter.safetensors"
 
-# ---- Tables: every model on GenEval (strict), OCR, DeQA (DrawBench) and PickScore test prompts, 4 images each
+# ---- Tables: every model on GenEval (strict; its 553 distinct prompts, 4 images each, GenEval's protocol), OCR,
+#      DeQA (DrawBench) and PickScore test prompts
 stage evaluate $OUT/tables launch evaluate.py $W --models $MODELS --tables $TABLES --gain-of $GAIN $EVAL --out $OUT/tables --cache $OUT/eval_cache
 [ $DRY = 1 ] || echo "tables: $OUT/tables (main.md, main.json$([ $TABLES = main ] || echo ', quality.md'))"

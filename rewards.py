@@ -14,12 +14,29 @@ the tiny end-to-end runs). World "sd3": the real scorers Flow-GRPO trains and ev
   aesthetic  LAION improved-aesthetic-predictor MLP on CLIP ViT-L/14 image embeddings (evaluation only)
   geneval    HTTP client of the GenEval reward server (yifan123/reward-server, app_geneval.py)
   deqa       HTTP client of the DeQA-Score reward server (yifan123/reward-server, app_deqa.py)
-Model-backed scorers load on their first call and are cached (one model per name and options), so
-constructing reward functions is cheap and needs no network or GPU. The HTTP clients hold no state.
+Model-backed scorers load on their first call and are cached (one model per name, device and options),
+so constructing reward functions is cheap and needs no network or GPU. The HTTP clients hold no state.
+
+On a GPU rank, pass the rank's device: PickScore and the aesthetic CLIP then run there, in float16 on CUDA
+(device=None keeps them on the CPU, where torchrun's one OpenMP thread per rank takes seconds an image).
+OCR stays on the CPU, with onnxruntime's threads split between the ranks of a node; the HTTP clients
+ignore the device.
+
+    reward = get_reward("pickscore", "sd3", device=dist.device)
+    scorer = BatchScorer(task_reward)                     # score batch k while batch k+1 is sampled
+    scorer.submit(images, prompts, metadata, tasks)       # per decoded batch; returns at once
+    scores = scorer.result()                              # float32 (N,) on CPU, in submission order
+
+Environment (each also an option of get_reward, which wins):
+  FLOWOPD_PICKSCORE_MODEL, FLOWOPD_PICKSCORE_PROCESSOR   local folders for PickScore (offline clusters)
+  FLOWOPD_AESTHETIC_CLIP, FLOWOPD_AESTHETIC_MLP          CLIP ViT-L/14 folder, the predictor's .pth
+  FLOWOPD_OCR_THREADS        onnxruntime threads per process (default: cores // LOCAL_WORLD_SIZE)
+  FLOWOPD_GENEVAL_URL, FLOWOPD_DEQA_URL, FLOWOPD_REWARD_TIMEOUT (seconds a server may take per batch)
 
 Optional dependencies: rapidocr + onnxruntime for ocr; transformers for pickscore/aesthetic.
 """
 
+import concurrent.futures
 import io
 import os
 import pickle
@@ -66,15 +83,33 @@ def _embedding(output):
     return output if torch.is_tensor(output) else output.pooler_output
 
 
-def _from_pretrained(cls, path, reward, option):
+def _from_pretrained(cls, path, reward, option, env):
     """from_pretrained with one clear line when the weights are not there (offline, wrong path)."""
+    how = f"download it once and pass {option}=/path/to/local/copy or set {env}"
+    if os.path.isabs(path) or path.startswith((".", "~")):  # meant as a folder, not a hub id
+        path = os.path.expanduser(path)
+        if not os.path.isdir(path):  # say so, rather than transformers' "not a valid repo id"
+            raise RuntimeError(f"{reward} reward: cannot load {cls.__name__} from '{path}': no such folder; {how}")
     try:
         return cls.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise RuntimeError(
-            f"{reward} reward: cannot load {cls.__name__} from '{path}' ({type(e).__name__}; offline or "
-            f"not a local copy): download it once and pass {option}=/path/to/local/copy"
-        ) from None
+        raise RuntimeError(f"{reward} reward: cannot load {cls.__name__} from '{path}' ({type(e).__name__}; "
+                           f"offline or not a local copy): {how}") from None
+
+
+def _scorer_dtype(device):
+    """The dtype a CLIP scorer runs in on `device`: float16 on CUDA (half the memory next to the policy,
+    tensor cores), float32 elsewhere (CPU half precision is slow)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _resolve_device(device):
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        # "cuda" means the rank's current device, but a scorer may run on BatchScorer's thread, whose
+        # current device is cuda:0 whatever torch.cuda.set_device the rank called: pin the index now
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 # -----------------------------------------------------------------------------
@@ -106,9 +141,37 @@ def ocr_reward_from_text(recognised: str, prompt: str) -> float:
     return 1.0 - min(dist, len(target)) / len(target)
 
 
+def _available_cores():
+    """The cores this process may run on (a Slurm or taskset mask may give it fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _ocr_threads(threads=None):
+    """onnxruntime's threads for this process: threads=, else FLOWOPD_OCR_THREADS, else this process's
+    share of the cores. onnxruntime's default is a thread per core in every process, so the 8 ranks
+    torchrun starts on a node (LOCAL_WORLD_SIZE) would each spawn one per core and fight over them."""
+    source = "threads="
+    if threads is None and os.environ.get("FLOWOPD_OCR_THREADS"):
+        threads, source = os.environ["FLOWOPD_OCR_THREADS"], "FLOWOPD_OCR_THREADS"
+    if threads is None:
+        return max(1, _available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    if isinstance(threads, str) and threads.strip().isdigit():
+        threads = int(threads)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise SystemExit(f"error: ocr reward: {source} must be a whole number of threads >= 1, got {threads!r}")
+    # more threads than cores only oversubscribe them (and rapidocr ignores a count above os.cpu_count(),
+    # which would bring back onnxruntime's thread per core)
+    return min(threads, _available_cores())
+
+
 class _OcrScorer:
-    def __init__(self, text_score=0.5):
+    """rapidocr 3 on the CPU. threads: onnxruntime's intra-op threads (see _ocr_threads)."""
+
+    ENV = ("FLOWOPD_OCR_THREADS", "LOCAL_WORLD_SIZE")  # read when built: part of the cache key
+
+    def __init__(self, text_score=0.5, threads=None):
         self.text_score = text_score  # rapidocr's (and PaddleOCR's) confidence cut for a text line
+        self.threads = _ocr_threads(threads)
         self.engine = None
 
     def _load(self):
@@ -117,8 +180,11 @@ class _OcrScorer:
         except ImportError:
             raise ImportError("ocr reward needs rapidocr 3 and onnxruntime: "
                               "pip install 'rapidocr>=3,<4' onnxruntime") from None
-        # no angle classifier, as Flow-GRPO's PaddleOCR(use_angle_cls=False); quiet logger
-        params = {"Global.log_level": "critical", "Global.use_cls": False, "Global.text_score": self.text_score}
+        # no angle classifier, as Flow-GRPO's PaddleOCR(use_angle_cls=False); quiet logger. onnxruntime's
+        # default sequential executor runs one node at a time, so its inter-op pool would only sit idle.
+        params = {"Global.log_level": "critical", "Global.use_cls": False, "Global.text_score": self.text_score,
+                  "EngineConfig.onnxruntime.intra_op_num_threads": self.threads,
+                  "EngineConfig.onnxruntime.inter_op_num_threads": 1}
         self.engine = RapidOCR(params=params)
 
     def __call__(self, images, prompts, metadata):
@@ -144,31 +210,54 @@ class _OcrScorer:
 # CLIP scorers: PickScore and the LAION aesthetic predictor
 
 
+def _torch_dtype(dtype, device):
+    if dtype is None:
+        return _scorer_dtype(device)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 class _PickScore:
-    def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                 device="cpu"):
-        self.model_path, self.processor_path, self.device = model, processor, device
+    """PickScore_v1: logit_scale * cos(image, text) / 26.
+
+    model / processor: a hub id or a local folder; else FLOWOPD_PICKSCORE_MODEL / FLOWOPD_PICKSCORE_PROCESSOR;
+    else the hub ids (from the Hugging Face cache when offline). A path (absolute, or starting with . or ~)
+    that is no folder fails with one line. device: where the CLIP runs; dtype: its precision (default
+    float16 on CUDA, float32 elsewhere; "float32" on CUDA is Flow-GRPO's choice, at twice the memory).
+    The cosine and the logit scale stay in float32 either way."""
+
+    ENV = ("FLOWOPD_PICKSCORE_MODEL", "FLOWOPD_PICKSCORE_PROCESSOR")  # read when built: part of the cache key
+
+    def __init__(self, model=None, processor=None, device="cpu", dtype=None):
+        self.model_path = os.fspath(model or os.environ.get("FLOWOPD_PICKSCORE_MODEL") or "yuvalkirstain/PickScore_v1")
+        self.processor_path = os.fspath(processor or os.environ.get("FLOWOPD_PICKSCORE_PROCESSOR")
+                                        or "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+        self.device = torch.device(device)
+        self.dtype = _torch_dtype(dtype, self.device)
         self.model = None
 
     def _load(self):
         from transformers import CLIPModel, CLIPProcessor
 
-        self.processor = _from_pretrained(CLIPProcessor, self.processor_path, "pickscore", "processor")
-        self.model = _from_pretrained(CLIPModel, self.model_path, "pickscore", "model").eval().to(self.device)
+        self.processor = _from_pretrained(CLIPProcessor, self.processor_path, "pickscore", "processor",
+                                          "FLOWOPD_PICKSCORE_PROCESSOR")
+        model = _from_pretrained(CLIPModel, self.model_path, "pickscore", "model", "FLOWOPD_PICKSCORE_MODEL")
+        # exp(logit_scale) taken before the cast: float16 would round PickScore's ~100 by up to 0.2 %
+        self.logit_scale = model.logit_scale.detach().float().exp().item()
+        self.model = model.eval().to(self.device, self.dtype)
 
     @torch.no_grad()
     def __call__(self, images, prompts, metadata):
         if self.model is None:
             self._load()
-        image_in = self.processor(images=_to_pil(images), return_tensors="pt").to(self.device)
+        pixels = self.processor(images=_to_pil(images), return_tensors="pt")["pixel_values"]
         text_in = self.processor(text=list(prompts), padding=True, truncation=True, max_length=77,
-                                 return_tensors="pt").to(self.device)
-        image_emb = _embedding(self.model.get_image_features(**image_in))
-        text_emb = _embedding(self.model.get_text_features(**text_in))
+                                 return_tensors="pt").to(self.device)  # token ids: moved, never cast
+        image_emb = _embedding(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
+        text_emb = _embedding(self.model.get_text_features(**text_in)).float()
         image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
         text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
         # the diagonal of PickScore's logits: each image against its own prompt
-        return self.model.logit_scale.exp() * (image_emb * text_emb).sum(-1) / PICKSCORE_SCALE
+        return self.logit_scale * (image_emb * text_emb).sum(-1) / PICKSCORE_SCALE
 
 
 class AestheticMLP(torch.nn.Module):
@@ -193,7 +282,7 @@ def load_state(path):
     """A state dict from .safetensors or a torch .pth/.pt file."""
     if not os.path.exists(path):
         raise RuntimeError(f"aesthetic reward: no MLP weights at '{path}': "
-                           "pass mlp=/path/to/sac+logos+ava1-l14-linearMSE.pth")
+                           "pass mlp=/path/to/sac+logos+ava1-l14-linearMSE.pth or set FLOWOPD_AESTHETIC_MLP")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -202,9 +291,20 @@ def load_state(path):
 
 
 class _Aesthetic:
-    def __init__(self, clip="openai/clip-vit-large-patch14", mlp=None, device="cpu"):
-        self.clip_path, self.device = clip, device
+    """The LAION improved-aesthetic predictor: its MLP on unit CLIP ViT-L/14 image embeddings.
+
+    clip: a hub id or a local folder, else FLOWOPD_AESTHETIC_CLIP, else openai/clip-vit-large-patch14 (from
+    the Hugging Face cache when offline). mlp: the predictor's weights (.pth or .safetensors), else
+    FLOWOPD_AESTHETIC_MLP. device / dtype: as PickScore's (float16 CLIP on CUDA); the MLP, a few MB whose
+    output is the score itself, runs in float32."""
+
+    ENV = ("FLOWOPD_AESTHETIC_CLIP", "FLOWOPD_AESTHETIC_MLP")  # read when built: part of the cache key
+
+    def __init__(self, clip=None, mlp=None, device="cpu", dtype=None):
+        self.clip_path = os.fspath(clip or os.environ.get("FLOWOPD_AESTHETIC_CLIP") or "openai/clip-vit-large-patch14")
         self.mlp_path = mlp or os.environ.get("FLOWOPD_AESTHETIC_MLP")
+        self.device = torch.device(device)
+        self.dtype = _torch_dtype(dtype, self.device)
         self.model = None
 
     def _load(self):
@@ -216,16 +316,17 @@ class _Aesthetic:
         state = load_state(os.fspath(self.mlp_path))
         self.mlp = AestheticMLP(state["layers.0.weight"].shape[1])
         self.mlp.load_state_dict(state)
-        self.mlp.eval().to(self.device)
-        self.processor = _from_pretrained(CLIPImageProcessor, self.clip_path, "aesthetic", "clip")
-        self.model = _from_pretrained(CLIPModel, self.clip_path, "aesthetic", "clip").eval().to(self.device)
+        self.mlp.eval().to(self.device, torch.float32)
+        where = (self.clip_path, "aesthetic", "clip", "FLOWOPD_AESTHETIC_CLIP")
+        self.processor = _from_pretrained(CLIPImageProcessor, *where)
+        self.model = _from_pretrained(CLIPModel, *where).eval().to(self.device, self.dtype)
 
     @torch.no_grad()
     def __call__(self, images, prompts, metadata):
         if self.model is None:
             self._load()
-        pixels = self.processor(images=_to_pil(images), return_tensors="pt")["pixel_values"].to(self.device)
-        embed = _embedding(self.model.get_image_features(pixel_values=pixels))
+        pixels = self.processor(images=_to_pil(images), return_tensors="pt")["pixel_values"]
+        embed = _embedding(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
         embed = embed / embed.norm(dim=-1, keepdim=True)  # the predictor was trained on unit embeddings
         return self.mlp(embed).squeeze(-1)
 
@@ -237,10 +338,12 @@ class _Aesthetic:
 # "meta_datas" (the prompt's GenEval metadata dicts) and "only_strict"; the 200 reply is a pickled
 # dict, a 500 reply the server's traceback as text. Pickle is the protocol, and pickle.loads calls whatever
 # the reply names (anyone answering at the URL could run code in the training job), so replies are read
-# by _PlainUnpickler: plain data only. Requests that fail in passing are retried (RETRY_ATTEMPTS).
+# by _PlainUnpickler: plain data only. Requests that fail in passing (no connection, a dropped one, a 5xx)
+# are retried (RETRY_ATTEMPTS); one that times out is not: the server is still working on it.
 
 RETRY_ATTEMPTS = 4  # a restarting server or a dropped connection usually recovers within seconds ...
 RETRY_DELAY = 0.5   # ... so wait 0.5 s, 1 s, 2 s between attempts (tests set this to 0)
+REMOTE_TIMEOUT = 120.0  # seconds a server may stay silent on one batch (FLOWOPD_REWARD_TIMEOUT), as Flow-GRPO's
 
 # The servers reply with lists of Python floats (plain opcodes, no globals); a fork built on numpy may send
 # numpy arrays or scalars, which pickle through exactly these globals. numpy 2 renamed numpy.core to
@@ -285,7 +388,7 @@ def _plain_loads(body, where):
 
 
 class _Transient(Exception):
-    """A failure that may pass (connection refused or reset, timeout, HTTP 5xx): worth another attempt."""
+    """A failure that may pass (connection refused or reset, HTTP 5xx): worth another attempt."""
 
 
 def _jpeg_bytes(images):
@@ -298,26 +401,38 @@ def _jpeg_bytes(images):
 
 
 class _RemoteScorer:
-    def __init__(self, kind, url=None, host=None, port=None, timeout=120.0, batch_size=REMOTE_BATCH):
+    """timeout: seconds the server may stay silent on one batch, else FLOWOPD_REWARD_TIMEOUT, else 120."""
+
+    def __init__(self, kind, url=None, host=None, port=None, timeout=None, batch_size=REMOTE_BATCH):
         env, default = DEFAULT_URLS[kind]
         if host is not None or port is not None:
             url = f"http://{host or '127.0.0.1'}:{port or default.rsplit(':', 1)[1]}"
         self.kind, self.url = kind, url or os.environ.get(env) or default
-        self.timeout, self.batch_size = timeout, batch_size
+        if timeout is None:
+            timeout = os.environ.get("FLOWOPD_REWARD_TIMEOUT") or REMOTE_TIMEOUT
+        try:
+            self.timeout = float(timeout)
+        except ValueError:
+            self.timeout = float("nan")
+        if not self.timeout > 0:
+            raise SystemExit(f"error: {kind} reward: the timeout must be a number of seconds > 0 (timeout=... or "
+                             f"FLOWOPD_REWARD_TIMEOUT), got {timeout!r}")
+        self.batch_size = batch_size
 
     def post(self, payload):
         """Send one batch; return the reply parsed as plain data. Transient failures are retried with
-        exponential backoff; a 4xx or an unreadable reply will not change on retry, so it fails at once."""
-        data = pickle.dumps(payload)
+        exponential backoff; a 4xx or an unreadable reply will not change on retry, so it fails at once,
+        and so does a timeout (see _send)."""
+        data, n_images = pickle.dumps(payload), len(payload["images"])
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             try:
-                return _plain_loads(self._send(data), f"{self.kind} reward server at {self.url}")
+                return _plain_loads(self._send(data, n_images), f"{self.kind} reward server at {self.url}")
             except _Transient as e:
                 if attempt == RETRY_ATTEMPTS:
                     raise RuntimeError(f"{e} [{RETRY_ATTEMPTS} attempts]") from None
                 time.sleep(RETRY_DELAY * 2 ** (attempt - 1))
 
-    def _send(self, data):
+    def _send(self, data, n_images):
         request = urllib.request.Request(self.url, data=data, method="POST",
                                          headers={"Content-Type": "application/octet-stream"})
         try:
@@ -329,7 +444,16 @@ class _RemoteScorer:
             if e.code < 500:  # the request itself is wrong: sending it again cannot help
                 raise RuntimeError(failure) from None
             raise _Transient(failure) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        except TimeoutError:
+            # urllib wraps what fails while connecting and sending in a URLError (below), so a bare timeout
+            # comes after the whole request went out: the server has the batch and is busy with it (a
+            # queue of 8 ranks x nodes). Sending it again would queue a second copy behind the first.
+            raise SystemExit(
+                f"error: {self.kind} reward server at {self.url} sent no answer to a batch of {n_images} images "
+                f"within the {self.timeout:g} s timeout; not resent, as it may still be working on it: raise the "
+                f"timeout (FLOWOPD_REWARD_TIMEOUT=<seconds> or timeout=...) or send smaller batches (batch_size=...)"
+            ) from None
+        except (urllib.error.URLError, ConnectionError) as e:  # no connection, or it dropped: retried
             reason = getattr(e, "reason", e)
             raise _Transient(f"{self.kind} reward server unreachable at {self.url} ({reason}): start it "
                              f"(yifan123/reward-server) or pass url=... / set {DEFAULT_URLS[self.kind][0]}") from None
@@ -405,8 +529,13 @@ def _tiny_scorer(name, field="scores"):
     return score
 
 
-def get_reward(name: str, world: str = "sd3", **options):
-    """A reward function fn(images (B,3,H,W) in [0,1], prompts, metadata=None) -> float32 (B,) on CPU."""
+_ON_DEVICE = ("pickscore", "aesthetic")  # the sd3 scorers that take a device; OCR and the HTTP clients ignore it
+
+
+def get_reward(name: str, world: str = "sd3", device=None, **options):
+    """A reward function fn(images (B,3,H,W) in [0,1], prompts, metadata=None) -> float32 (B,) on CPU.
+    device: where a model-backed scorer (pickscore, aesthetic) runs, in float16 on CUDA; None = the CPU.
+    The other rewards ignore it, so a stage may pass its device to every reward. fn.scorer is the scorer."""
     if world == "tiny":
         if name not in TINY_REWARDS:
             raise ValueError(f"unknown reward {name!r} for world 'tiny'; known: {', '.join(TINY_REWARDS)}")
@@ -417,12 +546,15 @@ def get_reward(name: str, world: str = "sd3", **options):
     elif world == "sd3":
         if name not in _SD3_SCORERS:
             raise ValueError(f"unknown reward {name!r} for world 'sd3'; known: {', '.join(SD3_REWARDS)}")
+        cls = _SD3_SCORERS[name]
+        if name in _ON_DEVICE and device is not None:
+            options = dict(options, device=_resolve_device(device))
         if name in ("geneval", "deqa"):  # HTTP clients hold no model: a fresh one reads the env now
-            scorer = _SD3_SCORERS[name](**options)
-        else:
-            key = (name, repr(sorted(options.items())))
+            scorer = cls(**options)
+        else:  # a scorer reads its environment variables when built: another value, another scorer
+            key = (name, repr(sorted(options.items())), tuple(os.environ.get(v) for v in cls.ENV))
             if key not in _CACHE:
-                _CACHE[key] = _SD3_SCORERS[name](**options)  # cheap: the model loads on the first call
+                _CACHE[key] = cls(**options)  # cheap: the model loads on the first call
             scorer = _CACHE[key]
     else:
         raise ValueError(f"unknown world {world!r}; known: tiny, sd3")
@@ -435,7 +567,7 @@ def get_reward(name: str, world: str = "sd3", **options):
             return scores.detach().float().cpu().reshape(len(images))
         return torch.as_tensor(np.asarray(scores, dtype=np.float32)).reshape(len(images))
 
-    reward.name = name
+    reward.name, reward.scorer = name, scorer
     return reward
 
 
@@ -455,15 +587,15 @@ def parse_weights(spec: str) -> dict:
     return weights
 
 
-def combined_reward(spec: str, world: str = "sd3", **options):
+def combined_reward(spec: str, world: str = "sd3", device=None, **options):
     """Weighted sum of rewards, e.g. 'pickscore:1,deqa:0.2'. Options are per reward name:
-    combined_reward('ocr,pickscore', 'sd3', pickscore=dict(model=path)).
+    combined_reward('ocr,pickscore', 'sd3', device, pickscore=dict(model=path)); device as get_reward's.
     Returns fn(images, prompts, metadata=None) -> (total (B,), {name: unweighted (B,)})."""
     weights = parse_weights(spec)
     stray = set(options) - set(weights)
     if stray:
         raise ValueError(f"options for rewards not in {spec!r}: {sorted(stray)}")
-    fns = {name: get_reward(name, world, **options.get(name, {})) for name in weights}
+    fns = {name: get_reward(name, world, device, **options.get(name, {})) for name in weights}
 
     def reward(images, prompts, metadata=None):
         parts = {name: fn(images, prompts, metadata) for name, fn in fns.items()}
@@ -488,6 +620,71 @@ def score_by_task(reward_fns, images, prompts, metadata, tasks):
             meta = [metadata[i] for i in rows] if metadata is not None else None
             scores[rows] = fn(images[rows], [prompts[i] for i in rows], meta)
     return scores
+
+
+# -----------------------------------------------------------------------------
+# scoring in the background: Flow-GRPO scores batch k while it samples batch k+1
+
+_WORKER = None  # the one thread every BatchScorer shares, started on first use
+
+
+def _worker():
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
+    return _WORKER
+
+
+class BatchScorer:
+    """Scores each sampled batch on a background thread while the caller samples the next one.
+
+        scorer = BatchScorer(task_reward)                  # {task: reward fn} (routed by tasks), or one reward fn
+        for each batch: scorer.submit(images, prompts, metadata, tasks)   # returns at once
+        scores = scorer.result()                           # float32 (N,) on CPU, in submission order
+
+    The values are those of one call on all the batches at once: every scorer here scores each image on
+    its own (a CLIP scorer's batched matrix products may round the last bit differently). One thread
+    serves every BatchScorer, a batch at a time in submission order: the scorers load their models
+    lazily and are not thread-safe. What overlaps sampling is the scoring's CPU and network
+    time (PIL conversion, OCR, the reward servers); a CUDA scorer's kernels go to the same default stream
+    as the sampler's, so on the GPU they take turns. The images are read later: do not write into them."""
+
+    def __init__(self, reward_fn):
+        self.reward_fn = reward_fn
+        self.futures = []
+
+    def submit(self, images, prompts, metadata=None, tasks=None):
+        """Queue one batch; returns its concurrent.futures.Future (the batch's float32 (B,) scores)."""
+        routed = isinstance(self.reward_fn, dict)
+        if routed != (tasks is not None):
+            raise ValueError("BatchScorer: pass tasks with a {task: reward fn} dict, and only then")
+        # copies: the caller may reuse its lists for the next batch
+        metadata, tasks = [None if xs is None else list(xs) for xs in (metadata, tasks)]
+        future = _worker().submit(self._score, images, list(prompts), metadata, tasks)
+        self.futures.append(future)
+        return future
+
+    def _score(self, images, prompts, metadata, tasks):
+        if tasks is not None:
+            scores = score_by_task(self.reward_fn, images, prompts, metadata, tasks)
+        else:
+            scores = self.reward_fn(images, prompts, metadata)
+        scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
+        assert len(scores) == len(images), f"{len(scores)} scores for {len(images)} images"
+        return scores
+
+    def result(self):
+        """Wait for every batch submitted since the last result(); their scores concatenated, float32 (N,) on
+        CPU. A scorer's exception is raised here (the first batch's, in order); the batches queued behind
+        it are dropped, and the scorer is empty again either way."""
+        futures, self.futures = self.futures, []
+        try:
+            scores = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()  # those not started yet: their scores would be thrown away
+            raise
+        return torch.cat(scores) if scores else torch.zeros(0)
 
 
 # -----------------------------------------------------------------------------

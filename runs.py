@@ -375,8 +375,13 @@ def set_rng_state(state):
     random.setstate((3, tuple(json.loads(state["python"])), None))
 
 
-def ema_update(ema, params, decay):
-    """Exponential moving average of the trainable weights (Flow-GRPO: decay 0.9, every 8 steps)."""
+def ema_update(ema, params, decay, step=None):
+    """Exponential moving average of the trainable weights (Flow-GRPO: decay 0.9, every 8 steps). With `step`
+    (the optimizer steps taken), Flow-GRPO's warm-up: the decay is min((1 + step) / (10 + step), decay), so
+    that the first updates are not dominated by the initial weights. Flow-GRPO calls its EMA once per
+    microbatch; here once per optimizer step, so that it does not depend on how many ranks share a step."""
+    if step is not None:
+        decay = min((1 + step) / (10 + step), decay)
     with torch.no_grad():
         for name, p in params.items():
             ema[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)

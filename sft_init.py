@@ -120,7 +120,7 @@ missing = [t for t in task_weights if t not in teacher_files]
 if missing:
     raise SystemExit(f"error: tasks {missing} have no teacher in --teachers {sorted(teacher_files)}")
 for t in task_weights:
-    if teacher_files[t] != "base" and not os.path.isfile(teacher_files[t]):
+    if teacher_files[t] != "base" and not os.path.exists(teacher_files[t]):  # a LoRA file or a PEFT folder
         raise SystemExit(f"error: teacher file {teacher_files[t]} (task {t}) does not exist")
 if cfg.best_of < 1 or cfg.prompts_per_task < 1:
     raise SystemExit("error: --best-of and --prompts-per-task must be >= 1")
@@ -215,7 +215,7 @@ for s in tqdm(mine, desc="teacher samples", disable=not dist.master):
     transformer.eval()
     with worlds.adapter(transformer, name):
         traj = sde.sample(world, cand_prompts, sample_steps, guidance, cfg.sample_noise_level, seeds=seeds, batch_size=cfg.sample_batch)
-    reward = rewards.get_reward(t, world.kind)(traj["images"], cand_prompts, cand_meta).view(n, cfg.best_of)  # (n, N)
+    reward = rewards.get_reward(t, world.kind, dist.device)(traj["images"], cand_prompts, cand_meta).view(n, cfg.best_of)  # (n, N)
     best = reward.argmax(dim=1)  # the first of equal rewards
     x0 = traj["latents"][:, -1].view(n, cfg.best_of, *world.latent_shape)[torch.arange(n), best]  # (n, C, h, w)
     info = dict(key=keys[t], prompts=prompts, metadata=metadata, ids=ids,
@@ -291,6 +291,7 @@ if state is not None:
     start_step = state["step"]
     if dist.master:
         print(f"resumed from {out} at step {start_step}")
+runs.agree_across_ranks(dist, f"{out} (the resumed step and weights)", [start_step], params)  # a node-local --out fails here
 
 
 def draw(step, positions):
@@ -404,7 +405,7 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
                        label=lambda i: f"item {int(ids[i])}, prompt {prompts_all[int(ids[i])]!r}")
     optimizer.step()
     if (step + 1) % cfg.ema_every == 0:
-        runs.ema_update(ema, params, cfg.ema_decay)
+        runs.ema_update(ema, params, cfg.ema_decay, step=step + 1)
 
     # 4. Log (global means over ranks), probe, checkpoints
     stats["loss"].append(runs.gather_cat(torch.cat(losses), dist).mean().item())

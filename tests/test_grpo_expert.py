@@ -163,3 +163,27 @@ def test_kl_outside_holds_the_steps_the_window_leaves_free(tmp_path):
     assert all(h < 0.85 * f for h, f in zip(held[1:], free[1:]))
     assert_one_error_line("at most the 2 trained steps outside it", "grpo_expert.py", *more, "--kl-outside", "3", "--out", tmp_path / "bad")
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_grpo_mix_alternates_whole_epochs_3_1_1_at_the_official_beta(tmp_path):
+    """The paper's GRPO-Mix: each epoch draws one task's prompts and scores them with that task's reward, in the
+    ratio 3:1:1 (GenEval, GenEval, GenEval, OCR, PickScore, ...); beta 0.04 (the official mix config)."""
+    run_script("grpo_expert.py", "--task", "geneval:3,ocr:1,pickscore:1", "--reward", "deqa:1", "--epochs", "6",
+               "--updates-per-epoch", "1", "--out", tmp_path, *FAST)
+    log = read_log(tmp_path)
+    tasks = [[k.removeprefix("reward_") for k in r if k.startswith("reward_")] for r in log]
+    assert tasks == [["geneval"]] * 3 + [["ocr"], ["pickscore"], ["geneval"]], tasks
+    assert json.load(open(tmp_path / "config.json"))["beta"] == 0.04
+    assert_one_error_line("whole numbers", "grpo_expert.py", "--task", "geneval:1.5,ocr:1", "--out", tmp_path / "x", *FAST)
+
+
+def test_prompts_apart_from_the_reward(tmp_path):
+    """--prompts geneval,ocr --reward deqa:1: the two tasks' prompts, scored by DeQA alone (the paper's DeQA teacher is
+    this with three datasets and 0.4 DeQA + 0.6 PickScore)."""
+    run_script("grpo_expert.py", "--prompts", "geneval,ocr", "--mix", "prompts", "--reward", "deqa:1", "--epochs", "1",
+               "--updates-per-epoch", "1", "--out", tmp_path, *FAST)
+    (record,) = read_log(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["beta"] == 0.01 and {"reward_geneval", "reward_ocr"} <= set(record)  # prompts of both, DeQA's beta
+    assert 0 < record["reward"] < 1 and "reward_deqa" not in record
+    assert_one_error_line("--reward is empty", "grpo_expert.py", "--prompts", "geneval", "--out", tmp_path / "y", *FAST)

@@ -224,3 +224,27 @@ def test_anchor_routed_to_itself_is_not_called_twice(tmp_path, teachers):
 def test_bad_distil_steps_is_one_line(tmp_path, k, says):
     assert_one_error_line(says, "opd.py", "--distil-steps", k, "--out", tmp_path, *FAST)  # S = floor(3 x 0.99) = 2
     assert not os.path.exists(tmp_path / "adapter.safetensors")
+
+
+def test_official_weighting_scales_each_step_kl_by_dt():
+    """--kl-dt-factor: the official OPD's step KL is |dt| w(t) ||v_s - v_T||^2 (its std has no sqrt|dt|)."""
+    v, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    exact, kl = sde.opd_loss("direct", v, t, None, None, None, 0.8, 0.6, 0.7, 1e-4, 5.0)
+    official, kl_dt = sde.opd_loss("direct", v, t, None, None, None, 0.8, 0.6, 0.7, 1e-4, 5.0, kl_scale=0.2)
+    torch.testing.assert_close(official, 0.2 * exact)
+    torch.testing.assert_close(kl_dt, 0.2 * kl)
+
+
+@needs_base
+def test_kl_dt_factor_and_skip_zero_advantage_in_the_script(tmp_path, teachers):
+    _, spec = teachers
+    args = ["--task", "geneval:1,ocr:1", "--teachers", spec, "--epochs", "1", "--updates-per-epoch", "1", *FAST]
+    run_script("opd.py", "--out", tmp_path / "exact", *args)
+    run_script("opd.py", "--kl-dt-factor", "--out", tmp_path / "dt", *args)
+    (exact,), (dt,) = read_log(tmp_path / "exact"), read_log(tmp_path / "dt")
+    assert 0 < dt["kl"] < 0.5 * exact["kl"]  # every |dt| < 0.5 at T = 3: each step's KL shrinks by its |dt|
+    assert_one_error_line("needs the task rewards", "opd.py", "--skip-zero-advantage", "--out", tmp_path / "x", *args)
+    fast = [a for a in args if a != "--no-score"]
+    run_script("opd.py", "--skip-zero-advantage", "--out", tmp_path / "skip", *fast)
+    (skip,) = read_log(tmp_path / "skip")
+    assert 0 <= skip["trained"] <= 1 and exact["trained"] == 1  # the share of samples distilled

@@ -1,7 +1,8 @@
 """
 The GenEval / DeQA clients against a real HTTP server on 127.0.0.1 that imitates yifan123/reward-server
 (issue #17): honest replies give the right scores, a reply that names a callable is refused before it
-runs, transient failures are retried with backoff, a 4xx and garbage are not. Every call goes through
+runs, transient failures are retried with backoff, a 4xx and garbage are not, and a timeout is not resent
+to a server that may still be working on the batch (issue #26). Every call goes through
 rewards.get_reward(task, "sd3") with the URL in the environment, as the stages call it.
 """
 
@@ -175,7 +176,7 @@ UNAVAILABLE = (503, b"Service Unavailable: the worker is restarting")
 
 @pytest.mark.parametrize("failures", [
     [UNAVAILABLE, UNAVAILABLE],
-    ["drop", "slow", UNAVAILABLE],  # a reset connection, a timeout, a 5xx: one of each, then an answer
+    ["drop", UNAVAILABLE, "drop"],  # reset connections and a 5xx, then an answer (a timeout: below)
 ])
 def test_transient_failures_are_retried(monkeypatch, sleeps, failures):
     with reward_server(failures + [lambda payload: ok(geneval_reply(payload))]) as (requests, url):
@@ -223,3 +224,53 @@ def test_a_4xx_is_not_retried(monkeypatch, sleeps):
     message = one_error_line(e)
     assert f"geneval reward server at {url} failed (HTTP 400): KeyError: 'meta_datas'" in message
     assert "attempts" not in message and len(requests) == 1 and sleeps == []
+
+
+# -----------------------------------------------------------------------------
+# (e) a timeout is not resent: the server got the batch and may still be working on it
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_a_timeout_is_not_resent(monkeypatch, sleeps, how):
+    with reward_server(["slow"]) as (requests, url):  # silent for 1 s, past the client's 0.25 s
+        monkeypatch.setenv("FLOWOPD_GENEVAL_URL", url)
+        if how == "env":
+            monkeypatch.setenv("FLOWOPD_REWARD_TIMEOUT", "0.25")
+        options = dict(timeout=0.25) if how == "option" else {}
+        reward = get_reward("geneval", "sd3", batch_size=2, **options)
+        with pytest.raises(SystemExit) as e:
+            reward(torch.rand(3, 3, 8, 8), ["p"] * 3, METADATA + METADATA[:1])
+    message = one_error_line(e)
+    assert message.startswith(f"error: geneval reward server at {url} sent no answer to a batch of 2 images "
+                              "within the 0.25 s timeout; not resent")
+    assert "FLOWOPD_REWARD_TIMEOUT=" in message and "timeout=" in message and "batch_size=" in message
+    assert len(requests) == 1 and sleeps == []  # neither resent nor the next batch sent
+
+
+def test_a_timeout_before_the_request_went_out_is_retried(monkeypatch, sleeps):
+    """urllib reports a connect (or send) timeout as a URLError: the server never had the batch, so the
+    client may try again; here the second attempt reaches the server."""
+    real_urlopen = rewards.urllib.request.urlopen
+    attempts = []
+
+    def connect_times_out_once(request, timeout):
+        attempts.append(timeout)
+        if len(attempts) == 1:
+            raise rewards.urllib.error.URLError(TimeoutError("timed out"))
+        return real_urlopen(request, timeout=timeout)
+
+    with reward_server([ok({"outputs": [0.9, 0.7]})]) as (requests, url):
+        monkeypatch.setenv("FLOWOPD_DEQA_URL", url)
+        monkeypatch.setattr(rewards.urllib.request, "urlopen", connect_times_out_once)
+        r = get_reward("deqa", "sd3", timeout=5)(IMAGES, ["p", "q"])
+    assert torch.allclose(r, torch.tensor([0.9, 0.7]))
+    assert attempts == [5.0, 5.0] and len(requests) == 1 and sleeps == backoff(1)
+
+
+def test_a_bad_timeout_is_one_error(monkeypatch):
+    monkeypatch.setenv("FLOWOPD_REWARD_TIMEOUT", "two minutes")
+    with pytest.raises(SystemExit) as e:
+        get_reward("deqa", "sd3")
+    assert "FLOWOPD_REWARD_TIMEOUT" in one_error_line(e) and "'two minutes'" in str(e.value)
+    with pytest.raises(SystemExit, match="> 0"):
+        get_reward("geneval", "sd3", timeout=0)

@@ -129,6 +129,64 @@ def test_ocr_engine_on_rendered_text():
         get_reward("ocr")(images[:1], ["no quotes here"])
 
 
+class FakeRapidOCR:
+    """Records the params rapidocr is built with; reads no text."""
+
+    built = []
+
+    def __init__(self, params=None):
+        self.built.append(params)
+
+    def __call__(self, image):
+        return types.SimpleNamespace(txts=None)
+
+
+@pytest.mark.parametrize("cores, local_world, env, option, expected", [
+    (16, "8", None, None, 2),   # torchrun's 8 ranks on a node share its cores
+    (16, None, None, None, 16),  # one process: all of them
+    (4, "8", None, None, 1),    # more ranks than cores: still one
+    (16, "8", "3", None, 3),    # FLOWOPD_OCR_THREADS ...
+    (16, "8", "3", 1, 1),       # ... and the option, which wins
+    (16, "8", None, 64, 16),    # never more than the cores
+])
+def test_ocr_threads_per_rank(monkeypatch, cores, local_world, env, option, expected):
+    rapidocr = pytest.importorskip("rapidocr")
+    monkeypatch.setattr(rapidocr, "RapidOCR", FakeRapidOCR)
+    monkeypatch.setattr(rewards, "_CACHE", {})  # no fake engine may stay cached for the other tests
+    monkeypatch.setattr(rewards, "_available_cores", lambda: cores)
+    for name, value in [("LOCAL_WORLD_SIZE", local_world), ("FLOWOPD_OCR_THREADS", env)]:
+        monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
+    FakeRapidOCR.built.clear()
+    options = {} if option is None else dict(threads=option)
+    get_reward("ocr", "sd3", **options)(torch.ones(1, 3, 256, 256), ['say "hi"'])
+    [params] = FakeRapidOCR.built
+    assert params["EngineConfig.onnxruntime.intra_op_num_threads"] == expected
+    assert params["EngineConfig.onnxruntime.inter_op_num_threads"] == 1
+    assert params["Global.use_cls"] is False  # the rest as before
+
+
+def test_ocr_threads_reach_onnxruntime(monkeypatch):
+    """The keys are rapidocr 3's own (an unknown key would be stored and ignored): the detector's
+    onnxruntime session is built with the thread count (its default, 0, means a thread per core)."""
+    pytest.importorskip("rapidocr")
+    monkeypatch.setattr(rewards, "_CACHE", {})
+    monkeypatch.setattr(rewards, "_available_cores", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.delenv("FLOWOPD_OCR_THREADS", raising=False)
+    reward = get_reward("ocr", "sd3")
+    assert reward(torch.ones(1, 3, 256, 256), ['say "hi"'])[0] == 0.0  # a blank page: the detector runs alone
+    options = reward.scorer.engine.text_det.session.session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+
+
+def test_bad_ocr_threads_is_one_error(monkeypatch):
+    monkeypatch.setenv("FLOWOPD_OCR_THREADS", "all")
+    with pytest.raises(SystemExit, match="FLOWOPD_OCR_THREADS must be a whole number of threads >= 1, got 'all'"):
+        get_reward("ocr", "sd3")
+    with pytest.raises(SystemExit, match="threads= must be"):
+        get_reward("ocr", "sd3", threads=0)
+
+
 # -----------------------------------------------------------------------------
 # PickScore and aesthetic on a tiny random CLIP
 
@@ -194,6 +252,94 @@ def test_pickscore_missing_model_is_one_clear_error(tmp_path):
     missing = str(tmp_path / "no_such_model")
     with pytest.raises(RuntimeError, match=r"pickscore reward: cannot load .*no_such_model.*processor="):
         get_reward("pickscore", model=missing, processor=missing)(torch.rand(1, 3, 8, 8), ["x"])
+
+
+def test_scorer_dtype_is_half_on_cuda_only():
+    for cuda in ("cuda", "cuda:3", torch.device("cuda", 1)):
+        assert rewards._scorer_dtype(cuda) == torch.float16, cuda
+    for other in ("cpu", torch.device("cpu"), "meta"):
+        assert rewards._scorer_dtype(other) == torch.float32, other
+
+
+def _tiny_mlp(tmp_path):
+    torch.manual_seed(2)
+    mlp = rewards.AestheticMLP(16).eval()
+    torch.save(mlp.state_dict(), tmp_path / "mlp.pth")
+    return mlp, str(tmp_path / "mlp.pth")
+
+
+def test_clip_scorers_are_built_on_their_device(tiny_clip_dir, tmp_path, monkeypatch):
+    """The device given to get_reward is where the models load, in _scorer_dtype's precision; the meta
+    device stands in for a GPU (it holds shapes, no data). None keeps the CPU. combined_reward passes it on."""
+    clip, (_, mlp) = str(tiny_clip_dir), _tiny_mlp(tmp_path)
+    built = {}
+    for device in (None, "meta"):
+        pick = get_reward("pickscore", "sd3", device, model=clip, processor=clip).scorer
+        aes = get_reward("aesthetic", "sd3", device=device, clip=clip, mlp=mlp).scorer
+        for scorer in (pick, aes):
+            scorer._load()
+        built[device] = ({p.device.type for s in (pick, aes) for p in s.model.parameters()},
+                         {p.dtype for s in (pick, aes) for p in s.model.parameters()},
+                         {p.device.type for p in aes.mlp.parameters()})
+    assert built[None] == ({"cpu"}, {torch.float32}, {"cpu"})
+    assert built["meta"] == ({"meta"}, {torch.float32}, {"meta"})
+
+    calls = []
+    record = lambda name, world, device=None, **o: calls.append((name, world, device))  # noqa: E731
+    monkeypatch.setattr(rewards, "get_reward", record)
+    combined_reward("pickscore,ocr", "sd3", "cuda:1", pickscore=dict(model=clip))
+    assert calls == [("pickscore", "sd3", "cuda:1"), ("ocr", "sd3", "cuda:1")]
+
+
+def test_clip_scorers_in_half_precision(tiny_clip_dir, tmp_path, monkeypatch):
+    """What CUDA gets (float16 CLIP), run on the CPU: the inputs must be cast to the model's dtype, and the
+    scores come back as float32 on the CPU, close to the float32 ones (the cosine is taken in float32)."""
+    clip, (_, mlp) = str(tiny_clip_dir), _tiny_mlp(tmp_path)
+    torch.manual_seed(1)
+    images, prompts = torch.rand(3, 3, 40, 48), ["a red cube", "a photo of a dog", 'a sign that says "hi"']
+    full = [get_reward("pickscore", model=clip, processor=clip)(images, prompts),
+            get_reward("aesthetic", clip=clip, mlp=mlp)(images, prompts)]
+    monkeypatch.setattr(rewards, "_scorer_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(rewards, "_CACHE", {})
+    pick = get_reward("pickscore", "sd3", "cpu", model=clip, processor=clip)
+    aes = get_reward("aesthetic", "sd3", "cpu", clip=clip, mlp=mlp)
+    half = [pick(images, prompts), aes(images, prompts)]
+    assert {p.dtype for p in pick.scorer.model.parameters()} == {torch.float16}
+    assert {p.dtype for p in aes.scorer.model.parameters()} == {torch.float16}
+    assert {p.dtype for p in aes.scorer.mlp.parameters()} == {torch.float32}  # a few MB: kept in float32
+    for h, f in zip(half, full):
+        assert h.dtype == torch.float32 and h.device.type == "cpu" and h.shape == (3,)
+        assert torch.allclose(h, f, atol=5e-3) and not torch.equal(h, f), (h, f)  # really computed in half
+    # an explicit dtype wins (Flow-GRPO runs its CLIP scorers in float32 on CUDA)
+    explicit = get_reward("pickscore", "sd3", "cpu", dtype="float32", model=clip, processor=clip)
+    assert explicit.scorer.dtype == torch.float32
+
+
+def test_local_folders_from_the_environment(tiny_clip_dir, tmp_path, monkeypatch):
+    """Offline clusters: FLOWOPD_PICKSCORE_MODEL / _PROCESSOR and FLOWOPD_AESTHETIC_CLIP / _MLP name local
+    copies (HF_HUB_OFFLINE=1 here: the hub ids would fail); a folder that is not there is one clear line."""
+    clip, (_, mlp) = str(tiny_clip_dir), _tiny_mlp(tmp_path)
+    images, prompts = torch.rand(2, 3, 32, 32), ["a cat", "a dog"]
+    by_option = [get_reward("pickscore", model=clip, processor=clip)(images, prompts),
+                 get_reward("aesthetic", clip=clip, mlp=mlp)(images, prompts)]
+    for name, value in [("FLOWOPD_PICKSCORE_MODEL", clip), ("FLOWOPD_PICKSCORE_PROCESSOR", clip),
+                        ("FLOWOPD_AESTHETIC_CLIP", clip), ("FLOWOPD_AESTHETIC_MLP", mlp)]:
+        monkeypatch.setenv(name, value)
+    by_env = [get_reward("pickscore")(images, prompts), get_reward("aesthetic")(images, prompts)]
+    assert all(torch.equal(a, b) for a, b in zip(by_option, by_env))
+
+    missing = str(tmp_path / "no_such_folder")
+    monkeypatch.setenv("FLOWOPD_PICKSCORE_MODEL", missing)  # the processor still loads from its folder
+    with pytest.raises(RuntimeError) as e:
+        get_reward("pickscore")(images, prompts)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"pickscore reward: cannot load CLIPModel from '{missing}': "
+                                                       "no such folder;")
+    assert "model=" in message and "FLOWOPD_PICKSCORE_MODEL" in message
+    monkeypatch.setenv("FLOWOPD_AESTHETIC_CLIP", missing)
+    with pytest.raises(RuntimeError, match=r"aesthetic reward: cannot load CLIPImageProcessor\w* .*no such folder.*"
+                                           r"FLOWOPD_AESTHETIC_CLIP"):
+        get_reward("aesthetic")(images, prompts)
 
 
 def test_aesthetic_formula_pth_and_safetensors(tiny_clip_dir, tmp_path):
@@ -305,3 +451,71 @@ def test_remote_unreachable_is_one_clear_error(monkeypatch):
         get_reward("geneval", port=port, timeout=5)(torch.rand(1, 3, 8, 8), ["p"], [{"tag": "x"}])
     with pytest.raises(RuntimeError, match="deqa reward server unreachable"):
         get_reward("deqa", host="127.0.0.1", port=port, timeout=5)(torch.rand(1, 3, 8, 8), ["p"], None)
+
+
+# -----------------------------------------------------------------------------
+# BatchScorer: scoring batch k while batch k+1 is sampled
+
+
+def _tiny_batches():
+    """Three batches of the tiny world's four tasks, mixed (as a stage's sampled batches)."""
+    folder = Path(__file__).resolve().parents[1] / "prompts" / "tiny"
+    tasks = ["geneval", "ocr", "deqa", "pickscore"] * 3
+    prompts = [(folder / f"{t}_train.txt").read_text().splitlines()[i] for i, t in enumerate(tasks)]
+    torch.manual_seed(3)
+    images = torch.rand(len(tasks), 3, 32, 32)
+    return images, prompts, [{}] * len(tasks), tasks, [slice(0, 5), slice(5, 6), slice(6, 12)]
+
+
+def test_batch_scorer_equals_scoring_all_at_once():
+    images, prompts, metadata, tasks, batches = _tiny_batches()
+    task_reward = {t: get_reward(t, "tiny") for t in rewards.TINY_REWARDS}
+    scorer = rewards.BatchScorer(task_reward)
+    futures = [scorer.submit(images[b], prompts[b], metadata[b], tasks[b]) for b in batches]
+    scores = scorer.result()
+    expected = rewards.score_by_task(task_reward, images, prompts, metadata, tasks)
+    assert scores.dtype == torch.float32 and scores.device.type == "cpu"
+    assert torch.equal(scores, expected) and len(set(expected.tolist())) > 6, (scores, expected)  # in order
+    assert all(torch.equal(f.result(), expected[b]) for f, b in zip(futures, batches))
+    assert scorer.result().shape == (0,)  # result() empties it
+
+    # one reward function (no task routing) works the same way
+    pick = get_reward("pickscore", "tiny")
+    scorer = rewards.BatchScorer(pick)
+    for b in batches:
+        scorer.submit(images[b], prompts[b])
+    assert torch.equal(scorer.result(), pick(images, prompts))
+    with pytest.raises(ValueError, match="tasks"):
+        scorer.submit(images, prompts, metadata, tasks)  # routing needs a {task: fn} dict
+    with pytest.raises(ValueError, match="tasks"):
+        rewards.BatchScorer(task_reward).submit(images, prompts, metadata)
+
+
+def test_batch_scorer_runs_in_the_background_and_reraises():
+    import threading
+
+    release, threads = threading.Event(), []
+
+    def slow(images, prompts, metadata):  # stands in for OCR or a reward server
+        threads.append(threading.current_thread())
+        assert release.wait(5)
+        if "bad" in prompts:
+            raise ZeroDivisionError("scorer failed")
+        return images.flatten(1).mean(1)
+
+    scorer = rewards.BatchScorer(slow)
+    first = scorer.submit(torch.rand(2, 3, 4, 4), ["a", "b"])
+    assert not first.done()  # submit came back while the batch waits to be scored: sampling goes on
+    release.set()
+    assert scorer.result().shape == (2,) and threads[0] is not threading.current_thread()
+
+    for prompts in (["a"], ["bad"], ["c"]):
+        scorer.submit(torch.rand(1, 3, 4, 4), prompts)
+    with pytest.raises(ZeroDivisionError, match="scorer failed"):
+        scorer.result()
+    assert scorer.submit(torch.ones(1, 3, 4, 4), ["d"]) and torch.equal(scorer.result(), torch.ones(1))  # usable again
+    # SystemExit too (the reward-server clients' one-line errors): not swallowed by the worker thread
+    scorer = rewards.BatchScorer(lambda images, prompts, metadata: (_ for _ in ()).throw(SystemExit("error: x")))
+    scorer.submit(torch.ones(1, 3, 4, 4), ["e"])
+    with pytest.raises(SystemExit, match="error: x"):
+        scorer.result()

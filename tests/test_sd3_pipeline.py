@@ -165,9 +165,22 @@ def test_dry_run_prints_one_torchrun_line_per_gpu_stage(tmp_path):
         assert r.returncode == 0, r.stderr
         return r.stdout.splitlines()
 
-    order = STAGES[:6] + ["opd-merge", "sft-init", "opd-sft", "evaluate"]  # each cold start is followed by its OPD
-    gpu_stages = [s for s in order if s != "merge"]
+    # the paper's path: Flow-GRPO's released GenEval / OCR / PickScore teachers, the DeQA teacher trained on the three
+    # datasets' prompts with 0.4 DeQA + 0.6 PickScore, GRPO-Mix by epochs, both cold starts at r 32, then OPD from each
+    paper = ["grpo-deqa", "grpo-mix", "merge", "opd-merge", "sft-init", "opd-sft", "evaluate"]
     lines = dry("--nnodes", "4", "--nproc-per-node", "8", "--head", "node0", "/models/sd3.5m")
+    assert [l.removeprefix("== ") for l in lines if l.startswith("== ")] == paper
+    text = "\n".join(lines)
+    assert "geneval=results/sd3/released/SD3.5M-FlowGRPO-GenEval" not in text  # --out is tmp_path/o here
+    assert f"ocr={tmp_path / 'o'}/released/SD3.5M-FlowGRPO-Text" in text and "SD3.5M-FlowGRPO-PickScore" in text
+    assert "--prompts geneval,ocr,pickscore --reward deqa:0.4,pickscore:0.6" in text
+    assert "--task geneval:3,ocr:1,pickscore:1 --mix epochs --reward deqa:1" in text
+    assert "--method task-arithmetic --rank 32 --alpha 64" in text
+
+    order = ["grpo-geneval", "grpo-ocr", "grpo-pickscore", "grpo-deqa", "grpo-mix", "merge", "opd-merge", "sft-init",
+             "opd-sft", "evaluate"]  # --train-experts: every expert from scratch; each cold start followed by its OPD
+    gpu_stages = [s for s in order if s != "merge"]
+    lines = dry("--train-experts", "--nnodes", "4", "--nproc-per-node", "8", "--head", "node0", "/models/sd3.5m")
     assert [l.removeprefix("== ") for l in lines if l.startswith("== ")] == order
     launches = [l for l in lines if "torchrun" in l]
     assert len(launches) == len(gpu_stages)
@@ -177,7 +190,7 @@ def test_dry_run_prints_one_torchrun_line_per_gpu_stage(tmp_path):
     assert any(l.startswith(".venv/bin/python merge.py") or " merge.py " in l for l in lines if "torchrun" not in l)
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
-    one = [l for l in dry("--nproc-per-node", "2", "/models/sd3.5m") if "torchrun" in l]
+    one = [l for l in dry("--train-experts", "--nproc-per-node", "2", "/models/sd3.5m") if "torchrun" in l]
     assert len(one) == len(gpu_stages) and all(" --nnodes 1 --nproc_per_node 2 --standalone " in l for l in one)
 
     bad = subprocess.run(["bash", "reproduce_sd3.sh", "--dry-run", "--nnodes", "2", "/models/sd3.5m"], cwd=ROOT, env=ENV,
