@@ -93,6 +93,7 @@ SETTINGS = dict(
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
+    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no network); '' = log.jsonl only"),
 )
 cfg = runs.parse_settings(__doc__, SETTINGS)
 
@@ -205,6 +206,7 @@ if dist.master:
           f"trained steps {f'a window of {cfg.sde_window}' if cfg.sde_window else list(range(n_trained))} | "
           f"{cfg.updates_per_epoch * cfg.inner_epochs} optimizer steps/epoch | {sum(p.numel() for p in param_list):,} trainable params | beta {beta} | out {out}")
 
+track = runs.open_tracker(cfg.tracker, out, vars(cfg), dist)
 if start_epoch and dist.master:
     print(f"resumed from {out} at epoch {start_epoch}")
 
@@ -349,6 +351,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
         if cfg.kl_outside:
             record["kl_outside"] = mean("kl_outside")
         runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
+        track(record)
         tqdm.write(f"epoch {epoch + 1}: reward {record['reward']:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in per_task.items())
                    + f" | kl {record['kl']:.2e} clip {record['clipfrac']:.2f} ratio {record['ratio_mean']:.4f} | "
                    + " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))

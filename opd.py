@@ -107,6 +107,7 @@ SETTINGS = dict(
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
+    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no network); '' = log.jsonl only"),
 )
 cfg = runs.parse_settings(__doc__, SETTINGS)
 if cfg.opd_loss not in ("direct", "pg", "pg-sample"):
@@ -245,6 +246,7 @@ if dist.master:
           f"{f', a random {cfg.distil_steps} of them per sample' if cfg.distil_steps else ''} | "
           f"{sum(p.numel() for p in param_list):,} trainable params | out {out}")
 
+track = runs.open_tracker(cfg.tracker, out, vars(cfg), dist)
 if start_epoch and dist.master:
     print(f"resumed from {out} at epoch {start_epoch}")
 
@@ -395,6 +397,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                       trained=len(trained) / N, **{f"sec_{k}": v for k, v in timer.seconds.items()}, **runs.peak_memory(dist.device),
                       **{f"forwards_{k}": cfg_rows * v / max(n_local, 1) for k, v in dict(sampling=steps * n_local, **calls).items()})
         runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
+        track(record)
         tqdm.write(f"epoch {epoch + 1}: KL {record['kl']:.3e} " + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("reward_"))
                    + f" | MAR {record['mar']:.2e} | " + " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
         if cfg.grid_every and (epoch + 1) % cfg.grid_every == 0:

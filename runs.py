@@ -273,7 +273,7 @@ def agree_across_ranks(dist, what, numbers, tensors=None):
 
 # Settings that change how a run is carried out, not what it computes: a resume may change them.
 OPERATIONAL = ("out", "resume", "threads", "save_every", "grid_every", "log_every", "probe_every", "cache", "score",
-               "gradient_checkpointing")
+               "gradient_checkpointing", "tracker")
 
 
 def input_sha256(path):
@@ -395,6 +395,89 @@ def log_jsonl(path, record, echo=True):
         f.write(line + "\n")
     if echo:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+
+
+def open_tracker(kind, run_dir, config, dist):
+    """--tracker: also send every log.jsonl record to TensorBoard or Weights & Biases, from the master only.
+    Returns track(record) (a no-op for kind '' or on other ranks). The package is imported here, so that only
+    a run that asks for one needs it; both work offline (TensorBoard writes event files under
+    run_dir/tensorboard; wandb honours WANDB_MODE=offline and then writes under run_dir/wandb)."""
+    if not kind or not dist.master:
+        return lambda record: None
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("error: --tracker tensorboard needs the tensorboard package: pip install tensorboard") from None
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())))
+
+        def track(record):
+            step = record.get("epoch", record.get("step"))
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
+                    writer.add_scalar(k, v, step)
+            writer.flush()  # a crash loses nothing already logged, as log.jsonl
+        return track
+    if kind == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --tracker wandb needs the wandb package: pip install wandb (WANDB_MODE=offline needs no account)") from None
+        wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "flow-opd"), name=os.path.basename(os.path.abspath(run_dir)),
+                        dir=run_dir, config=config, resume="allow")
+
+        def track(record):
+            wb.log({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=record.get("epoch", record.get("step")))
+        return track
+    raise SystemExit(f"error: --tracker {kind!r}: expected tensorboard or wandb ('' = none)")
+
+
+def plot_curves(run_dirs, path, metrics=None):
+    """Each run's log.jsonl drawn against its epochs (or steps): one panel per metric, the runs overlaid,
+    one PNG written atomically. metrics: the fields to draw (default: every reward, KL, loss and MAR field
+    that some run logs). Returns the metrics drawn."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = {}
+    for d in run_dirs:
+        f = os.path.join(d, "log.jsonl")
+        if os.path.isfile(f):
+            with open(f) as g:
+                logs[os.path.basename(os.path.normpath(d))] = [json.loads(line) for line in g if line.strip()]
+    if not logs:
+        raise SystemExit(f"error: no log.jsonl in {list(run_dirs)[:3]}...: nothing to draw")
+    wanted = ("reward", "kl", "loss", "mar", "policy_loss")
+    metrics = metrics or sorted({k for log in logs.values() for r in log for k in r
+                                 if any(k == w or k.startswith(w + "_") for w in wanted)})
+    cols = min(4, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        for name, log in logs.items():
+            points = [(r.get("epoch", r.get("step")), r[m]) for r in log if isinstance(r.get(m), (int, float))]
+            if points:
+                ax.plot(*zip(*points), label=name, lw=1.2)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("epoch / step", fontsize=8)
+        if m.startswith(("kl", "mar")):
+            ax.set_yscale("log")
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return metrics
 
 
 def save_grid(images, path, nrow=8, scale=1):

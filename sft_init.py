@@ -95,6 +95,7 @@ SETTINGS = dict(
     seed=(0, "seed of prompt choice, sampling noise, batches, sigmas and training noise"),
     save_every=(100, "checkpoint every N steps (and at the end)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
+    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no network); '' = log.jsonl only"),
 )
 cfg = runs.parse_settings(__doc__, SETTINGS)
 
@@ -374,9 +375,11 @@ def save_outputs(step):
 # unconditional branch on the teachers' CFG-sharpened samples would pull v_uncond toward v_cond and
 # shrink the guidance direction that produced them. --cond-dropout 0.1 restores SD3's recipe.
 
+track = runs.open_tracker(cfg.tracker, out, vars(cfg), dist)
 if dist.master and probe is not None and start_step == 0:
     p, zero = probe_loss()
     runs.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=0, probe_loss=p, probe_zero=zero), echo=False)
+    track(dict(step=0, probe_loss=p, probe_zero=zero))
     tqdm.write(f"step 0: probe loss {p:.6f} (v = 0 would give {zero:.4f})")
 
 stats = dict(loss=[], reg=[], grad_norm=[])
@@ -421,6 +424,7 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
             record["probe_loss"], record["probe_zero"] = probe_loss()
         if record:
             runs.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=step + 1, **record), echo=False)
+            track(dict(step=step + 1, **record))
             tqdm.write(f"step {step + 1}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
     if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
         save_outputs(step + 1)
