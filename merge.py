@@ -8,20 +8,28 @@ exact merge of the weight updates (task arithmetic); TIES is the third option.
 Commands (CPU is enough; --device cuda only speeds up the SVDs of SD3.5-Medium's 1536x1536 modules):
   python merge.py --adapters runs/geneval/lora.safetensors,runs/ocr/lora.safetensors,runs/pickscore/lora.safetensors \\
                   --out runs/merge/student.safetensors                        # task arithmetic, mean of updates, exact
+  python merge.py --adapters geneval_teacher/,ocr_teacher/ --out m.safetensors  # PEFT adapter folders (Flow-GRPO's release)
+  python merge.py --adapters ... --rank 32 --alpha 64 --out student_r32.safetensors  # the SFT student's rank and scale
   python merge.py --adapters a.safetensors,b.safetensors,c.safetensors --weights 1,1,1 --out sum.safetensors
   python merge.py --adapters ... --rank 64 --out student_r64.safetensors     # SVD-truncated to rank 64 (error reported)
   python merge.py --adapters ... --method lora-mean --out official.safetensors   # the public release's merge
   python merge.py --adapters ... --method ties --density 0.2 --rank 128 --out ties.safetensors
   python merge.py --adapters ... --fold-into tiny --out student.safetensors  # also base + dW as a full transformer
 
-Outputs: `--out` (a diffusers-format LoRA: worlds.load_lora and StableDiffusion3Pipeline.load_lora_weights
-read it), the card `<out without .safetensors>.json` (inputs with sha256, method, weights, ranks,
-reconstruction errors, settings) and, with --fold-into, `<out without .safetensors>.folded.safetensors`
-(the base transformer's state dict with the written LoRA's dW added, float32). Everything is validated
-before the first file is written, and every file is written atomically.
+Inputs: diffusers-format LoRA files (worlds.save_lora, save_lora_weights) or PEFT adapter folders
+(PeftModel.save_pretrained), anything worlds.read_lora reads. Outputs: `--out` (a diffusers-format LoRA whose
+config is only its layout, rank and alpha: worlds.load_lora and StableDiffusion3Pipeline.load_lora_weights read
+it), the card `<out without .safetensors>.json` (inputs with runs.input_sha256: a file's content, a folder's
+fingerprint; method, weights, ranks, reconstruction errors, settings) and, with --fold-into,
+`<out without .safetensors>.folded.safetensors` (the base transformer's state dict with the written LoRA's dW
+added, float32). Everything is validated before the first file is written, and every file is written atomically.
 
 Notation: adapter k has factors A_k (r_k, in), B_k (out, r_k) per module and scale s_k = alpha_k / r_k
 (alpha_k / sqrt(r_k) with rsLoRA), so its weight update ("task vector") is dW_k = s_k B_k A_k (out, in).
+The output has one rank r and one alpha, scale s = alpha / r, and (alpha / r) B A is the merged dW (exactly, or
+its best rank-R approximation with --rank R). Matching the SFT student's r and alpha (--rank 32 --alpha 64) makes
+the two cold starts the same adapter size and scale: the exact task-arithmetic merge of four r 32 experts is an
+r 128 adapter at scale 1, so the same AdamW learning rate moves it differently.
 """
 
 import math
@@ -37,12 +45,14 @@ import worlds
 # settings
 
 SETTINGS = dict(
-    adapters=("", "comma-separated expert LoRA files (written by worlds.save_lora or diffusers); required"),
+    adapters=("", "comma-separated expert LoRAs: files (worlds.save_lora, diffusers) or PEFT adapter folders; required"),
     weights=("", "comma-separated lambda_k, one per adapter; empty = 1/K each for task-arithmetic and "
                  "lora-mean (the mean), 1 each for ties (TIES already averages the agreeing entries)"),
     method=("task-arithmetic", "task-arithmetic (sum_k lambda_k dW_k) | lora-mean (official: mean A, mean B) | ties"),
     rank=(0, "output rank: 0 = exact (task-arithmetic: sum_k r_k; lora-mean: r; ties: min(out, in)); "
-             ">0 = best rank-R approximation of each module's merged dW (truncated SVD)"),
+             ">0 = best rank-R approximation of each module's merged dW (truncated SVD), written at rank R"),
+    alpha=(0.0, "output lora_alpha, so scale alpha / r: 0 = scale 1 (alpha = r; lora-mean: the first adapter's alpha); "
+                "e.g. --rank 32 --alpha 64 = the SFT student's rank and scale. The factors absorb the change of scale"),
     density=(0.2, "ties only: fraction of each task vector's entries kept, by magnitude, per module (trim)"),
     out=("", "output LoRA file, must end in .safetensors; required"),
     fold_into=("", "also write base + dW as a full transformer state dict; base = a world for worlds.load_world "
@@ -63,10 +73,13 @@ if cfg.method not in METHODS:
     raise SystemExit(f"error: --method {cfg.method!r} is not one of {', '.join(METHODS)}")
 if not cfg.out.endswith(".safetensors"):
     raise SystemExit(f"error: --out {cfg.out!r} must be a path ending in .safetensors")
-if os.path.abspath(cfg.out) in {os.path.abspath(p) for p in paths}:
+# a PEFT folder is read through its adapter_model.safetensors: writing there would overwrite an input too
+if os.path.abspath(cfg.out) in {os.path.abspath(os.path.join(p, worlds.PEFT_WEIGHTS) if os.path.isdir(p) else p) for p in paths}:
     raise SystemExit(f"error: --out {cfg.out} is one of the inputs; write the merge to a new file")
 if cfg.rank < 0:
     raise SystemExit(f"error: --rank {cfg.rank} is negative; use 0 for the exact merge or R > 0 to truncate")
+if not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):
+    raise SystemExit(f"error: --alpha {cfg.alpha} must be a positive number (the output lora_alpha) or 0 for the default scale")
 if cfg.method == "ties" and not 0 < cfg.density <= 1:
     raise SystemExit(f"error: --density {cfg.density} must be in (0, 1] (the fraction of entries TIES keeps)")
 K = len(paths)
@@ -222,26 +235,42 @@ for name in names:
 
 # -----------------------------------------------------------------------------
 # output LoRA: one rank r and one alpha for every module (modules with a smaller rank are padded with zero
-# rows of A / columns of B, which changes nothing), reconstruction errors of the float32 file
+# rows of A / columns of B, which changes nothing; such a direction also stays zero under training, as both of
+# its factors are zero), reconstruction errors of the float32 file
 
 
-r_out = max(m[0].shape[0] for m in merged.values())
-scale_out = merged[names[0]][2]  # 1 except for lora-mean, where it is the first adapter's alpha/r
-alpha_out = scale_out * r_out
+# r: R with --rank (a module narrower than R is padded, so the file has the rank asked for), else the largest
+# module's rank. Scale: alpha / r with --alpha; else 1, or for lora-mean the first adapter's alpha/r.
+r_out = cfg.rank or max(m[0].shape[0] for m in merged.values())
+scale_out = cfg.alpha / r_out if cfg.alpha else merged[names[0]][2]
+alpha_out = cfg.alpha or scale_out * r_out
 alpha_out = int(alpha_out) if float(alpha_out).is_integer() else alpha_out
 lora, errors, err2, norm2 = {}, {}, 0.0, 0.0
 for name, (A_m, B_m, scale, target) in merged.items():
+    # s_out B' A' = s B A with both factors times sqrt(s / s_out): the SVD's even split stays even
+    # (B' = U_R (S_R / s_out)^1/2, A' = (S_R / s_out)^1/2 V_R^T); c = 1 (no change) without --alpha.
+    c = math.sqrt(scale / scale_out)
     pad = r_out - A_m.shape[0]
-    A_m = torch.cat([A_m, A_m.new_zeros(pad, A_m.shape[1])]).float().cpu()
-    B_m = torch.cat([B_m, B_m.new_zeros(B_m.shape[0], pad)], dim=1).float().cpu()
+    A_m = torch.cat([c * A_m, A_m.new_zeros(pad, A_m.shape[1])]).float().cpu()
+    B_m = torch.cat([c * B_m, B_m.new_zeros(B_m.shape[0], pad)], dim=1).float().cpu()
     lora[name + ".lora_A.weight"], lora[name + ".lora_B.weight"] = A_m, B_m
     # relative Frobenius error ||dW - s B A||_F / ||dW||_F of what a loader will see (float32 factors)
-    diff = (target.cpu() - scale * B_m.double() @ A_m.double()).norm() ** 2
+    diff = (target.cpu() - scale_out * B_m.double() @ A_m.double()).norm() ** 2
     ref = target.cpu().norm() ** 2
     errors[name] = math.sqrt(diff / ref) if ref > 0 else 0.0
     err2, norm2 = err2 + float(diff), norm2 + float(ref)
 overall = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
-config = dict(configs[0], r=r_out, lora_alpha=alpha_out, use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={})
+# The output's LoraConfig: the layers it adapts (as the first input names them: all inputs adapt the same modules),
+# its rank and alpha, and nothing of an input's bookkeeping (a PEFT folder's inference_mode: true would load the
+# student frozen in diffusers; base_model_name_or_path, revision, peft_version), so that a peft of any version
+# builds LoraConfig(**config) from it as diffusers' load_lora_weights does. The other fields take peft's defaults
+# (no rsLoRA, DoRA or per-module patterns: read_adapter refused those, and the output needs none). An init
+# such as "pissa" or "loftq" is not carried over: peft runs it at load time, and it rewrites the base weights.
+LAYOUT = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "init_lora_weights", "lora_dropout")
+config = {k: configs[0][k] for k in LAYOUT if configs[0].get(k) is not None}
+if config.get("init_lora_weights") not in (True, False, "gaussian"):
+    config.pop("init_lora_weights", None)
+config.update(r=r_out, lora_alpha=alpha_out)
 
 # lora-mean is not the mean of the updates: say by how much (relative to sum_k w_k dW_k)
 lora_mean_gap = None
@@ -272,7 +301,7 @@ if base_state is not None:
 
 card = dict(
     method=cfg.method,
-    inputs=[dict(path=os.path.abspath(p), sha256=runs.file_sha256(p), r=c["r"], lora_alpha=c["lora_alpha"],
+    inputs=[dict(path=os.path.abspath(p), sha256=runs.input_sha256(p), r=c["r"], lora_alpha=c["lora_alpha"],
                  use_rslora=bool(c.get("use_rslora")), weight=w) for p, c, w in zip(paths, configs, weights)],
     weights=weights,
     density=cfg.density if cfg.method == "ties" else None,
@@ -283,14 +312,14 @@ card = dict(
     reconstruction_error=dict(overall=overall, max=max(errors.values()), per_module=errors),
     lora_mean_vs_mean_of_updates=lora_mean_gap,
     out=os.path.abspath(cfg.out),
-    out_sha256=runs.file_sha256(cfg.out),
+    out_sha256=runs.input_sha256(cfg.out),
     folded=os.path.abspath(folded_path) if folded_path else None,
     settings=vars(cfg),
     seconds=round(time.time() - t_start, 2),
 )
 runs.write_json(stem + ".json", card)
 
-print(f"  output: rank {r_out}, alpha {alpha_out}; reconstruction error (||dW - (alpha/r) B A||_F / ||dW||_F) "
+print(f"  output: rank {r_out}, alpha {alpha_out} (scale {scale_out:g}); reconstruction error (||dW - (alpha/r) B A||_F / ||dW||_F) "
       f"overall {overall:.3g}, worst module {max(errors.values()):.3g}" + (" (truncated SVD)" if cfg.rank else ""))
 if lora_mean_gap is not None:
     print(f"  lora-mean vs the mean of the updates: relative difference {lora_mean_gap:.3g}")

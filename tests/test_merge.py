@@ -1,12 +1,12 @@
 """merge.py: task arithmetic is the exact weighted sum of the experts' updates, lora-mean is the official
-mean of factors (and not the mean of updates), truncation reports the Eckart-Young error, TIES matches a
-hand computation, the merged file loads (worlds.load_lora, diffusers) and moves the model as its dW says,
-and bad inputs stop with one error line before any file is written.
+mean of factors (and not the mean of updates), truncation reports the Eckart-Young error, --rank R --alpha A
+writes rank R at scale A / R with the same update, TIES matches a hand computation, the merged file loads
+(worlds.load_lora, diffusers) and moves the model as its dW says, PEFT adapter folders merge as their
+diffusers-format copies do into a clean config, and bad inputs stop with one error line before any file is written.
 
 The script runs top to bottom, so it is run (in this process through runpy, once through a subprocess)
 and checked through the files it writes."""
 
-import hashlib
 import json
 import math
 import os
@@ -19,6 +19,7 @@ import torch
 
 import runs
 import sde
+import test_peft_teachers as peft_teachers
 import worlds
 from conftest import ROOT, make_toy_world
 
@@ -97,7 +98,7 @@ def test_task_arithmetic_is_the_exact_weighted_sum_of_updates(experts, tmp_path)
     assert_updates_close(updates(out), want)
     c = card(out)
     assert c["rank_out"] == 2 + 3 + 2 and c["reconstruction_error"]["overall"] < 1e-6
-    assert [i["sha256"] for i in c["inputs"]] == [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in experts]
+    assert [i["sha256"] for i in c["inputs"]] == [runs.content_sha256(p) for p in experts]
 
 
 def test_lora_mean_is_the_mean_of_factors_not_of_updates(toy_world, tmp_path):
@@ -135,6 +136,96 @@ def test_truncation_reports_the_eckart_young_error_decreasing_with_rank(experts,
     assert errors[0] > errors[1] > errors[2] > 0.01 and errors[3] < 1e-6  # 7 = 2 + 3 + 2: exact
 
 
+def velocity(world):
+    """The toy world's velocity on fixed latents and prompts."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    e, pooled = world.encode_prompts(["red circle", "blue square"])
+    return sde.predict_velocity(world, x, 0.5, e, pooled, 1.0)
+
+
+def with_updates(dW):
+    """A toy world whose weights are the base's plus dW ({module: (out, in)}), added by hand."""
+    world = make_toy_world()
+    state = world.transformer.state_dict()
+    for m, d in dW.items():
+        state[m + ".weight"] += d.float()
+    world.transformer.load_state_dict(state)
+    return world
+
+
+def test_rank_and_alpha_set_the_output_scale_exactly(experts, tmp_path):
+    # The exact merge (mean of three updates) is rank 7 = 2 + 3 + 2; modules are 16 x 16.
+    exact = {m: sum(d[m] for d in map(updates, experts)) / 3 for m in updates(experts[0])}
+    want = velocity(with_updates(exact))
+    # Full rank at scale 2, and rank 20 > 16 (padded with zeros to the rank asked for) at scale 1/4: the same model.
+    for rank, alpha in ((7, 14), (20, 5)):
+        out = tmp_path / f"r{rank}a{alpha}.safetensors"
+        merge("--adapters", ",".join(experts), "--rank", rank, "--alpha", alpha, "--out", out)
+        weights, config = worlds.read_lora(str(out))
+        assert (config["r"], config["lora_alpha"]) == (rank, alpha) and card(out)["lora_alpha_out"] == alpha
+        student = make_toy_world()
+        worlds.load_lora(student.transformer, str(out), "student", trainable=True)
+        torch.testing.assert_close(velocity(student), want, rtol=1e-4, atol=1e-4)
+        via_diffusers = make_toy_world()  # diffusers reads r and alpha from the file's metadata
+        via_diffusers.transformer.load_lora_adapter(str(tmp_path), weight_name=out.name, adapter_name="student")
+        torch.testing.assert_close(velocity(via_diffusers), want, rtol=1e-4, atol=1e-4)
+    # Rank 2 at the SFT student's scale (alpha / r = 2): the best rank-2 update, the split even (|A_i| = |B_:,i|).
+    out = tmp_path / "r2a4.safetensors"
+    merge("--adapters", ",".join(experts), "--rank", 2, "--alpha", 4, "--out", out)
+    weights, config = worlds.read_lora(str(out))
+    assert (config["r"], config["lora_alpha"]) == (2, 4)
+    got, c = updates(out), card(out)  # updates() scales by the file's alpha / r
+    for m, dW in exact.items():
+        S = torch.linalg.svdvals(dW)
+        tail = float(S[2:].norm() / S.norm())  # Eckart-Young: the best rank-2 error
+        assert float((got[m] - dW).norm() / dW.norm()) == pytest.approx(tail, abs=1e-5)
+        assert c["reconstruction_error"]["per_module"][m] == pytest.approx(tail, abs=1e-5)
+        torch.testing.assert_close(weights[m + ".lora_A.weight"].norm(dim=1), weights[m + ".lora_B.weight"].norm(dim=0))
+        # (alpha / r) |A_i| |B_:,i| is the i-th singular value
+        torch.testing.assert_close(2 * weights[m + ".lora_A.weight"].norm(dim=1) ** 2, S[:2].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_peft_folders_merge_as_their_diffusers_copies_into_a_clean_config(tmp_path):
+    # Two Flow-GRPO-style teacher folders (get_peft_model(...).save_pretrained, r 32 / alpha 64) on a tiny random
+    # SD3 transformer, and the same adapters saved in diffusers format through worlds.load_lora / save_lora.
+    folders = [peft_teachers.peft_folder(tmp_path / f"teacher{k}", seed=k + 1) for k in range(2)]
+    files = []
+    for k, folder in enumerate(folders):
+        t = peft_teachers.tiny_transformer()
+        worlds.load_lora(t, folder, "t")
+        files.append(str(tmp_path / f"teacher{k}.safetensors"))
+        worlds.save_lora(t, "t", files[-1])
+    from_folders, from_files = tmp_path / "folders.safetensors", tmp_path / "files.safetensors"
+    merge("--adapters", ",".join(folders), "--out", from_folders)
+    merge("--adapters", ",".join(files), "--out", from_files)
+
+    (wa, config), (wb, config_b) = worlds.read_lora(str(from_folders)), worlds.read_lora(str(from_files))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert config == config_b
+    # the layout, rank and alpha, nothing of the folders' bookkeeping (inference_mode: true, auto_mapping, ...)
+    assert set(config) <= {"r", "lora_alpha", "target_modules", "init_lora_weights", "lora_dropout"}
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (64, 64, "gaussian")
+    assert config["target_modules"] == sorted(peft_teachers.flow_grpo_config().target_modules)
+    assert [i["sha256"] for i in card(from_folders)["inputs"]] == [runs.input_sha256(f) for f in folders]
+
+    # the merged student runs as base + mean of the two updates, through worlds.load_lora (trainable) and diffusers
+    dWs = [updates(f) for f in folders]
+    base = peft_teachers.tiny_transformer()
+    state = base.state_dict()
+    for m in dWs[0]:
+        state[m + ".weight"] += ((dWs[0][m] + dWs[1][m]) / 2).float()
+    base.load_state_dict(state)
+    x = peft_teachers.inputs()
+    want = peft_teachers.velocity(base, x)
+    student = peft_teachers.tiny_transformer()
+    params = worlds.load_lora(student, str(from_folders), "student", trainable=True)
+    assert all(p.requires_grad for p in params.values())
+    torch.testing.assert_close(peft_teachers.velocity(student, x), want, rtol=1e-4, atol=1e-5)
+    via_diffusers = peft_teachers.tiny_transformer()
+    via_diffusers.load_lora_adapter(str(tmp_path), weight_name=from_folders.name, adapter_name="student")
+    torch.testing.assert_close(peft_teachers.velocity(via_diffusers, x), want, rtol=1e-4, atol=1e-5)
+
+
 def test_ties_matches_a_hand_computation(tmp_path):
     # Task vectors dW_k = B_k (A = I, alpha = r = 16): non-zero on the diagonal only.
     diag = [[3.0, -2.0, 0.5, 0.0], [1.0, 4.0, 0.0, -0.2], [-5.0, 1.0, 2.0, 0.0]]
@@ -170,19 +261,9 @@ def test_merged_adapter_moves_the_model_as_its_dw_says(experts, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "rank 7" in res.stdout
 
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    def velocity(world):
-        e, pooled = world.encode_prompts(["red circle", "blue square"])
-        return sde.predict_velocity(world, x, 0.5, e, pooled, 1.0)
-
     # reference: base weights + sum_k lambda_k dW_k added by hand
-    by_hand = make_toy_world()
     dWs = [updates(p) for p in experts]
-    state = by_hand.transformer.state_dict()
-    for m in dWs[0]:
-        state[m + ".weight"] += sum(l * d[m] for l, d in zip(lams, dWs)).float()
-    by_hand.transformer.load_state_dict(state)
-    want = velocity(by_hand)
+    want = velocity(with_updates({m: sum(l * d[m] for l, d in zip(lams, dWs)) for m in dWs[0]}))
     assert not torch.allclose(want, velocity(make_toy_world()), atol=1e-3)
 
     with_lora = make_toy_world()
@@ -228,6 +309,15 @@ def _bad(toy_world, tmp_path, case):
         return [good, good], ["--weights", "1,-1", "--method", "ties"], r"negative weight, meaningless for ties"
     if case == "weights-zero":
         return [good, good], ["--weights", "0,0"], r"all zero"
+    if case == "alpha-negative":
+        return [good, good], ["--alpha", "-64"], r"--alpha -64.0 must be a positive number"
+    if case == "out-in-peft-folder":  # the output would overwrite the weights of an input folder
+        folder = tmp_path / "teacher"
+        folder.mkdir()
+        weights, config = worlds.read_lora(good)
+        runs.save_tensors(str(folder / worlds.PEFT_WEIGHTS), {"base_model.model." + k: v for k, v in weights.items()})
+        (folder / worlds.PEFT_CONFIG).write_text(json.dumps(config))
+        return [good, str(folder)], ["--out", str(folder / worlds.PEFT_WEIGHTS)], r"teacher/adapter_model.safetensors is one of the inputs"
     if case == "empty":
         return [], [], r"--adapters is empty"
     if case == "fold-base":
@@ -237,11 +327,12 @@ def _bad(toy_world, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["targets", "shapes", "ranks-lora-mean", "not-safetensors", "not-lora", "missing",
-                                  "weights-count", "weights-nan", "weights-negative", "weights-zero", "empty", "fold-base"])
+                                  "weights-count", "weights-nan", "weights-negative", "weights-zero", "alpha-negative",
+                                  "out-in-peft-folder", "empty", "fold-base"])
 def test_bad_inputs_stop_with_one_error_line_and_write_nothing(toy_world, tmp_path, case):
     adapters, extra, pattern = _bad(toy_world, tmp_path, case)
     out = tmp_path / "out" / "merged.safetensors"
     with pytest.raises(SystemExit, match=pattern) as e:
-        merge("--adapters", ",".join(adapters), *extra, "--out", out)
+        merge("--adapters", ",".join(adapters), "--out", out, *extra)  # a case's own --out comes last and wins
     assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()  # no LoRA, no card, no folded file, not even the folder
