@@ -20,6 +20,9 @@ Tables (printed as Markdown, saved as JSON + Markdown under --out):
            (model - base) / (teacher - base) from the main table (the paper: OPD keeps >= 90% of it).
 Every cell carries its standard error over prompts (JSON: '<column>_se'; Markdown: 'mean +- se'): a
 prompt's K images are averaged first, as prompts are what is drawn and what two models are paired on.
+A prompt is a distinct (text, metadata) pair: a file that writes a prompt on several lines (Flow-GRPO's
+GenEval test file: 553 prompts, each 4 times, 2,212 lines) is read as its distinct prompts in order of
+first appearance, each sampled K times (GenEval's protocol: 4 images per prompt) and counted once.
 Plus grid_<model>.png (the first prompts of every task, same seeds for all models), grid_compare.png
 (one row per model) and main.png (the main table as bars: the seesaw at a glance).
 
@@ -68,8 +71,8 @@ SETTINGS = dict(
     paired_with=("base,grpo-mix", "labels of --models that every other model is compared with, paired (same prompts and seeds): the "
                                   "paired table (labels not among --models are skipped)"),
     quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore')"),
-    images_per_prompt=(None, int, "images per prompt (default: tiny 2, sd3 4 as GenEval)"),
-    limit=(0, "evaluate K prompts of each prompt file, evenly spread over it so every category is represented (0 = all)"),
+    images_per_prompt=(None, int, "images per distinct prompt (default: tiny 2; sd3 4, GenEval's protocol)"),
+    limit=(0, "evaluate K distinct prompts of each prompt file, evenly spread over it so every category is represented (0 = all)"),
     steps=(None, int, "ODE steps (default: the world's eval_steps; 40 on SD3)"),
     guidance_scale=(None, float, "CFG scale (default: the world's; 4.5 on SD3)"),
     seed=(0, "base seed: image k of prompt i starts from noise seeded seed + i * images_per_prompt + k"),
@@ -117,8 +120,8 @@ for entry in (e.strip() for e in cfg.models.split(",") if e.strip()):
     label, sep, path = entry.partition("=")
     if not sep and label != "base":
         raise SystemExit(f"error: --models entry {entry!r}: write 'base' or label=path/to/adapter.safetensors")
-    if sep and not os.path.isfile(path):
-        raise SystemExit(f"error: --models {label}: LoRA file {path} does not exist")
+    if sep and not os.path.exists(path):
+        raise SystemExit(f"error: --models {label}: LoRA file or PEFT folder {path} does not exist")
     if label in models or not re.fullmatch(r"[\w.+-]+", label):
         raise SystemExit(f"error: --models label {label!r} is repeated or has characters other than letters, digits, _ . + -")
     models[label] = path or None
@@ -143,10 +146,19 @@ if "quality" in tables:
         set_metrics.setdefault(t, set()).update(quality_metrics + ([] if sd3 else ["diversity"]))
 if "ood" in tables and not sd3:
     set_metrics["ood"] = {"ood"}
-prompt_sets = {}  # set -> (file, prompts, metadata): --limit prompts evenly spread over the file
+prompt_sets = {}  # set -> (file, prompts, metadata): --limit distinct prompts evenly spread over the file
+merged = {}  # set -> how many duplicate lines were merged into the line of their first appearance
 for name in set_metrics:
     path = worlds.prompt_file(world, name, "test")
-    prompts, metadata = worlds.read_prompts(path)
+    # one prompt written on 4 lines (GenEval's test file) is one prompt: K images, not 4K, and one unit of
+    # the SEs, not 4 (4 correlated copies would understate them up to 2x). Same text with other metadata
+    # asks another question (other GenEval clauses): kept apart.
+    lines = list(zip(*worlds.read_prompts(path)))  # (prompt, metadata) per line
+    distinct = {}  # (prompt, metadata as JSON) -> (prompt, metadata), in order of first appearance
+    for prompt, meta in lines:
+        distinct.setdefault((prompt, json.dumps(meta, sort_keys=True)), (prompt, meta))
+    prompts, metadata = [p for p, _ in distinct.values()], [m for _, m in distinct.values()]
+    merged[name] = len(lines) - len(prompts)
     n = min(cfg.limit, len(prompts)) if cfg.limit > 0 else len(prompts)
     # files are often grouped by category (GenEval's, our OOD set): a prefix would test only the first
     keep = np.linspace(0, len(prompts) - 1, n).round().astype(int).tolist() if n else []
@@ -173,7 +185,16 @@ def base_fingerprint(transformer):
 
 
 base_id = base_fingerprint(world.transformer)
-model_ids = {label: runs.content_sha256(path) if path else "base" for label, path in models.items()}  # a rewritten, equal adapter hits
+def adapter_id(path):
+    """What an adapter computes: a file's content (content_sha256); a PEFT folder's weights by content and its config."""
+    if not os.path.isdir(path):
+        return runs.content_sha256(path)
+    weights, config = worlds.read_lora(path)
+    return hashlib.sha256(json.dumps([runs.content_sha256(os.path.join(path, worlds.PEFT_WEIGHTS)), config],
+                                          sort_keys=True, default=str).encode()).hexdigest()
+
+
+model_ids = {label: adapter_id(path) if path else "base" for label, path in models.items()}  # a rewritten, equal adapter hits
 sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale=guidance,
                 shift=world.defaults["shift"], images_per_prompt=K, seed=cfg.seed, noise_level=0.0)
 
@@ -182,6 +203,8 @@ def cache_path(label, name):
     """One JSON per (model, prompt set), named by everything its scores depend on."""
     key = dict(sampling, model=model_ids[label], prompts=runs.file_sha256(prompt_sets[name][0]),
                options=options if name in ("deqa", "pickscore") else {})
+    if merged[name]:  # index i counts distinct prompts now, lines before: a new name, as line i's scores are not prompt i's
+        key["distinct_prompts"] = True
     return os.path.join(cache_dir, f"{label}-{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json")
 
 
@@ -241,6 +264,15 @@ def barrier():
         torch.distributed.barrier()
 
 
+def from_master(obj):
+    """Rank 0's obj on every rank (the others' obj is ignored)."""
+    if dist.world_size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 grid_sets = [t for t in main_tasks if t in prompt_sets] or list(prompt_sets)
 grid_units = [(t, i) for t in grid_sets for i in range(min(cfg.grid_prompts, len(prompt_sets[t][1])))]
 if dist.master:
@@ -250,7 +282,9 @@ if dist.master:
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | ODE {steps} steps, CFG {guidance}, "
           f"shift {world.defaults['shift']} | {K} images/prompt, seeds {cfg.seed} + i * {K} + k | tables {tables}")
     for name, (path, prompts, _) in prompt_sets.items():
-        print(f"  set {name:10s} {len(prompts):5d} prompts x {K} = {len(prompts) * K:6d} images, scored by {columns_of(name)} ({os.path.relpath(path, runs.HERE)})")
+        dups = f", {merged[name]} duplicate lines merged" if merged[name] else ""
+        print(f"  set {name:10s} {len(prompts):5d} prompts x {K} = {len(prompts) * K:6d} images, scored by {columns_of(name)} "
+              f"({os.path.relpath(path, runs.HERE)}{dups})")
     print(f"{sum(len(p[1]) for p in prompt_sets.values()) * K} images per model, {len(models)} models {list(models)} | cache {cache_dir}")
 
 # -----------------------------------------------------------------------------
@@ -260,14 +294,16 @@ transformer = world.transformer
 grids = {}  # label -> (grid images, 3, H, W)
 for label, path in models.items():
     adapter_name = None
-    todo = {}
-    for name in prompt_sets:  # every rank reads the cache before the master writes any of it
-        cached = read_cache(cache_path(label, name))
-        _, prompts, _ = prompt_sets[name]
-        todo[name] = [i for i in range(len(prompts)) if not has_scores(cached.get(str(i)), prompts[i], set_metrics[name])]
+    todo = {}  # set -> indices of the prompts the cache lacks
+    if dist.master:
+        for name, (_, prompts, _) in prompt_sets.items():
+            cached = read_cache(cache_path(label, name))
+            todo[name] = [i for i in range(len(prompts)) if not has_scores(cached.get(str(i)), prompts[i], set_metrics[name])]
+    # the master's cache alone decides: ranks that read their own (a node-local --cache) could disagree on the
+    # work, so on how many collective calls follow, and hang. The master is also the only rank that writes it.
+    todo = from_master(todo)
     grid_file = os.path.join(cache_dir, f"{label}-grid-{hashlib.sha256(json.dumps([sampling, model_ids[label], grid_units, [prompt_sets[t][1][i] for t, i in grid_units]]).encode()).hexdigest()[:12]}.safetensors")
     need_grid = dist.master and not os.path.isfile(grid_file)
-    barrier()
     n_todo = sum(len(v) for v in todo.values())
     if dist.master:
         print(f"{label}: {n_todo} of {sum(len(p[1]) for p in prompt_sets.values())} prompts to sample ({n_todo * K} images), rest cached")
@@ -376,7 +412,8 @@ def save_table(name, title, columns, rows, note="", signed=False):
 
 
 if dist.master:
-    n_prompts = ", ".join(f"{s} {len(prompt_sets[s][1])}" for s in prompt_sets)
+    n_prompts = ", ".join(f"{s} {len(prompt_sets[s][1])}" + (f" ({merged[s]} duplicate lines merged)" if merged[s] else "")
+                          for s in prompt_sets)
     setting_note = f"ODE {steps} steps, CFG {guidance}, {K} images/prompt, seed {cfg.seed}; prompts: {n_prompts}."
 
     if "main" in tables:

@@ -3,7 +3,7 @@
 #   Stage 1   four single-task Flow-GRPO experts + the GRPO-Mix baseline       grpo_expert.py
 #   Cold      merge the experts (task arithmetic) | SFT on their samples        merge.py | sft_init.py
 #   Stage 2   multi-teacher OPD from each cold start, with and without MAR      opd.py
-#   Tables    the paper's main / OOD / quality tables                           evaluate.py
+#   Tables    the paper's main / OOD / quality tables, and every run's curves       evaluate.py, curves.png
 #
 #   bash reproduce.sh              # full run (21-30 minutes on 2 CPU cores)
 #   bash reproduce.sh --quick      # the same tables with far fewer steps (minutes; numbers meaningless)
@@ -127,7 +127,7 @@ $PY grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 $GRPO $EMA
 
 # ---- Cold start: merge (no training) and SFT on the teachers' samples
 echo "== merge"
-$PY merge.py --adapters $ADAPTERS --method task-arithmetic --out $RUNS/merge/adapter.safetensors
+$PY merge.py --adapters $ADAPTERS --method task-arithmetic --rank 32 --alpha 64 --out $RUNS/merge/adapter.safetensors  # the SFT student's size
 echo "== SFT init"
 $PY sft_init.py $EMA --teachers $TEACHERS --steps $SFT_STEPS --prompts-per-task $SFT_ITEMS --out $RUNS/sft-init
 
@@ -145,3 +145,5 @@ MODELS="$MODELS,sft-init=$RUNS/sft-init/adapter.safetensors,opd-sft=$RUNS/opd-sf
 MODELS="$MODELS,opd-merge=$RUNS/opd-merge/adapter.safetensors,opd-merge-nomar=$RUNS/opd-merge-nomar/adapter.safetensors"
 echo "== evaluate"
 $PY evaluate.py --models $MODELS --limit $EVAL_LIMIT $EVAL_SMALL --gain-of $GAIN --out $OUT
+echo "== curves"  # every run's log.jsonl against its epochs / steps: rewards, KL, losses
+$PY -c "import glob, sys, runs; print('curves:', ', '.join(runs.plot_curves(sorted(glob.glob(sys.argv[1] + '/*/')), sys.argv[2])), '->', sys.argv[2])" $RUNS $OUT/curves.png

@@ -3,7 +3,7 @@ get_sd3_prompts.py: fill prompts/sd3/ with the paper's prompt sets, Flow-GRPO's 
 under the names worlds.prompt_file reads, with Flow-GRPO's copyright notice beside them.
 
   prompts/sd3/geneval_train.jsonl   <- dataset/geneval/train_metadata.jsonl   (GenEval tag/include metadata)
-  prompts/sd3/geneval_test.jsonl    <- dataset/geneval/test_metadata.jsonl    (2,212 prompts)
+  prompts/sd3/geneval_test.jsonl    <- dataset/geneval/test_metadata.jsonl    (2,212 lines: 553 prompts, each written 4 times)
   prompts/sd3/ocr_train.txt         <- dataset/ocr/train.txt
   prompts/sd3/ocr_test.txt          <- dataset/ocr/test.txt                   (1,018 prompts)
   prompts/sd3/pickscore_train.txt   <- dataset/pickscore/train.txt            (25,432 Pick-a-Pic captions)

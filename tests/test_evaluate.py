@@ -1,12 +1,18 @@
 """evaluate.py: the paper's Average column from its own numbers, and the real script on the tiny world:
-deterministic, 2 processes == 1 process, a resumed (partly cached) evaluation == a fresh one, a full
-cache samples nothing, main.json's schema, and the gain table (--gain-of)."""
+deterministic, 2 processes == 1 process (also when the ranks' cache folders differ), a resumed (partly
+cached) evaluation == a fresh one, a full cache samples nothing, main.json's schema, the gain table
+(--gain-of), and a prompt file that repeats its prompts == the file written once."""
 
 import glob
 import json
 import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 import numpy as np
 
@@ -17,7 +23,7 @@ import rewards
 import runs
 import sde
 import worlds
-from helpers import assert_one_error_line, run_script, torchrun_script
+from helpers import ENV, ROOT, assert_one_error_line, run_script, torchrun_script
 
 HAVE_TINY = os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors"))
 needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason="the tiny world's base weights (assets/tiny_base.safetensors) are not built yet")
@@ -214,3 +220,89 @@ def test_gain_table_is_each_models_share_of_the_teachers_gain(one_process, adapt
                       (["--gain-of", "ocr=lora", "--models", f"lora={adapter_file}"], "put 'base' in --models")):
         assert_one_error_line(says, "evaluate.py", *FAST, "--models", f"base,lora={adapter_file}", *bad, "--out", tmp_path / "bad")
         assert not os.path.exists(tmp_path / "bad")
+
+
+@needs_tiny
+def test_a_prompt_written_four_times_is_one_prompt(adapter_file, tmp_path):
+    """Flow-GRPO's GenEval test file writes each of its 553 prompts 4 times, shuffled. Such a file gives the
+    main and paired tables of the file written once (its lines in order of first appearance), to the last
+    digit: K images per distinct prompt, and every mean and SE over the distinct prompts (SE = sd / sqrt(prompts),
+    not sd / sqrt(lines)). One text with two metadata dicts is two prompts. GenEval as .jsonl, PickScore as .txt
+    (a continuous reward: SEs that are not 0)."""
+    rng = np.random.default_rng(0)
+    for task, ext in (("geneval", "jsonl"), ("pickscore", "txt")):
+        texts = open(os.path.join(ROOT, "prompts", "tiny", f"{task}_test.txt")).read().splitlines()[:3]
+        lines = texts
+        if ext == "jsonl":
+            lines = [json.dumps({"prompt": texts[0], "tag": t}) for t in ("a", "b")] + [json.dumps({"prompt": t}) for t in texts[1:]]
+        four = [lines[j % len(lines)] for j in rng.permutation(4 * len(lines))]
+        for name, written in (("once", list(dict.fromkeys(four))), ("four", four)):
+            os.makedirs(tmp_path / name / "tiny", exist_ok=True)
+            (tmp_path / name / "tiny" / f"{task}_test.{ext}").write_text("".join(line + "\n" for line in written))
+    args = [*FAST, "--limit", "0", "--tables", "main", "--tasks", "geneval,pickscore", "--models", f"base,lora={adapter_file}"]
+    logs = {name: run_script("evaluate.py", *args, "--out", tmp_path / f"out_{name}", env={"FLOWOPD_PROMPTS": str(tmp_path / name)})
+            for name in ("once", "four")}
+    assert_same_base(tmp_path / "out_once", tmp_path / "out_four")
+    for table in ("main", "paired"):
+        assert read(tmp_path / "out_four", table) == read(tmp_path / "out_once", table), table
+    assert "geneval        4 prompts x 2" in logs["four"] and "pickscore      3 prompts x 2" in logs["four"], logs["four"]
+    assert "12 duplicate lines merged" in logs["four"] and "9 duplicate lines merged" in logs["four"]
+    assert "duplicate lines merged" not in logs["once"]
+    for task, n in (("geneval", 4), ("pickscore", 3)):
+        (path,) = glob.glob(str(tmp_path / "out_four" / "eval_cache" / f"base-{task}-*.json"))
+        cached = json.load(open(path))["prompts"]
+        assert sorted(cached, key=int) == [str(i) for i in range(n)]  # one entry per distinct prompt
+        x = np.array([np.mean(cached[str(i)][task]) for i in range(n)])
+        base = read(tmp_path / "out_four")[0]
+        assert base[task] == pytest.approx(x.mean()) and base[f"{task}_se"] == pytest.approx(x.std(ddof=1) / math.sqrt(n))
+    assert read(tmp_path / "out_four")[0]["pickscore_se"] > 0
+
+
+def run_ranks(rank_args, timeout):
+    """evaluate.py as torchrun starts it (gloo on the CPU), but with each rank's own arguments: one process
+    per entry of rank_args. All are killed if one is still running at the timeout (ranks waiting on each
+    other), and the test fails saying so. Returns rank 0's output."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(len(rank_args)), OMP_NUM_THREADS="1")
+    logs = [tempfile.TemporaryFile("w+") for _ in rank_args]
+    procs = [subprocess.Popen([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=log, stderr=subprocess.STDOUT, text=True) for r, (args, log) in enumerate(zip(rank_args, logs))]
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    hung = [r for r, proc in enumerate(procs) if proc.poll() is None]
+    for r in hung:
+        procs[r].kill()
+        procs[r].wait()
+    text = []
+    for log in logs:
+        log.seek(0)
+        text.append(log.read())
+        log.close()
+    assert not hung, f"ranks {hung} still running after {timeout} s (a hang):\n" + "\n".join(t[-2000:] for t in text)
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(t[-2000:] for t in text)
+    return text[0]
+
+
+@needs_tiny
+def test_ranks_with_different_caches_agree_on_the_work(one_process, adapter_file, tmp_path):
+    """A node-local --cache: each rank reads its own folder. Rank 0's holds everything but lora's geneval
+    scores, rank 1's is empty; if each rank listed its own missing prompts they would make different
+    numbers of collective calls (a hang, or mixed-up scores). The job finishes with the one-process tables,
+    sampling what rank 0's cache lacks."""
+    out, _ = one_process
+    shutil.copytree(out / "eval_cache", tmp_path / "cache0", ignore=shutil.ignore_patterns("lora-geneval-*"))
+    args = [*FAST, "--models", f"base,lora={adapter_file}", "--out", tmp_path / "tables"]
+    log = run_ranks([[*args, "--cache", tmp_path / f"cache{r}"] for r in range(2)], timeout=180)
+    assert "base: 0 of 15 prompts to sample" in log and "lora: 3 of 15 prompts to sample" in log
+    assert not os.path.exists(tmp_path / "cache1")  # rank 1 neither reads nor writes a cache
+    assert_same_base(out, tmp_path / "tables")
+    for table in ("main", "ood", "quality"):
+        for a, b in zip(read(out, table), read(tmp_path / "tables", table), strict=True):
+            assert a.keys() == b.keys()
+            assert [a[k] for k in a if k != "model"] == pytest.approx([b[k] for k in b if k != "model"], abs=1e-6), table

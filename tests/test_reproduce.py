@@ -29,7 +29,7 @@ def test_reproduce_smoke_runs_every_stage(tmp_path):
     for r in rows:
         assert set(r) == {"model", *columns, *(f"{c}_se" for c in columns)}
         assert all(0 <= r[k] <= 1 for k in r if k != "model" and r[k] is not None) and all(r[c] is not None for c in columns), r
-    for name in ("ood.json", "quality.json", "gain.json", "paired.json", "main.md", "main.png", "grid_compare.png"):
+    for name in ("ood.json", "quality.json", "gain.json", "paired.json", "main.md", "main.png", "grid_compare.png", "curves.png"):
         assert (tmp_path / name).is_file(), name
     with open(tmp_path / "paired.json") as f:  # every model minus the base, and minus GRPO-Mix
         pairs = [(r["model"], r["minus"]) for r in json.load(f)["rows"]]
