@@ -417,7 +417,8 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
     record = {}
     if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
         record = dict(loss=float(np.mean(stats["loss"])), base_reg=float(np.mean(stats["reg"])),
-                      grad_norm=float(np.mean(stats["grad_norm"])), **{f"sec_{k}": v for k, v in timer.seconds.items()})
+                      grad_norm=float(np.mean(stats["grad_norm"])), **{f"sec_{k}": v for k, v in timer.seconds.items()},
+                      **runs.peak_memory(dist.device))
         stats = dict(loss=[], reg=[], grad_norm=[])
     if dist.master:
         if probe is not None and ((step + 1) % cfg.probe_every == 0 or step + 1 == cfg.steps):

@@ -248,3 +248,19 @@ def test_kl_dt_factor_and_skip_zero_advantage_in_the_script(tmp_path, teachers):
     run_script("opd.py", "--skip-zero-advantage", "--out", tmp_path / "skip", *fast)
     (skip,) = read_log(tmp_path / "skip")
     assert 0 <= skip["trained"] <= 1 and exact["trained"] == 1  # the share of samples distilled
+
+
+@needs_base
+def test_a_full_weight_teacher_loads_beside_lora_teachers(tmp_path, teachers):
+    """A full-weight teacher (a transformer state dict) is copied from the bare base before any adapter is attached:
+    copied after the geneval LoRA (sorted-name order), it carried peft's layers and its strict load failed."""
+    import runs
+
+    files, _ = teachers
+    world = worlds.load_world("tiny")
+    state = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in world.transformer.state_dict().items()}
+    runs.save_tensors(str(tmp_path / "full.safetensors"), state)
+    run_script("opd.py", "--task", "geneval:1,ocr:1", "--teachers", f"geneval={files['geneval']},ocr={tmp_path / 'full.safetensors'}",
+               "--epochs", "1", "--out", tmp_path / "run", *FAST)
+    (record,) = read_log(tmp_path / "run")
+    assert record["kl_ocr"] > 0 and record["kl_geneval"] > 0
