@@ -35,11 +35,13 @@ Commands:
   # CPU, tiny world (2 cores: a few minutes with --limit 16)
   python evaluate.py --world tiny --models base,grpo-ocr=results/tiny/runs/grpo-ocr/adapter.safetensors --limit 16
   # 1 GPU, SD3.5-Medium (GenEval / DeQA reward servers running, see rewards.py)
-  python evaluate.py --world /models/stable-diffusion-3.5-medium --models base,opd=results/sd3/runs/opd/adapter.safetensors
+  python evaluate.py --world /models/stable-diffusion-3.5-medium \
+      --models base,opd=results/sd3/runs/opd/adapter.safetensors
   # N GPUs on one node: prompts are split over ranks, identical numbers to 1 process
   torchrun --standalone --nproc_per_node 8 evaluate.py --world /models/stable-diffusion-3.5-medium --models ...
   # 4 nodes x 8 GPUs
-  torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $MASTER:29500 evaluate.py --world ... --models ...
+  torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $MASTER:29500 evaluate.py \
+      --world ... --models ...
 """
 
 import hashlib
@@ -66,21 +68,25 @@ SETTINGS = dict(
     models=("base", "comma-separated 'base' (no adapter) and label=path/to/adapter.safetensors entries"),
     tables=("main,ood,quality", "which tables to make: main, ood, quality"),
     tasks=("", "tasks of the main table (default: all of the world's; e.g. 'ocr,pickscore' without reward servers)"),
-    gain_of=("", "task=label pairs naming each task's teacher among --models ('deqa=grpo-deqa,...'): adds the gain table, "
-                 "each model's share (model - base) / (teacher - base) of the teacher's gain on its task (needs base and the main table)"),
-    paired_with=("base,grpo-mix", "labels of --models that every other model is compared with, paired (same prompts and seeds): the "
-                                  "paired table (labels not among --models are skipped)"),
+    gain_of=("", "task=label pairs naming each task's teacher among --models ('deqa=grpo-deqa,...'): adds the gain "
+                 "table, each model's share (model - base) / (teacher - base) of the teacher's gain on its task (needs "
+                 "base and the main table)"),
+    paired_with=("base,grpo-mix", "labels of --models that every other model is compared with, paired (same prompts "
+                                  "and seeds): the paired table (labels not among --models are skipped)"),
     quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore')"),
     images_per_prompt=(None, int, "images per distinct prompt (default: tiny 2; sd3 4, GenEval's protocol)"),
-    limit=(0, "evaluate K distinct prompts of each prompt file, evenly spread over it so every category is represented (0 = all)"),
+    limit=(0, "evaluate K distinct prompts of each prompt file, evenly spread over it so every category is represented "
+              "(0 = all)"),
     steps=(None, int, "ODE steps (default: the world's eval_steps; 40 on SD3)"),
     guidance_scale=(None, float, "CFG scale (default: the world's; 4.5 on SD3)"),
     seed=(0, "base seed: image k of prompt i starts from noise seeded seed + i * images_per_prompt + k"),
     batch_size=(32, "images per sampling forward, per rank"),
     chunk_prompts=(16, "prompts per rank between cache writes (what an interruption can lose)"),
     grid_prompts=(2, "prompts per main-table task in the sample grids (image k = 0 of each)"),
-    deqa_scale=(1.0, "sd3 only: multiply the DeQA server's answers (5 against yifan123/reward-server, which answers in [0.2, 1])"),
-    threads=(0, "CPU only: torch threads per rank (0 = OMP_NUM_THREADS if set, else cores / ranks; 1 when the cores are shared with other work)"),
+    deqa_scale=(1.0, "sd3 only: multiply the DeQA server's answers (5 against yifan123/reward-server, which answers "
+                     "in [0.2, 1])"),
+    threads=(0, "CPU only: torch threads per rank (0 = OMP_NUM_THREADS if set, else cores / ranks; 1 when the cores "
+                "are shared with other work)"),
     out=(None, str, "folder of the tables and plots (default results/<world kind>)"),
     cache=(None, str, "folder of the per-image score cache (default <out>/eval_cache)"),
 )
@@ -109,9 +115,11 @@ main_tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or list(worl
 for t in main_tasks:
     if t not in world.tasks:
         raise SystemExit(f"error: --tasks {t!r} is not a task of the {world.kind} world {world.tasks}")
-quality_metrics = [m.strip() for m in (cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore")).split(",")]
+quality_metrics = [m.strip() for m in (cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore"))
+                   .split(",")]
 if "quality" in tables and K < 2 and not sd3:
-    raise SystemExit("error: the quality table's diversity compares images of one prompt: use --images-per-prompt 2 or more")
+    raise SystemExit("error: the quality table's diversity compares images of one prompt: "
+                     "use --images-per-prompt 2 or more")
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind)
 cache_dir = cfg.cache or os.path.join(out, "eval_cache")
 
@@ -123,7 +131,8 @@ for entry in (e.strip() for e in cfg.models.split(",") if e.strip()):
     if sep and not os.path.exists(path):
         raise SystemExit(f"error: --models {label}: LoRA file or PEFT folder {path} does not exist")
     if label in models or not re.fullmatch(r"[\w.+-]+", label):
-        raise SystemExit(f"error: --models label {label!r} is repeated or has characters other than letters, digits, _ . + -")
+        raise SystemExit(f"error: --models label {label!r} is repeated or has characters other than letters, digits, "
+                         f"_ . + -")
     models[label] = path or None
 gain_of = {}  # task -> label of its teacher among the models
 for part in (p.strip() for p in cfg.gain_of.split(",") if p.strip()):
@@ -186,7 +195,8 @@ def base_fingerprint(transformer):
 
 base_id = base_fingerprint(world.transformer)
 def adapter_id(path):
-    """What an adapter computes: a file's content (content_sha256); a PEFT folder's weights by content and its config."""
+    """What an adapter computes: a file's content (content_sha256); a PEFT folder's weights by content and its
+    config."""
     if not os.path.isdir(path):
         return runs.content_sha256(path)
     weights, config = worlds.read_lora(path)
@@ -194,7 +204,8 @@ def adapter_id(path):
                                           sort_keys=True, default=str).encode()).hexdigest()
 
 
-model_ids = {label: adapter_id(path) if path else "base" for label, path in models.items()}  # a rewritten, equal adapter hits
+# a rewritten, equal adapter hits
+model_ids = {label: adapter_id(path) if path else "base" for label, path in models.items()}
 sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale=guidance,
                 shift=world.defaults["shift"], images_per_prompt=K, seed=cfg.seed, noise_level=0.0)
 
@@ -203,9 +214,11 @@ def cache_path(label, name):
     """One JSON per (model, prompt set), named by everything its scores depend on."""
     key = dict(sampling, model=model_ids[label], prompts=runs.file_sha256(prompt_sets[name][0]),
                options=options if name in ("deqa", "pickscore") else {})
-    if merged[name]:  # index i counts distinct prompts now, lines before: a new name, as line i's scores are not prompt i's
+    # index i counts distinct prompts now, lines before: a new name, as line i's scores are not prompt i's
+    if merged[name]:
         key["distinct_prompts"] = True
-    return os.path.join(cache_dir, f"{label}-{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(cache_dir, f"{label}-{name}-{digest}.json")
 
 
 def read_cache(path):
@@ -277,15 +290,18 @@ grid_sets = [t for t in main_tasks if t in prompt_sets] or list(prompt_sets)
 grid_units = [(t, i) for t in grid_sets for i in range(min(cfg.grid_prompts, len(prompt_sets[t][1])))]
 if dist.master:
     os.makedirs(out, exist_ok=True)
-    runs.write_json(os.path.join(out, "eval_config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, images_per_prompt=K,
-                                                               world_size=dist.world_size, models=models, model_sha256=model_ids))
-    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | ODE {steps} steps, CFG {guidance}, "
+    runs.write_json(os.path.join(out, "eval_config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance,
+                                                               images_per_prompt=K, world_size=dist.world_size,
+                                                               models=models, model_sha256=model_ids))
+    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | ODE {steps} steps, "
+          f"CFG {guidance}, "
           f"shift {world.defaults['shift']} | {K} images/prompt, seeds {cfg.seed} + i * {K} + k | tables {tables}")
     for name, (path, prompts, _) in prompt_sets.items():
         dups = f", {merged[name]} duplicate lines merged" if merged[name] else ""
-        print(f"  set {name:10s} {len(prompts):5d} prompts x {K} = {len(prompts) * K:6d} images, scored by {columns_of(name)} "
-              f"({os.path.relpath(path, runs.HERE)}{dups})")
-    print(f"{sum(len(p[1]) for p in prompt_sets.values()) * K} images per model, {len(models)} models {list(models)} | cache {cache_dir}")
+        print(f"  set {name:10s} {len(prompts):5d} prompts x {K} = {len(prompts) * K:6d} images, "
+              f"scored by {columns_of(name)} ({os.path.relpath(path, runs.HERE)}{dups})")
+    print(f"{sum(len(p[1]) for p in prompt_sets.values()) * K} images per model, {len(models)} models "
+          f"{list(models)} | cache {cache_dir}")
 
 # -----------------------------------------------------------------------------
 # Sampling and scoring: for each model, each prompt set, the prompts the cache lacks
@@ -298,15 +314,19 @@ for label, path in models.items():
     if dist.master:
         for name, (_, prompts, _) in prompt_sets.items():
             cached = read_cache(cache_path(label, name))
-            todo[name] = [i for i in range(len(prompts)) if not has_scores(cached.get(str(i)), prompts[i], set_metrics[name])]
+            todo[name] = [i for i in range(len(prompts))
+                          if not has_scores(cached.get(str(i)), prompts[i], set_metrics[name])]
     # the master's cache alone decides: ranks that read their own (a node-local --cache) could disagree on the
     # work, so on how many collective calls follow, and hang. The master is also the only rank that writes it.
     todo = from_master(todo)
-    grid_file = os.path.join(cache_dir, f"{label}-grid-{hashlib.sha256(json.dumps([sampling, model_ids[label], grid_units, [prompt_sets[t][1][i] for t, i in grid_units]]).encode()).hexdigest()[:12]}.safetensors")
+    grid_key = [sampling, model_ids[label], grid_units, [prompt_sets[t][1][i] for t, i in grid_units]]
+    grid_digest = hashlib.sha256(json.dumps(grid_key).encode()).hexdigest()[:12]
+    grid_file = os.path.join(cache_dir, f"{label}-grid-{grid_digest}.safetensors")
     need_grid = dist.master and not os.path.isfile(grid_file)
     n_todo = sum(len(v) for v in todo.values())
     if dist.master:
-        print(f"{label}: {n_todo} of {sum(len(p[1]) for p in prompt_sets.values())} prompts to sample ({n_todo * K} images), rest cached")
+        print(f"{label}: {n_todo} of {sum(len(p[1]) for p in prompt_sets.values())} prompts to sample "
+              f"({n_todo * K} images), rest cached")
     if path and (n_todo or need_grid):
         adapter_name = "eval_" + re.sub(r"\W", "_", label)
         worlds.load_lora(transformer, path, adapter_name)
@@ -343,14 +363,15 @@ for label, path in models.items():
                             elif not values.isnan().all():
                                 entry[col] = values.tolist()
                         cached[str(i)] = entry
-                    runs.write_json(file, dict(settings=dict(sampling, model=model_ids[label], set=name), prompts=cached))
+                    runs.write_json(file, dict(settings=dict(sampling, model=model_ids[label], set=name),
+                                               prompts=cached))
                 bar.update(len(units) * K)
         bar.close()
 
         if need_grid:  # image k = 0 of the first prompts of each task: the same seeds as in the tables
             grid_prompts = [prompt_sets[t][1][i] for t, i in grid_units]
-            images = sde.sample(world, grid_prompts, steps, guidance, noise_level=0, seeds=[seeds_of(i)[0] for _, i in grid_units],
-                                batch_size=cfg.batch_size)["images"]
+            images = sde.sample(world, grid_prompts, steps, guidance, noise_level=0,
+                                seeds=[seeds_of(i)[0] for _, i in grid_units], batch_size=cfg.batch_size)["images"]
             runs.save_tensors(grid_file, {"images": images})
     if adapter_name:
         transformer.delete_adapters(adapter_name)
@@ -404,7 +425,8 @@ def markdown(title, columns, rows, note="", signed=False):
 
 
 def save_table(name, title, columns, rows, note="", signed=False):
-    runs.write_json(os.path.join(out, f"{name}.json"), dict(rows=rows, **({"note": note} if note else {}), settings=sampling,
+    runs.write_json(os.path.join(out, f"{name}.json"), dict(rows=rows, **({"note": note} if note else {}),
+                                                           settings=sampling,
                                                            prompts={s: len(prompt_sets[s][1]) for s in prompt_sets}))
     text = markdown(title, columns, rows, note, signed)
     runs.atomic_write(os.path.join(out, f"{name}.md"), text)
@@ -412,16 +434,19 @@ def save_table(name, title, columns, rows, note="", signed=False):
 
 
 if dist.master:
-    n_prompts = ", ".join(f"{s} {len(prompt_sets[s][1])}" + (f" ({merged[s]} duplicate lines merged)" if merged[s] else "")
+    n_prompts = ", ".join(f"{s} {len(prompt_sets[s][1])}"
+                          + (f" ({merged[s]} duplicate lines merged)" if merged[s] else "")
                           for s in prompt_sets)
     setting_note = f"ODE {steps} steps, CFG {guidance}, {K} images/prompt, seed {cfg.seed}; prompts: {n_prompts}."
 
     if "main" in tables:
-        units = {"pickscore": rewards.PICKSCORE_SCALE} if sd3 else {}  # the sd3 reward is logit/26; the paper reports the logit
+        # the sd3 reward is logit/26; the paper reports the logit
+        units = {"pickscore": rewards.PICKSCORE_SCALE} if sd3 else {}
         # the Average is linear in the four columns: these are its coefficients (for its SE and its paired difference)
         average_coef = [rewards.paper_average(*unit) if sd3 else 1 / 4 for unit in np.eye(4)]
+        # (label, task) -> {prompt: its mean score, in the table's units}
         per_prompt = {(label, t): {i: v * units.get(t, 1) for i, v in prompt_means(label, t, t).items()}
-                      for label in models for t in main_tasks}  # (label, task) -> {prompt: its mean score, in the table's units}
+                      for label in models for t in main_tasks}
 
         def main_row(row, values_of):
             """Fill row's task columns (the paper's order: geneval, ocr, deqa, pickscore) with the mean +- SE of
@@ -430,7 +455,8 @@ if dist.master:
                 row[t], row[f"{t}_se"] = mean_se(values_of(t)) if t in main_tasks else (None, None)
             parts = [row[t] for t in rewards.TINY_REWARDS]
             row["average"] = row["average_se"] = None
-            if None not in parts:  # sd3: mean(GenEval, OCR, DeQA/5, PickScore/26); tiny: every reward is in [0, 1] already
+            # sd3: mean(GenEval, OCR, DeQA/5, PickScore/26); tiny: every reward is in [0, 1] already
+            if None not in parts:
                 row["average"] = rewards.paper_average(*parts) if sd3 else float(np.mean(parts))
                 row["average_se"] = combined_se(average_coef, [row[f"{t}_se"] for t in rewards.TINY_REWARDS])
             return row
@@ -438,7 +464,8 @@ if dist.master:
         rows = [main_row({"model": label}, lambda t: per_prompt[label, t].values()) for label in models]
         main_rows = rows
         avg = "mean(GenEval, OCR, DeQA/5, PickScore/26)" if sd3 else "the plain mean (tiny-world rewards are in [0, 1])"
-        save_table("main", "Main table: each task on its own test split", ["model", *rewards.TINY_REWARDS, "average"], rows,
+        save_table("main", "Main table: each task on its own test split", ["model", *rewards.TINY_REWARDS, "average"],
+                   rows,
                    f"Average = {avg}. Each cell: mean +- its standard error over prompts (the Average's from the four "
                    f"columns' SEs, independent prompt sets). {setting_note}")
 
@@ -449,12 +476,14 @@ if dist.master:
 
         rows = []  # the Average of the differences is the difference of the Averages (it is linear)
         for ref in (r for r in paired_with if r in models):
-            rows += [main_row({"model": label, "minus": ref}, lambda t: differences(label, ref, t)) for label in models if label != ref]
+            rows += [main_row({"model": label, "minus": ref}, lambda t: differences(label, ref, t))
+                     for label in models if label != ref]
         if rows:
             save_table("paired", "Paired differences: each model minus a reference, on the same prompts and seeds",
                        ["model", "minus", *rewards.TINY_REWARDS, "average"], rows,
-                       "Each cell: the mean over prompts of (model - reference) +- its paired standard error. A difference "
-                       "is a claim only beyond 2 SE and beyond the run-to-run spread of two seeds (README). "
+                       "Each cell: the mean over prompts of (model - reference) +- its paired standard error. "
+                       "A difference is a claim only beyond 2 SE and beyond the run-to-run spread of two seeds "
+                       "(README). "
                        f"{setting_note}", signed=True)
 
     if gain_of:  # the paper's claim that the student keeps most (>= 90%) of each teacher's gain on its task
@@ -475,17 +504,19 @@ if dist.master:
                     _, se = mean_se((model[i] - base[i]) - row[t] * (teacher[i] - base[i]) for i in base)
                     row[f"{t}_se"] = se / g if se is not None else None
             rows.append(row)
-        save_table("gain", "Share of each teacher's gain over the base on the teacher's task", ["model", *gain_of], rows,
-                   "(model - base) / (teacher - base) on each task's main-table column, +- its SE over prompts (delta method, "
-                   "paired); teachers: " + ", ".join(f"{t} {teacher} ({gains[t]:+.3f})" for t, teacher in gain_of.items())
+        save_table("gain", "Share of each teacher's gain over the base on the teacher's task", ["model", *gain_of],
+                   rows,
+                   "(model - base) / (teacher - base) on each task's main-table column, +- its SE over prompts "
+                   "(delta method, paired); teachers: "
+                   + ", ".join(f"{t} {teacher} ({gains[t]:+.3f})" for t, teacher in gain_of.items())
                    + f". '-': the teacher does not beat the base. {setting_note}")
 
     if "ood" in tables:
         columns = ["model", *OOD_CATEGORIES, "overall"]
         if sd3:
             save_table("ood", "Out-of-domain compositions (T2I-CompBench)", columns, [],
-                       "Not evaluated: the SD3 OOD numbers need T2I-CompBench's own evaluators (BLIP-VQA, UniDet, ...), "
-                       "which are not shipped with this code; run them on images sampled with these settings.")
+                       "Not evaluated: the SD3 OOD numbers need T2I-CompBench's own evaluators (BLIP-VQA, UniDet, "
+                       "...), which are not shipped with this code; run them on images sampled with these settings.")
         else:
             rows = []
             for label in models:
@@ -493,8 +524,10 @@ if dist.master:
                 for c in OOD_CATEGORIES:  # over the prompts of the category (each OOD prompt holds one)
                     row[c], row[f"{c}_se"] = mean_se(prompt_means(label, "ood", f"ood_{c}").values())
                 present = [c for c in OOD_CATEGORIES if row[c] is not None]
-                row["overall"] = float(np.mean([row[c] for c in present])) if present else None  # mean of the category means
-                row["overall_se"] = combined_se([1 / len(present)] * len(present), [row[f"{c}_se"] for c in present]) if present else None
+                # the mean of the category means
+                row["overall"] = float(np.mean([row[c] for c in present])) if present else None
+                row["overall_se"] = (combined_se([1 / len(present)] * len(present), [row[f"{c}_se"] for c in present])
+                                     if present else None)
                 rows.append(row)
             save_table("ood", "Out-of-domain compositions (held-out, GenEval-strict correctness)", columns, rows,
                        f"Overall = mean of the category means. Each cell +- its SE over prompts. {setting_note}")
@@ -510,8 +543,10 @@ if dist.master:
                 row[m], row[f"{m}_se"] = mean_se(scale * v for v in values)
             rows.append(row)
         note = f"Prompts: the {' + '.join(QUALITY_SETS)} test splits. " + (
-            f"{NOT_WIRED}." if sd3 else "Diversity = mean pairwise RMS pixel distance between the images of one prompt.")
-        save_table("quality", "Quality", ["model", *metrics], rows, f"{note} Each cell +- its SE over prompts. {setting_note}")
+            f"{NOT_WIRED}." if sd3
+            else "Diversity = mean pairwise RMS pixel distance between the images of one prompt.")
+        save_table("quality", "Quality", ["model", *metrics], rows,
+                   f"{note} Each cell +- its SE over prompts. {setting_note}")
 
     # -------------------------------------------------------------------------
     # Pictures: one grid per model, one comparison grid (a row per model), the main table as bars
@@ -519,8 +554,10 @@ if dist.master:
     scale = max(1, 128 // world.defaults["resolution"])
     for label, images in grids.items():
         runs.save_grid(images, os.path.join(out, f"grid_{label}.png"), nrow=len(images), scale=scale)
-    runs.save_grid(torch.cat(list(grids.values())), os.path.join(out, "grid_compare.png"), nrow=len(grid_units), scale=scale)
-    print(f"grids: columns = {', '.join(f'{t}[{i}]' for t, i in grid_units)}; grid_compare.png rows = {', '.join(grids)}")
+    runs.save_grid(torch.cat(list(grids.values())), os.path.join(out, "grid_compare.png"), nrow=len(grid_units),
+                   scale=scale)
+    print(f"grids: columns = {', '.join(f'{t}[{i}]' for t, i in grid_units)}; "
+          f"grid_compare.png rows = {', '.join(grids)}")
     if "main" in tables:
         import matplotlib
 

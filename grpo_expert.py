@@ -6,14 +6,7 @@ Flow-GRPO in one paragraph: turn the flow ODE into an SDE so that every denoisin
 policy with a log-probability (sde.py, section 2); sample G images per prompt; score each with a scalar
 reward; normalise rewards within each prompt's group into advantages; raise the log-probability of
 the steps of better-than-average images with PPO's clipped ratio loss, kept near the base model by a
-KL penalty. --sde-window K (Flow-GRPO-Fast) makes only K consecutive steps stochastic and trains only
-those; the tiny world uses K = 2 (its pixels keep the late steps' noise: README, "The tiny world"),
-SD3.5-M every step (K = 0), as the paper. The window starts at a step drawn per epoch in the first
-half, or at --window-start s (docs/NOTES.md, pilot F: only the first step). The LoRA still acts at every
-step, so the steps outside the window drift with nothing to hold them; --kl-outside k holds k of them per
-sample near the base with their SDE-step KL (docs/NOTES.md, pilot G: that drift was all of a first-step
-expert's quality loss). --same-latent starts a prompt's G images from one initial
-noise, so that a group differs only by the SDE steps' noise (reproduce.sh uses it on the tiny world).
+KL penalty.
 
 Commands
   tiny world, CPU (minutes):   python grpo_expert.py --task ocr
@@ -26,6 +19,16 @@ Commands
 
 Outputs in --out: adapter.safetensors (the EMA LoRA, diffusers-loadable), config.json, log.jsonl,
 samples_XXXX.png, checkpoints/ (exact resume: rerun the same command).
+
+Flow-GRPO-Fast and the tiny-world pilots (docs/NOTES.md; code in the section so marked): --sde-window K
+(Flow-GRPO-Fast) makes only K consecutive steps stochastic and trains only those; the tiny world uses
+K = 2 (its pixels keep the late steps' noise: README, "The tiny world"), SD3.5-M every step (K = 0), as
+the paper. The window starts at a step drawn per epoch in the first half, or at --window-start s
+(docs/NOTES.md, pilot F: only the first step). The LoRA still acts at every step, so the steps outside
+the window drift with nothing to hold them; --kl-outside k holds k of them per sample near the base
+with their SDE-step KL (docs/NOTES.md, pilot G: that drift was all of a first-step expert's quality
+loss). --same-latent starts a prompt's G images from one initial noise, so that a group differs only
+by the SDE steps' noise (reproduce.sh uses it on the tiny world).
 """
 
 import contextlib
@@ -49,28 +52,40 @@ SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
     task=("geneval", "the task to reward, or a weighted mix 'geneval:3,ocr:1,pickscore:1' (GRPO-Mix; see --mix)"),
     reward=("", "extra reward terms added to every sample's task reward, e.g. 'deqa:1' (GRPO-Mix's DeQA 1:1)"),
-    mix=("epochs", "several tasks: 'epochs' alternates whole epochs in the weights' ratio (3:1:1 = 3 GenEval epochs, then 1 OCR, "
-                   "1 PickScore), each on its task's prompts and reward (the paper's GRPO-Mix); 'prompts' draws each prompt's "
-                   "task with those odds, advantages normalised per task"),
-    prompts=("", "train on these tasks' prompts ('geneval,ocr,pickscore', or with odds) with the --reward mix alone as the "
-                 "reward, no task reward: the paper's DeQA teacher is --prompts geneval,ocr,pickscore --reward deqa:0.4,pickscore:0.6"),
+    mix=("epochs", "several tasks: 'epochs' alternates whole epochs in the weights' ratio (3:1:1 = 3 GenEval epochs, "
+                   "then 1 OCR, 1 PickScore), each on its task's prompts and reward (the paper's GRPO-Mix); 'prompts' "
+                   "draws each prompt's task with those odds, advantages normalised per task"),
+    prompts=("", "train on these tasks' prompts ('geneval,ocr,pickscore', or with odds) with the --reward mix alone as "
+                 "the reward, no task reward: the paper's DeQA teacher is --prompts geneval,ocr,pickscore "
+                 "--reward deqa:0.4,pickscore:0.6"),
     out=(None, str, "output folder (default results/<world>/runs/grpo-<task>)"),
     init=("", "start from this LoRA file instead of a fresh adapter"),
     epochs=(60, "epochs; one epoch = sample, score, update"),
-    prompts_per_epoch=(None, int, "distinct prompts per epoch, over all ranks (default: the world's; 48 on SD3, Flow-GRPO's, 8 on tiny)"),
-    group_size=(None, int, "G: images per prompt, the group that defines the advantage baseline (default: 24 on SD3, 8 on tiny)"),
-    sample_batch=(None, int, "images per sampling forward, per rank (default: 9 on SD3, Flow-GRPO's per GPU; 16 on tiny)"),
-    train_batch=(None, int, "images per training forward, per rank (default: 9 on SD3, ~43 GiB of activations; 16 on tiny)"),
+    prompts_per_epoch=(None, int, "distinct prompts per epoch, over all ranks (default: the world's; 48 on SD3, "
+                                  "Flow-GRPO's, 8 on tiny)"),
+    group_size=(None, int, "G: images per prompt, the group that defines the advantage baseline (default: 24 on SD3, "
+                           "8 on tiny)"),
+    sample_batch=(None, int, "images per sampling forward, per rank (default: 9 on SD3, Flow-GRPO's per GPU; "
+                             "16 on tiny)"),
+    train_batch=(None, int, "images per training forward, per rank (default: 9 on SD3, ~43 GiB of activations; "
+                            "16 on tiny)"),
     steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
     timestep_fraction=(0.99, "train the first floor(T * fraction) steps (0.99 -> 9 of 10, Flow-GRPO)"),
     guidance_scale=(None, float, "CFG scale for sampling and training (default: the world's; 4.5 on SD3)"),
-    noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise (default: the world's; 0.7 on SD3)"),
-    sde_window=(None, int, "Flow-GRPO-Fast: only this many consecutive steps (window start drawn per epoch in the first half) are SDE steps and trained; 0 = all (Flow-GRPO; default: the world's, 0 on SD3, 2 on tiny)"),
-    window_start=(None, int, "with --sde-window: fix the window's first step (default: drawn per epoch in the first half)"),
-    kl_outside=(0, "with --sde-window: also hold k of the trained steps outside the window (drawn per sample and epoch) near "
-                   "the base, with the KL each would have as an SDE step, every such step weighted as a window step "
-                   "(0 = Flow-GRPO-Fast, which leaves them free; docs/NOTES.md, pilot G)"),
-    same_latent=(False, "the G images of a prompt start from one shared initial noise x_1 (Flow-GRPO's same_latent, DanceGRPO): the group then differs only by the SDE steps' noise, the actions being trained"),
+    noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise (default: the world's; "
+                              "0.7 on SD3)"),
+    # Flow-GRPO-Fast and the tiny-world pilots (the docstring's last paragraph; docs/NOTES.md)
+    sde_window=(None, int, "Flow-GRPO-Fast: only this many consecutive steps (window start drawn per epoch in the "
+                           "first half) are SDE steps and trained; 0 = all (Flow-GRPO; default: the world's, 0 on "
+                           "SD3, 2 on tiny)"),
+    window_start=(None, int, "with --sde-window: fix the window's first step (default: drawn per epoch in the first "
+                             "half)"),
+    kl_outside=(0, "with --sde-window: also hold k of the trained steps outside the window (drawn per sample and "
+                   "epoch) near the base, with the KL each would have as an SDE step, every such step weighted as a "
+                   "window step (0 = Flow-GRPO-Fast, which leaves them free; docs/NOTES.md, pilot G)"),
+    same_latent=(False, "the G images of a prompt start from one shared initial noise x_1 (Flow-GRPO's same_latent, "
+                        "DanceGRPO): the group then differs only by the SDE steps' noise, the actions being trained"),
+    # the update
     std_scope=("global", "advantage std over the whole batch ('global', Flow-GRPO) or per prompt ('group')"),
     adv_clip=(5.0, "advantages are clipped to +-adv_clip"),
     clip_range=(1e-4, "PPO clip range eps (Flow-GRPO's, small because log-probs are per-dimension means)"),
@@ -84,18 +99,68 @@ SETTINGS = dict(
     lora_rank=(32, "LoRA rank r"),
     lora_alpha=(64, "LoRA alpha (scale alpha / r)"),
     full_finetune=(False, "train every transformer weight instead of a LoRA (reference = a frozen copy)"),
-    ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is evaluated and saved), after Flow-GRPO's warm-up "
-                    "min((1 + s) / (10 + s), decay) at optimizer step s"),
+    ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is evaluated and saved), after Flow-GRPO's "
+                    "warm-up min((1 + s) / (10 + s), decay) at optimizer step s"),
     ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
-    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local ranks)"),
-    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less memory (SD3.5-M on 40-80 GB cards), the same gradients"),
+    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local "
+                "ranks)"),
+    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less "
+                                   "memory (SD3.5-M on 40-80 GB cards), the same gradients"),
     seed=(0, "seed of prompt draws and sampling noise (per sample: seed, epoch, index)"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
-    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no network); '' = log.jsonl only"),
+    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no "
+                 "network); '' = log.jsonl only"),
 )
 cfg = runs.parse_settings(__doc__, SETTINGS)
+
+# -----------------------------------------------------------------------------
+# Flow-GRPO-Fast's window and the tiny-world pilots (docs/NOTES.md, pilots F and G; the docstring's last
+# paragraph). Helpers only, called from the set-up and the update; the method reads without them.
+
+
+def check_window(steps, n_trained):
+    """--sde-window, --window-start and --kl-outside fit T = `steps`: checked before anything runs."""
+    try:
+        window0 = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, 0, cfg.window_start)  # all steps if 0
+    except ValueError as e:
+        raise SystemExit(f"error: --sde-window {cfg.sde_window} / --window-start {cfg.window_start}: {e}") from None
+    # a window has the same length every epoch and lies in the first half: epoch 0's tells how many steps lie
+    # outside it
+    if cfg.kl_outside:
+        n_outside = sum(j not in window0 for j in range(n_trained))  # 0 without a window
+        if not 0 < cfg.kl_outside <= n_outside:
+            raise SystemExit(f"error: --kl-outside {cfg.kl_outside} needs an SDE window and at most the {n_outside} "
+                             f"trained steps outside it (--sde-window {cfg.sde_window}, {n_trained} trained steps "
+                             f"of T={steps})")
+
+
+def held_outside_steps(train_steps, seeds):
+    """--kl-outside: the trained steps the window leaves deterministic, and which k of them each sample holds
+    (drawn per sample and epoch): (outside, held (n_local, len(outside)) bool), or ([], None) when off."""
+    outside = [j for j in range(n_trained) if j not in train_steps] if cfg.kl_outside else []
+    held = sde.step_subset(seeds, len(outside), cfg.kl_outside) if outside else None
+    return outside, held
+
+
+def kl_outside_loss(mb, outside, held, denominator, stats):
+    """--kl-outside (pilot G): beta * KL to the base at the held steps outside the window, for the samples `mb`
+    (local indices). Back-propagates each step's loss, summed over its samples and divided by `denominator` as a
+    window step's is; returns the summed detached loss (for the divergence guard)."""
+    total = torch.zeros((), device=dist.device)
+    for c, j in enumerate(outside):
+        rows = mb[held[mb, c]]  # this microbatch's samples that hold step j
+        if not len(rows):
+            continue
+        v = sde.predict_velocity(world, latents[rows, j], sigmas[j].item(), embeds[rows], pooled[rows], guidance)
+        kl = kl_to_reference(v, latents[rows, j], j, rows)
+        loss = beta * kl * len(outside) / cfg.kl_outside  # k held steps stand for all len(outside): unbiased
+        (loss.sum() / denominator).backward()
+        total += loss.detach().sum()
+        stats["kl_outside"].append(kl.detach().mean())
+    return total
+
 
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, the policy (a LoRA on the frozen base), its reference, the rewards
@@ -110,39 +175,35 @@ cfg.noise_level = world.defaults["noise_level"] if cfg.noise_level is None else 
 cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg.sde_window
 for name in ("prompts_per_epoch", "group_size", "sample_batch", "train_batch"):  # the world's batch unless given
     setattr(cfg, name, world.defaults[name] if getattr(cfg, name) is None else getattr(cfg, name))
-try:  # the window's settings, checked before anything runs
-    window0 = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, 0, cfg.window_start)  # every step without a window
-except ValueError as e:
-    raise SystemExit(f"error: --sde-window {cfg.sde_window} / --window-start {cfg.window_start}: {e}") from None
-n_trained = int(math.floor(steps * cfg.timestep_fraction))  # trained timestep indices: the first n_trained (Flow-GRPO),
-                                                              # or the epoch's SDE window (sde.sde_window_steps)
-if cfg.kl_outside:  # a window has the same length every epoch and lies in the first half: epoch 0's tells how many steps lie outside it
-    n_outside = sum(j not in window0 for j in range(n_trained))  # 0 without a window
-    if not 0 < cfg.kl_outside <= n_outside:
-        raise SystemExit(f"error: --kl-outside {cfg.kl_outside} needs an SDE window and at most the {n_outside} trained steps "
-                         f"outside it (--sde-window {cfg.sde_window}, {n_trained} trained steps of T={steps})")
+# trained timestep indices: the first n_trained (Flow-GRPO), or the epoch's SDE window (sde.sde_window_steps)
+n_trained = int(math.floor(steps * cfg.timestep_fraction))
+check_window(steps, n_trained)
 # task_weights: whose prompts an epoch draws (and, without --prompts, whose reward each sample gets)
 task_weights = rewards.parse_weights(cfg.prompts or cfg.task)
 extra_weights = rewards.parse_weights(cfg.reward) if cfg.reward else {}
 for name in list(task_weights) + list(extra_weights):
     if name not in world.tasks:
-        raise SystemExit(f"error: --task/--prompts/--reward name {name!r} is not a task of the {world.kind} world {world.tasks}")
+        raise SystemExit(f"error: --task/--prompts/--reward name {name!r} is not a task of the {world.kind} world "
+                         f"{world.tasks}")
 if cfg.prompts and not extra_weights:
-    raise SystemExit(f"error: --prompts {cfg.prompts} trains on the --reward mix alone, and --reward is empty (e.g. --reward deqa:0.4,pickscore:0.6)")
+    raise SystemExit(f"error: --prompts {cfg.prompts} trains on the --reward mix alone, and --reward is empty "
+                     f"(e.g. --reward deqa:0.4,pickscore:0.6)")
 if cfg.mix not in ("epochs", "prompts"):
     raise SystemExit(f"error: --mix must be 'epochs' or 'prompts', got {cfg.mix!r}")
 mixed = len(task_weights) > 1
 cycle = [t for t, w in task_weights.items() for _ in range(int(w))]  # --mix epochs: epoch e trains task cycle[e % len]
 if mixed and cfg.mix == "epochs" and any(w != int(w) for w in task_weights.values()):
-    raise SystemExit(f"error: --mix epochs alternates whole epochs: the weights of {cfg.prompts or cfg.task!r} must be whole numbers (3:1:1)")
+    raise SystemExit(f"error: --mix epochs alternates whole epochs: the weights of {cfg.prompts or cfg.task!r} must "
+                     f"be whole numbers (3:1:1)")
 tag = "+".join(extra_weights) if cfg.prompts else "mix" if mixed else next(iter(task_weights))
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind, "runs", f"grpo-{tag}")
 DEFAULT_BETA = {"geneval": 0.04, "ocr": 0.04, "pickscore": 0.01, "deqa": 0.01}
 MIX_BETA = 0.04  # Flow-GRPO's official mix config
 beta = cfg.beta if cfg.beta is not None else (min(DEFAULT_BETA[t] for t in extra_weights) if cfg.prompts else
                                               MIX_BETA if mixed else DEFAULT_BETA[next(iter(task_weights))])
-if cfg.kl_outside and beta <= 0:
-    raise SystemExit(f"error: --kl-outside {cfg.kl_outside} holds steps near the base with the KL, so it needs --beta > 0 (got {beta})")
+if cfg.kl_outside and beta <= 0:  # pilot G holds its steps with the KL
+    raise SystemExit(f"error: --kl-outside {cfg.kl_outside} holds steps near the base with the KL, so it needs "
+                     f"--beta > 0 (got {beta})")
 
 N = cfg.prompts_per_epoch * cfg.group_size  # images per epoch, all ranks
 first, n_local = runs.shard(N, dist)  # this rank holds global samples [first, first + n_local)
@@ -177,7 +238,10 @@ extra_reward = {t: rewards.get_reward(t, world.kind, dist.device) for t in extra
 def sample_reward(task):
     """The reward of a sample of `task`'s prompts: its task reward (none with --prompts) + the weighted extras."""
     def reward(images, prompts, metadata):
-        total = torch.as_tensor(task_reward[task](images, prompts, metadata)).float().cpu() if task in task_reward else torch.zeros(len(images))
+        if task in task_reward:
+            total = torch.as_tensor(task_reward[task](images, prompts, metadata)).float().cpu()
+        else:
+            total = torch.zeros(len(images))
         for name, weight in extra_weights.items():
             total = total + weight * torch.as_tensor(extra_reward[name](images, prompts, metadata)).float().cpu()
         return total
@@ -194,17 +258,22 @@ if cfg.gradient_checkpointing:
 
 # What this run is (settings + input hashes): a checkpoint in --out is resumed only if it records the same.
 identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
-                                   **{f"prompts_{t}": path for t, path in train_files.items()}), paths=("world", "init"))
-start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, identity, dist=dist) if cfg.resume else (0, 0)
+                                       **{f"prompts_{t}": path for t, path in train_files.items()}),
+                             paths=("world", "init"))
+start_epoch, opt_step = (runs.load_train_state(out, params, ema, optimizer, identity, dist=dist) if cfg.resume
+                         else (0, 0))
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
-    runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size))
-    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | {'prompts' if cfg.prompts else 'tasks'} "
-          f"{task_weights} extra {extra_weights}" + (f" | mix by {cfg.mix}" + (f": epochs cycle {cycle}" if cfg.mix == "epochs" else "") if mixed else ""))
+    runs.write_json(os.path.join(out, "config.json"),
+                    dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size))
+    mix_note = f" | mix by {cfg.mix}" + (f": epochs cycle {cycle}" if cfg.mix == "epochs" else "") if mixed else ""
+    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | "
+          f"{'prompts' if cfg.prompts else 'tasks'} {task_weights} extra {extra_weights}" + mix_note)
     print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, "
           f"trained steps {f'a window of {cfg.sde_window}' if cfg.sde_window else list(range(n_trained))} | "
-          f"{cfg.updates_per_epoch * cfg.inner_epochs} optimizer steps/epoch | {sum(p.numel() for p in param_list):,} trainable params | beta {beta} | out {out}")
+          f"{cfg.updates_per_epoch * cfg.inner_epochs} optimizer steps/epoch | "
+          f"{sum(p.numel() for p in param_list):,} trainable params | beta {beta} | out {out}")
 
 track = runs.open_tracker(cfg.tracker, out, vars(cfg), dist)
 if start_epoch and dist.master:
@@ -242,26 +311,28 @@ def save_outputs(epoch):
 # -----------------------------------------------------------------------------
 # Training loop
 
-for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.master, initial=start_epoch, total=cfg.epochs):
+for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.master, initial=start_epoch,
+                  total=cfg.epochs):
     timer = runs.Timer()
-    epoch_weights = {cycle[epoch % len(cycle)]: 1.0} if mixed and cfg.mix == "epochs" else task_weights  # this epoch's task(s)
+    # this epoch's task(s)
+    epoch_weights = {cycle[epoch % len(cycle)]: 1.0} if mixed and cfg.mix == "epochs" else task_weights
     chosen = worlds.draw_prompts(train_prompts, epoch_weights, cfg.prompts_per_epoch, cfg.seed, epoch)
     index = torch.arange(first, first + n_local)  # global sample indices held by this rank
     tasks = [chosen[i // cfg.group_size][0] for i in index.tolist()]
     prompts = [chosen[i // cfg.group_size][1] for i in index.tolist()]
     metadata = [chosen[i // cfg.group_size][2] for i in index.tolist()]
-    seeds, init_seeds = sde.epoch_seeds(cfg.seed, epoch, index.tolist(), cfg.group_size, cfg.same_latent)  # per-sample seeding
-    sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch, cfg.window_start)  # all steps unless windowed
+    # per-sample seeding (--same-latent: one initial noise per group)
+    seeds, init_seeds = sde.epoch_seeds(cfg.seed, epoch, index.tolist(), cfg.group_size, cfg.same_latent)
+    sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch, cfg.window_start)  # all unless windowed
     train_steps = sde_steps if cfg.sde_window else list(range(n_trained))
-    # --kl-outside: the trained steps the window leaves deterministic, and which k of them each sample holds
-    outside = [j for j in range(n_trained) if j not in train_steps] if cfg.kl_outside else []
-    held = sde.step_subset(seeds, len(outside), cfg.kl_outside) if outside else None  # (n_local, len(outside)) bool
+    outside, held = held_outside_steps(train_steps, seeds)  # pilot G (--kl-outside); ([], None) when off
 
     # 1. On-policy sampling: G SDE trajectories per prompt, with their per-step log-probs; each decoded batch
     #    is handed to the scorer's thread at once, so scoring overlaps the sampling of the next batch
     transformer.eval()
-    score_batch = lambda b, batch_images: scorer.submit(batch_images, prompts[b: b + len(batch_images)],  # noqa: E731
-                                                        metadata[b: b + len(batch_images)], tasks[b: b + len(batch_images)])
+    score_batch = lambda b, batch_images: scorer.submit(  # noqa: E731
+        batch_images, prompts[b: b + len(batch_images)], metadata[b: b + len(batch_images)],
+        tasks[b: b + len(batch_images)])
     with timer("sampling"):
         traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch,
                           sde_steps=sde_steps, init_seeds=init_seeds, on_batch=score_batch)
@@ -274,10 +345,13 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
         reward = scorer.result()  # (n_local,)
         # every rank needs every reward: a group's images may live on several ranks
         all_reward = runs.gather_cat(reward.to(dist.device), dist).cpu()
-        all_task = runs.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
-        per_task = {f"reward_{t}": all_reward[all_task == k].mean().item() for k, t in enumerate(task_weights) if (all_task == k).any()}
+        all_task = runs.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device),
+                                   dist).cpu()
+        per_task = {f"reward_{t}": all_reward[all_task == k].mean().item()
+                    for k, t in enumerate(task_weights) if (all_task == k).any()}
         runs.assert_finite(all_reward, "a reward", f"grpo_expert.py epoch {epoch + 1}",
-                           label=lambda i: f"task {chosen[i // cfg.group_size][0]}, prompt {chosen[i // cfg.group_size][1]!r}")
+                           label=lambda i: f"task {chosen[i // cfg.group_size][0]}, "
+                                           f"prompt {chosen[i // cfg.group_size][1]!r}")
 
     # 3. Group-normalised advantages (Flow-GRPO eq. 7): A = (r - mean_group) / (std + 1e-4), clipped
     #    A prompt-mixed batch is normalised task by task: one std over rewards of different scales (PickScore/26
@@ -286,19 +360,22 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     advantages, keep = torch.zeros(N), torch.zeros(N, dtype=torch.bool)
     for k in all_task.unique():
         rows = all_task == k
-        advantages[rows], keep[rows] = sde.group_advantages(all_reward[rows], groups[rows], cfg.std_scope, clip=cfg.adv_clip)
+        advantages[rows], keep[rows] = sde.group_advantages(all_reward[rows], groups[rows], cfg.std_scope,
+                                                            clip=cfg.adv_clip)
     kept = keep.nonzero().squeeze(1)  # global indices of samples in groups with reward spread
 
     # 4. Policy update: PPO-clipped ratio loss on every trained step + beta * KL to the base (eq. 8)
     transformer.train()
-    stats = dict(loss=[], policy=[], kl=[], kl_outside=[], ratio=[], clipfrac=[])  # detached tensors: read once per epoch
+    stats = dict(loss=[], policy=[], kl=[], kl_outside=[], ratio=[], clipfrac=[])  # detached tensors: read once
     with timer("training"):
         for inner in range(cfg.inner_epochs):
             chunks = runs.optimizer_chunks(kept, cfg.updates_per_epoch, sde.sample_seed(cfg.seed, epoch, -1 - inner))
-            for chunk in (chunks if len(kept) else []):  # each rank's share of every chunk is within one sample of equal
+            for chunk in (chunks if len(kept) else []):  # each rank's share of a chunk is within one sample of equal
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = torch.zeros((), device=dist.device)  # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
-                n_chunk = len(chunk)  # global count: every rank divides by it, so the summed gradient is the global mean
+                # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
+                step_loss = torch.zeros((), device=dist.device)
+                # global count: every rank divides by it, so the summed gradient is the global mean
+                n_chunk = len(chunk)
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first  # this rank's share, local indices
                 for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     adv = advantages[mb + first].to(dist.device)
@@ -317,23 +394,15 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                         stats["kl"].append(kl.detach().mean())
                         stats["ratio"].append(ratio.detach())
                         stats["clipfrac"].append(((ratio.detach() - 1).abs() > cfg.clip_range).float().mean())
-                    for c, j in enumerate(outside):  # --kl-outside: beta * KL at the held steps outside the window
-                        rows = mb[held[mb, c]]  # this microbatch's samples that hold step j
-                        if not len(rows):
-                            continue
-                        v = sde.predict_velocity(world, latents[rows, j], sigmas[j].item(), embeds[rows], pooled[rows], guidance)
-                        kl = kl_to_reference(v, latents[rows, j], j, rows)
-                        loss = beta * kl * len(outside) / cfg.kl_outside  # k held steps stand for all len(outside): unbiased
-                        (loss.sum() / (n_chunk * len(train_steps))).backward()
-                        step_loss += loss.detach().sum()
-                        stats["kl_outside"].append(kl.detach().mean())
+                    if outside:  # pilot G: beta * KL at the held steps outside the window
+                        step_loss += kl_outside_loss(mb, outside, held, n_chunk * len(train_steps), stats)
                     if "ratio_first" not in stats:  # on-policy check: before the first update the ratio is exactly 1
                         stats["ratio_first"] = torch.cat(stats["ratio"]).mean()
                 runs.all_reduce_sum(param_list, dist)
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 where = f"grpo_expert.py epoch {epoch + 1} optimizer step {opt_step + 1}"
-                runs.assert_finite(torch.stack([grad_norm.float(), step_loss.float()]), "the gradient norm or the loss", where,
-                                   label=lambda i: ("it is the gradient norm", "it is the loss")[i])  # one host sync a step
+                runs.assert_finite(torch.stack([grad_norm.float(), step_loss.float()]), "the gradient norm or the loss",
+                                   where, label=lambda i: ("it is the gradient norm", "it is the loss")[i])  # one sync
                 optimizer.step()
                 opt_step += 1
                 if opt_step % cfg.ema_every == 0:
@@ -352,11 +421,13 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
             record["kl_outside"] = mean("kl_outside")
         runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
         track(record)
-        tqdm.write(f"epoch {epoch + 1}: reward {record['reward']:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in per_task.items())
+        tqdm.write(f"epoch {epoch + 1}: reward {record['reward']:.3f} "
+                   + " ".join(f"{k} {v:.3f}" for k, v in per_task.items())
                    + f" | kl {record['kl']:.2e} clip {record['clipfrac']:.2f} ratio {record['ratio_mean']:.4f} | "
                    + " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
         if cfg.grid_every and (epoch + 1) % cfg.grid_every == 0:
-            runs.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
+            runs.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8,
+                           scale=max(1, 128 // images.shape[-1]))
     if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
         save_outputs(epoch + 1)
 

@@ -8,7 +8,7 @@ exact merge of the weight updates (task arithmetic); TIES is the third option.
 Commands (CPU is enough; --device cuda only speeds up the SVDs of SD3.5-Medium's 1536x1536 modules):
   python merge.py --adapters runs/geneval/lora.safetensors,runs/ocr/lora.safetensors,runs/pickscore/lora.safetensors \\
                   --out runs/merge/student.safetensors                        # task arithmetic, mean of updates, exact
-  python merge.py --adapters geneval_teacher/,ocr_teacher/ --out m.safetensors  # PEFT adapter folders (Flow-GRPO's release)
+  python merge.py --adapters geneval_teacher/,ocr_teacher/ --out m.safetensors  # PEFT folders (Flow-GRPO's release)
   python merge.py --adapters ... --rank 32 --alpha 64 --out student_r32.safetensors  # the SFT student's rank and scale
   python merge.py --adapters a.safetensors,b.safetensors,c.safetensors --weights 1,1,1 --out sum.safetensors
   python merge.py --adapters ... --rank 64 --out student_r64.safetensors     # SVD-truncated to rank 64 (error reported)
@@ -45,7 +45,8 @@ import worlds
 # settings
 
 SETTINGS = dict(
-    adapters=("", "comma-separated expert LoRAs: files (worlds.save_lora, diffusers) or PEFT adapter folders; required"),
+    adapters=("", "comma-separated expert LoRAs: files (worlds.save_lora, diffusers) or PEFT adapter folders; "
+                  "required"),
     weights=("", "comma-separated lambda_k, one per adapter; empty = 1/K each for task-arithmetic and "
                  "lora-mean (the mean), 1 each for ties (TIES already averages the agreeing entries)"),
     method=("task-arithmetic", "task-arithmetic (sum_k lambda_k dW_k) | lora-mean (official: mean A, mean B) | ties"),
@@ -68,18 +69,21 @@ t_start = time.time()
 
 paths = [p.strip() for p in cfg.adapters.split(",") if p.strip()]
 if not paths:
-    raise SystemExit("error: --adapters is empty; pass the expert LoRA files, e.g. --adapters a.safetensors,b.safetensors")
+    raise SystemExit("error: --adapters is empty; pass the expert LoRA files, "
+                     "e.g. --adapters a.safetensors,b.safetensors")
 if cfg.method not in METHODS:
     raise SystemExit(f"error: --method {cfg.method!r} is not one of {', '.join(METHODS)}")
 if not cfg.out.endswith(".safetensors"):
     raise SystemExit(f"error: --out {cfg.out!r} must be a path ending in .safetensors")
 # a PEFT folder is read through its adapter_model.safetensors: writing there would overwrite an input too
-if os.path.abspath(cfg.out) in {os.path.abspath(os.path.join(p, worlds.PEFT_WEIGHTS) if os.path.isdir(p) else p) for p in paths}:
+if os.path.abspath(cfg.out) in {os.path.abspath(os.path.join(p, worlds.PEFT_WEIGHTS) if os.path.isdir(p) else p)
+                                for p in paths}:
     raise SystemExit(f"error: --out {cfg.out} is one of the inputs; write the merge to a new file")
 if cfg.rank < 0:
     raise SystemExit(f"error: --rank {cfg.rank} is negative; use 0 for the exact merge or R > 0 to truncate")
 if not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):
-    raise SystemExit(f"error: --alpha {cfg.alpha} must be a positive number (the output lora_alpha) or 0 for the default scale")
+    raise SystemExit(f"error: --alpha {cfg.alpha} must be a positive number (the output lora_alpha) or 0 for the "
+                     f"default scale")
 if cfg.method == "ties" and not 0 < cfg.density <= 1:
     raise SystemExit(f"error: --density {cfg.density} must be in (0, 1] (the fraction of entries TIES keeps)")
 K = len(paths)
@@ -97,7 +101,8 @@ if not all(math.isfinite(w) for w in weights):
 # A negative lambda is task negation in task arithmetic (meaningful); in a weighted mean of factors or in
 # TIES' sign election it is not.
 if cfg.method != "task-arithmetic" and any(w < 0 for w in weights):
-    raise SystemExit(f"error: --weights {weights} has a negative weight, meaningless for {cfg.method} (only task-arithmetic negates tasks)")
+    raise SystemExit(f"error: --weights {weights} has a negative weight, meaningless for {cfg.method} "
+                     f"(only task-arithmetic negates tasks)")
 if not any(w != 0 for w in weights):
     raise SystemExit(f"error: --weights {weights} are all zero; the merge would be empty")
 device = torch.device(cfg.device)
@@ -127,7 +132,8 @@ def read_adapter(path):
     for name, f in sorted(modules.items()):
         A, B = f.get("A"), f.get("B")
         if A is None or B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise SystemExit(f"error: {path} is not a LoRA file: module {name} lacks a matching lora_A (r, in) / lora_B (out, r) pair")
+            raise SystemExit(f"error: {path} is not a LoRA file: module {name} lacks a matching lora_A (r, in) / "
+                             f"lora_B (out, r) pair")
         r = A.shape[0]  # per module, so peft's rank_pattern is honoured
         scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
         out[name] = (A.to(device, torch.float64), B.to(device, torch.float64), scale)
@@ -139,15 +145,17 @@ for p, a in zip(paths[1:], adapters[1:]):
     if a.keys() != adapters[0].keys():
         first = sorted(a.keys() ^ adapters[0].keys())[0]
         where = paths[0] if first in adapters[0] else p
-        raise SystemExit(f"error: {paths[0]} and {p} target different modules: first difference {first} (only in {where})")
+        raise SystemExit(f"error: {paths[0]} and {p} target different modules: first difference {first} "
+                         f"(only in {where})")
     for name in adapters[0]:
         shape0 = (adapters[0][name][1].shape[0], adapters[0][name][0].shape[1])
         shape = (a[name][1].shape[0], a[name][0].shape[1])
         if shape != shape0:
-            raise SystemExit(f"error: {paths[0]} and {p} differ in module {name}: dW shape (out, in) {shape0} vs {shape}")
+            raise SystemExit(f"error: {paths[0]} and {p} differ in module {name}: dW shape (out, in) {shape0} "
+                             f"vs {shape}")
         if cfg.method == "lora-mean" and a[name][0].shape[0] != adapters[0][name][0].shape[0]:
-            raise SystemExit(f"error: lora-mean needs equal ranks: {paths[0]} has r={adapters[0][name][0].shape[0]} and {p} "
-                             f"r={a[name][0].shape[0]} at module {name}; use task-arithmetic")
+            raise SystemExit(f"error: lora-mean needs equal ranks: {paths[0]} has r={adapters[0][name][0].shape[0]} "
+                             f"and {p} r={a[name][0].shape[0]} at module {name}; use task-arithmetic")
 names = list(adapters[0])
 
 # The optional base for folding is loaded now, so that a bad base stops the run before any file is written.
@@ -266,7 +274,8 @@ overall = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
 # builds LoraConfig(**config) from it as diffusers' load_lora_weights does. The other fields take peft's defaults
 # (no rsLoRA, DoRA or per-module patterns: read_adapter refused those, and the output needs none). An init
 # such as "pissa" or "loftq" is not carried over: peft runs it at load time, and it rewrites the base weights.
-LAYOUT = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "init_lora_weights", "lora_dropout")
+LAYOUT = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "init_lora_weights",
+          "lora_dropout")
 config = {k: configs[0][k] for k in LAYOUT if configs[0].get(k) is not None}
 if config.get("init_lora_weights") not in (True, False, "gaussian"):
     config.pop("init_lora_weights", None)
@@ -319,8 +328,10 @@ card = dict(
 )
 runs.write_json(stem + ".json", card)
 
-print(f"  output: rank {r_out}, alpha {alpha_out} (scale {scale_out:g}); reconstruction error (||dW - (alpha/r) B A||_F / ||dW||_F) "
+print(f"  output: rank {r_out}, alpha {alpha_out} (scale {scale_out:g}); "
+      f"reconstruction error (||dW - (alpha/r) B A||_F / ||dW||_F) "
       f"overall {overall:.3g}, worst module {max(errors.values()):.3g}" + (" (truncated SVD)" if cfg.rank else ""))
 if lora_mean_gap is not None:
     print(f"  lora-mean vs the mean of the updates: relative difference {lora_mean_gap:.3g}")
-print(f"  wrote {cfg.out}, {stem}.json" + (f", {folded_path}" if folded_path else "") + f" ({time.time() - t_start:.1f}s)")
+print(f"  wrote {cfg.out}, {stem}.json" + (f", {folded_path}" if folded_path else "")
+      + f" ({time.time() - t_start:.1f}s)")

@@ -64,33 +64,40 @@ import worlds
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
     student=("", "cold-start LoRA of the student (merge.py / sft_init.py output); '' = a fresh LoRA on the base"),
-    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped experts; "
-                  "file 'base' = the frozen base, a task kept where it is)"),
+    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped "
+                  "experts; file 'base' = the frozen base, a task kept where it is)"),
     task=("geneval:1,ocr:1,deqa:1,pickscore:1", "which tasks' training prompts to draw, with their odds"),
-    routing=("", "soft routing as JSON {task: {teacher_task: alpha}} (e.g. '{\"ocr\": {\"ocr\": 0.8, \"pickscore\": 0.2}}'); unlisted tasks route hard to their own teacher"),
+    routing=("", "soft routing as JSON {task: {teacher_task: alpha}} (e.g. "
+                 "'{\"ocr\": {\"ocr\": 0.8, \"pickscore\": 0.2}}'); unlisted tasks route hard to their own teacher"),
     opd_loss=("direct", "direct | pg | pg-sample (see the docstring)"),
     return_to_go=(False, "pg-sample: sum each step's reward over the later trained steps"),
     mar_weight=(0.02, "lambda of MAR (paper appendix 0.02; official configs 0.04; 0 = off)"),
-    mar_teacher=("base", "the anchor: 'base' (official default), a task name (that task's teacher; the paper uses its DeQA expert), or a LoRA file"),
+    mar_teacher=("base", "the anchor: 'base' (official default), a task name (that task's teacher; the paper uses its "
+                         "DeQA expert), or a LoRA file"),
     out=(None, str, "output folder (default results/<world>/runs/opd)"),
     epochs=(40, "epochs; one epoch = student samples, teachers label, student updates"),
-    prompts_per_epoch=(None, int, "distinct prompts per epoch, over all ranks (default: the world's; 48 on SD3, 8 on tiny)"),
-    group_size=(None, int, "G: student trajectories per prompt (default: 24 on SD3, 8 on tiny; the official OPD config: 16)"),
+    prompts_per_epoch=(None, int, "distinct prompts per epoch, over all ranks (default: the world's; 48 on SD3, "
+                                  "8 on tiny)"),
+    group_size=(None, int, "G: student trajectories per prompt (default: 24 on SD3, 8 on tiny; the official OPD "
+                           "config: 16)"),
     sample_batch=(None, int, "images per sampling forward, per rank (default: 9 on SD3, 16 on tiny)"),
     train_batch=(None, int, "images per training forward, per rank (default: 9 on SD3, 16 on tiny)"),
     steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
     timestep_fraction=(0.99, "distil the first floor(T * fraction) steps"),
     distil_steps=(0, "k: each sample distils a random k of those steps, drawn anew per sample and epoch: an unbiased "
-                     "estimate of the per-step mean KL at k / S of the teacher, anchor and training calls (0 = all S, the paper)"),
+                     "estimate of the per-step mean KL at k / S of the teacher, anchor and training calls (0 = all "
+                     "S, the paper)"),
     guidance_scale=(None, float, "CFG scale for student and teachers (default: the world's)"),
     noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)) (default: the world's; 0.7 on SD3)"),
-    sde_window=(None, int, "only this many consecutive steps of the student's trajectories are SDE steps (Flow-GRPO-Fast, as grpo_expert.py; 0 = all; default: the world's). direct distils every trained step; pg / pg-sample only the window's (the steps with a sampled action)"),
+    sde_window=(None, int, "only this many consecutive steps of the student's trajectories are SDE steps "
+                           "(Flow-GRPO-Fast, as grpo_expert.py; 0 = all; default: the world's). direct distils every "
+                           "trained step; pg / pg-sample only the window's (the steps with a sampled action)"),
     clip_range=(1e-4, "pg / pg-sample: PPO clip range"),
     adv_clip=(5.0, "pg / pg-sample: rewards used as advantages are clamped to +-adv_clip (official: 5)"),
-    kl_dt_factor=(False, "weight each step's KL (and MAR's) by |dt| more, as the official OPD does (its std has no sqrt|dt|: "
-                         "its weight is |dt| w(t)); off = the exact per-step KL w(t) ||v_s - v_T||^2"),
-    skip_zero_advantage=(False, "train only on samples whose group's task rewards differ, as the official OPD does even in its "
-                                "KL-only mode (needs --score); off = distil every sample"),
+    kl_dt_factor=(False, "weight each step's KL (and MAR's) by |dt| more, as the official OPD does (its std has no "
+                         "sqrt|dt|: its weight is |dt| w(t)); off = the exact per-step KL w(t) ||v_s - v_T||^2"),
+    skip_zero_advantage=(False, "train only on samples whose group's task rewards differ, as the official OPD does "
+                                "even in its KL-only mode (needs --score); off = distil every sample"),
     lr=(1e-4, "AdamW learning rate (official OPD config: 1e-4)"),
     weight_decay=(1e-4, "AdamW weight decay"),
     grad_clip=(1.0, "gradient-norm clip"),
@@ -101,13 +108,16 @@ SETTINGS = dict(
     ema_decay=(0.9, "EMA decay of the student's weights (the EMA is saved)"),
     ema_every=(8, "EMA update interval in optimizer steps"),
     score=(True, "score the student's samples with the task rewards (logged only, never trained on)"),
-    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local ranks)"),
-    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less memory (SD3.5-M on 40-80 GB cards), the same gradients"),
+    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local "
+                "ranks)"),
+    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less "
+                                   "memory (SD3.5-M on 40-80 GB cards), the same gradients"),
     seed=(0, "seed of prompt draws and sampling noise"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
-    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no network); '' = log.jsonl only"),
+    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no "
+                 "network); '' = log.jsonl only"),
 )
 cfg = runs.parse_settings(__doc__, SETTINGS)
 if cfg.opd_loss not in ("direct", "pg", "pg-sample"):
@@ -132,11 +142,12 @@ cfg.sde_window = world.defaults["sde_window"] if cfg.sde_window is None else cfg
 for name in ("prompts_per_epoch", "group_size", "sample_batch", "train_batch"):  # the world's batch unless given
     setattr(cfg, name, world.defaults[name] if getattr(cfg, name) is None else getattr(cfg, name))
 first_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))  # distilled steps (per epoch: see the loop)
-window_only = cfg.opd_loss != "direct" and bool(cfg.sde_window)  # pg / pg-sample distil the window's steps (sampled actions)
+window_only = cfg.opd_loss != "direct" and bool(cfg.sde_window)  # pg / pg-sample distil the window's steps (actions)
 n_trained = cfg.sde_window if window_only else len(first_steps)
 if cfg.distil_steps > n_trained:
     raise SystemExit(f"error: --distil-steps {cfg.distil_steps} is more than the {n_trained} steps this run distils "
-                     f"({'the SDE window' if window_only else 'floor(T x --timestep-fraction)'}); use 0 for all of them")
+                     f"({'the SDE window' if window_only else 'floor(T x --timestep-fraction)'}); "
+                     f"use 0 for all of them")
 task_weights = rewards.parse_weights(cfg.task)
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind, "runs", "opd")
 
@@ -148,7 +159,8 @@ routing.update(json.loads(cfg.routing) if cfg.routing else {})
 for task, row in routing.items():
     missing = [k for k in row if k not in teacher_files]
     if task in task_weights and missing:
-        raise SystemExit(f"error: prompts of task {task!r} route to {missing}, which have no teacher in --teachers {sorted(teacher_files)}")
+        raise SystemExit(f"error: prompts of task {task!r} route to {missing}, which have no teacher in --teachers "
+                         f"{sorted(teacher_files)}")
 
 
 def is_full_weight(path):
@@ -177,14 +189,16 @@ def load_teacher(name, path):
     try:
         full.load_state_dict(weights)
     except RuntimeError as e:
-        raise SystemExit(f"error: teacher {path} is neither a LoRA nor this world's transformer state dict ({str(e).splitlines()[0]})")
+        raise SystemExit(f"error: teacher {path} is neither a LoRA nor this world's transformer state dict "
+                         f"({str(e).splitlines()[0]})")
     return dataclasses.replace(world, transformer=full)
 
 
 # Full-weight teachers are copied from the bare base, before any adapter exists on it. A teacher named
 # 'base' is the frozen base itself (adapter name None: adapters disabled).
 teacher_copy = {}  # teacher name -> World with its own transformer (full-weight teachers only)
-teacher_adapter = {t: None if f == "base" else f"teacher_{t}" for t, f in teacher_files.items()}  # what frozen_velocity switches to
+# what frozen_velocities switches to
+teacher_adapter = {t: None if f == "base" else f"teacher_{t}" for t, f in teacher_files.items()}
 used = sorted({k for t in task_weights for k in routing[t]})
 # full-weight teachers first: a copy made after a LoRA is attached would carry peft's layers (strict load fails)
 for t in sorted(used, key=lambda t: teacher_adapter[t] is None or not is_full_weight(teacher_files[t])):
@@ -232,23 +246,39 @@ cfg_rows = 2 if guidance and guidance > 1 else 1  # transformer rows per sample-
 anchor_file = cfg.mar_teacher if anchor == "anchor" else None
 identity = runs.run_identity(cfg, dict(base=world.source, student=cfg.student, anchor=anchor_file,
                                        **{f"teacher_{t}": teacher_files[t] for t in used},
-                                       **{f"prompts_{t}": path for t, path in train_files.items()}), paths=("world", "student", "teachers") + (("mar_teacher",) if anchor_file else ()))
-start_epoch, opt_step = runs.load_train_state(out, params, ema, optimizer, identity, dist=dist) if cfg.resume else (0, 0)
+                                       **{f"prompts_{t}": path for t, path in train_files.items()}),
+                             paths=("world", "student", "teachers") + (("mar_teacher",) if anchor_file else ()))
+start_epoch, opt_step = (runs.load_train_state(out, params, ema, optimizer, identity, dist=dist) if cfg.resume
+                         else (0, 0))
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
-    runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance, teachers=teacher_files,
-                                                         routing=routing, world_size=dist.world_size))
-    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | loss {cfg.opd_loss} | MAR lambda {cfg.mar_weight} anchor {cfg.mar_teacher}")
+    runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance,
+                                                           teachers=teacher_files, routing=routing,
+                                                           world_size=dist.world_size))
+    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | loss {cfg.opd_loss} | "
+          f"MAR lambda {cfg.mar_weight} anchor {cfg.mar_teacher}")
     print(f"teachers {teacher_files} | routing {routing}")
-    print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, SDE window {cfg.sde_window or 'all'}, distilled steps "
-          f"{'the window' if window_only else first_steps}"
+    print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, "
+          f"SDE window {cfg.sde_window or 'all'}, distilled steps {'the window' if window_only else first_steps}"
           f"{f', a random {cfg.distil_steps} of them per sample' if cfg.distil_steps else ''} | "
           f"{sum(p.numel() for p in param_list):,} trainable params | out {out}")
 
 track = runs.open_tracker(cfg.tracker, out, vars(cfg), dist)
 if start_epoch and dist.master:
     print(f"resumed from {out} at epoch {start_epoch}")
+
+# -----------------------------------------------------------------------------
+# Plumbing the loop calls: which steps each sample distils (--distil-steps), the frozen models' labels with
+# their call counts (the log's forwards_*), MAR's anchor reusing a teacher's labels, pg-sample's rewards, the
+# divergence guard. The loop below reads as the method without them.
+
+
+def distilled_subset(seeds, train_steps):
+    """--distil-steps k: which k of the S trained steps each sample distils, drawn per sample and epoch
+    (sde.step_subset; all S when k = 0): ((n_local, S) bool, k)."""
+    distil = sde.step_subset(seeds, len(train_steps), cfg.distil_steps)
+    return distil, cfg.distil_steps or len(train_steps)  # k at most S: checked in the set-up
 
 
 @torch.no_grad()
@@ -265,15 +295,68 @@ def frozen_velocities(name, rows, steps_, distil, latents, embeds, pooled):
         for jj, j in enumerate(steps_):
             here = distil[rows, jj].nonzero().flatten()  # positions in `rows` of the samples that distil step j
             for k, mb in zip(here.split(cfg.train_batch), rows[here].split(cfg.train_batch)) if len(here) else []:
-                out[k, jj] = sde.predict_velocity(copy_world or world, latents[mb, j], sigmas[j].item(), embeds[mb], pooled[mb], guidance).cpu()
+                out[k, jj] = sde.predict_velocity(copy_world or world, latents[mb, j], sigmas[j].item(), embeds[mb],
+                                                  pooled[mb], guidance).cpu()
             calls["frozen"] += len(here)
     return out
+
+
+def anchor_velocities(v_target, tasks, train_steps, distil):
+    """MAR's targets (n_local, S, C, h, w): the anchor labels every sample, whatever its task; a sample routed
+    to the anchor itself (e.g. --mar-teacher deqa on deqa prompts) already has its velocities in v_target, so
+    it is not labelled twice."""
+    others = [i for i in range(n_local) if not routed_to_anchor[tasks[i]]]
+    v_anchor = v_target.clone()
+    if others:
+        v_anchor[others] = frozen_velocities(anchor, others, train_steps, distil, latents, embeds, pooled)
+    return v_anchor
+
+
+def pg_sample_rewards(v_target, train_steps):
+    """--opd-loss pg-sample: r_t = -(log pi_theta(a_t|x_t) - log pi_T(a_t|x_t)) on the sampled a_t = x_{t-dt},
+    (n_local, S); with --return-to-go summed over this and the later distilled steps."""
+    step_reward = torch.zeros(n_local, len(train_steps))
+    for jj, j in enumerate(train_steps):
+        _, teacher_log_prob, _, _ = sde.sde_step_with_logprob(v_target[:, jj], sigmas[j].item(), sigmas[j + 1].item(),
+                                                              latents[:, j].cpu(), cfg.noise_level,
+                                                              prev_sample=latents[:, j + 1].cpu())
+        step_reward[:, jj] = -(old_log_probs[:, j].cpu() - teacher_log_prob)
+    if cfg.return_to_go:
+        step_reward = step_reward.flip(1).cumsum(1).flip(1)
+    return step_reward
+
+
+def check_targets(v_target, v_anchor, chosen, epoch):
+    """Divergence guard on the targets, over all ranks (a rank that stopped alone would leave the others waiting)."""
+    worst = torch.stack([v.flatten(1).abs().amax(1) for v in (v_target, v_anchor) if v is not None]).amax(0)
+    runs.assert_finite(runs.gather_cat(worst.to(dist.device), dist), "a teacher or anchor velocity",
+                       f"opd.py epoch {epoch + 1}",
+                       label=lambda i: f"task {chosen[i // cfg.group_size][0]}, "
+                                       f"prompt {chosen[i // cfg.group_size][1]!r}")
+
+
+def distilled_microbatches(mine, train_steps, distil):
+    """(jj, j, mb) for each microbatch of this rank's share `mine` of a chunk and each trained step j: mb = its
+    samples that distil step j (none skipped), counted in calls["training"]."""
+    for mb_all in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
+        for jj, j in enumerate(train_steps):
+            mb = mb_all[distil[mb_all, jj]]
+            if not len(mb):
+                continue
+            calls["training"] += len(mb)
+            yield jj, j, mb
+
+
+def forwards_per_image(calls):
+    """The log's forwards_*: transformer rows per image of each phase (CFG counts 2)."""
+    return {f"forwards_{k}": cfg_rows * v / max(n_local, 1) for k, v in dict(sampling=steps * n_local, **calls).items()}
 
 
 # -----------------------------------------------------------------------------
 # Training loop
 
-for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.master, initial=start_epoch, total=cfg.epochs):
+for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.master, initial=start_epoch,
+                  total=cfg.epochs):
     timer = runs.Timer()
     chosen = worlds.draw_prompts(train_prompts, task_weights, cfg.prompts_per_epoch, cfg.seed, epoch)
     index = range(first, first + n_local)
@@ -282,14 +365,14 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     metadata = [chosen[i // cfg.group_size][2] for i in index]
     seeds = [sde.sample_seed(cfg.seed, epoch, i) for i in index]
     sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)
-    train_steps = sde_steps if window_only else first_steps
-    distil = sde.step_subset(seeds, len(train_steps), cfg.distil_steps)  # (n_local, S): which steps each sample distils
-    k_steps = cfg.distil_steps or len(train_steps)  # steps each sample distils (at most len(train_steps): checked above)
+    train_steps = sde_steps if window_only else first_steps  # the S distilled steps
+    distil, k_steps = distilled_subset(seeds, train_steps)  # (n_local, S): which k steps each sample distils
     calls = dict(frozen=0, training=0)  # sample-steps each phase ran the transformer on (x2 with CFG)
 
     # 1. On-policy sampling: the student's own SDE trajectories (x_t ~ rho_theta)
-    score_batch = lambda b, batch_images: scorer.submit(batch_images, prompts[b: b + len(batch_images)],  # noqa: E731
-                                                        metadata[b: b + len(batch_images)], tasks[b: b + len(batch_images)])
+    score_batch = lambda b, batch_images: scorer.submit(  # noqa: E731
+        batch_images, prompts[b: b + len(batch_images)], metadata[b: b + len(batch_images)],
+        tasks[b: b + len(batch_images)])
     with timer("sampling"), worlds.adapter(transformer, "student"):
         traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch,
                           sde_steps=sde_steps, on_batch=score_batch if cfg.score else None)
@@ -298,30 +381,13 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
 
     # 2. Task routing: v_target(x_t) = sum_k alpha_k(c) v_k(x_t) at the distilled steps. Each teacher labels
     #    exactly the samples routed to it (never other tasks' prompts), at every distilled step, in one pass:
-    #    one adapter switch per teacher per epoch.
+    #    one adapter switch per teacher per epoch. MAR's anchor labels every sample.
     with timer("teachers"):
         v_target = sde.route_targets(tasks, routing, lambda teacher, rows: frozen_velocities(
             teacher_adapter[teacher], rows, train_steps, distil, latents, embeds, pooled))  # (n_local, S, C, h, w)
-        if cfg.opd_loss == "pg-sample":  # r_t = -(log pi_theta(a_t|x_t) - log pi_T(a_t|x_t)) on the sampled a_t = x_{t-dt}
-            step_reward = torch.zeros(n_local, len(train_steps))
-            for jj, j in enumerate(train_steps):
-                _, teacher_log_prob, _, _ = sde.sde_step_with_logprob(v_target[:, jj], sigmas[j].item(), sigmas[j + 1].item(), latents[:, j].cpu(),
-                                                                      cfg.noise_level, prev_sample=latents[:, j + 1].cpu())
-                step_reward[:, jj] = -(old_log_probs[:, j].cpu() - teacher_log_prob)
-            if cfg.return_to_go:  # sum over this and the later distilled steps
-                step_reward = step_reward.flip(1).cumsum(1).flip(1)
-        # MAR: the anchor labels every sample, whatever its task; a sample routed to the anchor itself (e.g.
-        # --mar-teacher deqa on deqa prompts) already has its velocities in v_target, so it is not labelled twice
-        v_anchor = None
-        if cfg.mar_weight > 0:
-            others = [i for i in range(n_local) if not routed_to_anchor[tasks[i]]]
-            v_anchor = v_target.clone()
-            if others:
-                v_anchor[others] = frozen_velocities(anchor, others, train_steps, distil, latents, embeds, pooled)
-        # divergence guard on the targets, over all ranks (a rank that stopped alone would leave the others waiting)
-        worst = torch.stack([v.flatten(1).abs().amax(1) for v in (v_target, v_anchor) if v is not None]).amax(0)  # (n_local,)
-        runs.assert_finite(runs.gather_cat(worst.to(dist.device), dist), "a teacher or anchor velocity", f"opd.py epoch {epoch + 1}",
-                           label=lambda i: f"task {chosen[i // cfg.group_size][0]}, prompt {chosen[i // cfg.group_size][1]!r}")
+        step_reward = pg_sample_rewards(v_target, train_steps) if cfg.opd_loss == "pg-sample" else None
+        v_anchor = anchor_velocities(v_target, tasks, train_steps, distil) if cfg.mar_weight > 0 else None
+        check_targets(v_target, v_anchor, chosen, epoch)
 
     # 3. Rewards on the side: how well the student does each task (logged; trained on only to pick samples
     #    with --skip-zero-advantage, the official code's filter)
@@ -340,43 +406,42 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     with timer("training"), worlds.adapter(transformer, "student"):
         for inner in range(cfg.inner_epochs):
             chunks = runs.optimizer_chunks(trained, cfg.updates_per_epoch, sde.sample_seed(cfg.seed, epoch, -1 - inner))
-            for chunk in (chunks if len(trained) else []):  # each rank's share of every chunk is within one sample of equal
+            for chunk in (chunks if len(trained) else []):  # each rank's share of a chunk is within one sample of equal
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = torch.zeros((), device=dist.device)  # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
+                # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
+                step_loss = torch.zeros((), device=dist.device)
                 n_chunk = len(chunk)  # global count: the summed gradient is the chunk's mean, as grpo_expert.py's
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
-                for mb_all in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
-                    for jj, j in enumerate(train_steps):
-                        mb = mb_all[distil[mb_all, jj]]  # the microbatch's samples that distil step j
-                        if not len(mb):
-                            continue
-                        calls["training"] += len(mb)
-                        s, s_next, x_t = sigmas[j].item(), sigmas[j + 1].item(), latents[mb, j]
-                        v = sde.predict_velocity(world, x_t, s, embeds[mb], pooled[mb], guidance)
-                        target = v_target[mb, jj].to(v.device)
-                        log_prob, reward_t = None, None
-                        if cfg.opd_loss != "direct":  # the policy-gradient forms need the sampled action's log-prob
-                            _, log_prob, _, _ = sde.sde_step_with_logprob(v, s, s_next, x_t, cfg.noise_level, prev_sample=latents[mb, j + 1])
-                            reward_t = step_reward[mb, jj].to(v.device) if cfg.opd_loss == "pg-sample" else None
-                        dt = abs(s - s_next) if cfg.kl_dt_factor else 1.0  # the official code's extra |dt| (--kl-dt-factor)
-                        distill, kl = sde.opd_loss(cfg.opd_loss, v, target, log_prob, old_log_probs[mb, j], reward_t, s, s_next,
-                                                   cfg.noise_level, cfg.clip_range, cfg.adv_clip, kl_scale=dt)  # (mb,), KL(pi_theta || pi_T) at x_t
-                        loss = distill
-                        if v_anchor is not None:  # MAR: lambda * w(t) ||v_theta - v_anchor||^2, on all data
-                            mar = dt * sde.velocity_kl(v, v_anchor[mb, jj].to(v.device), s, s_next, cfg.noise_level)
-                            loss = loss + cfg.mar_weight * mar
-                            if inner == 0:
-                                mar_sample[mb] += mar.detach() / k_steps
-                        (loss.sum() / (n_chunk * k_steps)).backward()  # the per-step mean (over the k distilled steps), mean over the chunk
-                        step_loss += loss.detach().sum()
-                        stats["loss"].append(loss.detach().mean())
+                for jj, j, mb in distilled_microbatches(mine, train_steps, distil):  # mb: samples distilling step j
+                    s, s_next, x_t = sigmas[j].item(), sigmas[j + 1].item(), latents[mb, j]
+                    v = sde.predict_velocity(world, x_t, s, embeds[mb], pooled[mb], guidance)
+                    target = v_target[mb, jj].to(v.device)
+                    log_prob, reward_t = None, None
+                    if cfg.opd_loss != "direct":  # the policy-gradient forms need the sampled action's log-prob
+                        _, log_prob, _, _ = sde.sde_step_with_logprob(v, s, s_next, x_t, cfg.noise_level,
+                                                                      prev_sample=latents[mb, j + 1])
+                        reward_t = step_reward[mb, jj].to(v.device) if cfg.opd_loss == "pg-sample" else None
+                    dt = abs(s - s_next) if cfg.kl_dt_factor else 1.0  # the official code's extra |dt| (--kl-dt-factor)
+                    # distill: (mb,) loss; kl: KL(pi_theta || pi_T) at x_t
+                    distill, kl = sde.opd_loss(cfg.opd_loss, v, target, log_prob, old_log_probs[mb, j], reward_t, s,
+                                               s_next, cfg.noise_level, cfg.clip_range, cfg.adv_clip, kl_scale=dt)
+                    loss = distill
+                    if v_anchor is not None:  # MAR: lambda * w(t) ||v_theta - v_anchor||^2, on all data
+                        mar = dt * sde.velocity_kl(v, v_anchor[mb, jj].to(v.device), s, s_next, cfg.noise_level)
+                        loss = loss + cfg.mar_weight * mar
                         if inner == 0:
-                            kl_sample[mb] += kl.detach() / k_steps
+                            mar_sample[mb] += mar.detach() / k_steps
+                    # the per-step mean (over the k distilled steps), mean over the chunk
+                    (loss.sum() / (n_chunk * k_steps)).backward()
+                    step_loss += loss.detach().sum()
+                    stats["loss"].append(loss.detach().mean())
+                    if inner == 0:
+                        kl_sample[mb] += kl.detach() / k_steps
                 runs.all_reduce_sum(param_list, dist)
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 where = f"opd.py epoch {epoch + 1} optimizer step {opt_step + 1}"
-                runs.assert_finite(torch.stack([grad_norm.float(), step_loss.float()]), "the gradient norm or the loss", where,
-                                   label=lambda i: ("it is the gradient norm", "it is the loss")[i])  # one host sync a step
+                runs.assert_finite(torch.stack([grad_norm.float(), step_loss.float()]), "the gradient norm or the loss",
+                                   where, label=lambda i: ("it is the gradient norm", "it is the loss")[i])  # one sync
                 optimizer.step()
                 opt_step += 1
                 if opt_step % cfg.ema_every == 0:
@@ -384,7 +449,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
 
     # 5. Log, grids, checkpoints
     gathered = runs.gather_cat(torch.stack([scores.to(dist.device), kl_sample, mar_sample], 1), dist).cpu()  # (N, 3)
-    all_tasks = runs.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device), dist).cpu()
+    all_tasks = runs.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device),
+                                dist).cpu()
     if dist.master:
         per_task = {}
         for k, t in enumerate(task_weights):
@@ -394,15 +460,17 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                     per_task[f"reward_{t}"] = gathered[all_tasks == k, 0].mean().item()
         record = dict(epoch=epoch + 1, loss=torch.stack(stats["loss"]).mean().item() if stats["loss"] else 0.0,
                       kl=gathered[:, 1].mean().item(), mar=gathered[:, 2].mean().item(), opt_step=opt_step, **per_task,
-                      trained=len(trained) / N, **{f"sec_{k}": v for k, v in timer.seconds.items()}, **runs.peak_memory(dist.device),
-                      **{f"forwards_{k}": cfg_rows * v / max(n_local, 1) for k, v in dict(sampling=steps * n_local, **calls).items()})
+                      trained=len(trained) / N, **{f"sec_{k}": v for k, v in timer.seconds.items()},
+                      **runs.peak_memory(dist.device), **forwards_per_image(calls))
         runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
         track(record)
-        tqdm.write(f"epoch {epoch + 1}: KL {record['kl']:.3e} " + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("reward_"))
+        tqdm.write(f"epoch {epoch + 1}: KL {record['kl']:.3e} "
+                   + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("reward_"))
                    + f" | MAR {record['mar']:.2e} | " + " ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items()))
         if cfg.grid_every and (epoch + 1) % cfg.grid_every == 0:
             images = traj["images"]
-            runs.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
+            runs.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8,
+                           scale=max(1, 128 // images.shape[-1]))
     if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
         if dist.master:  # the adapter, then the checkpoint: a kill between the two redoes both (grpo_expert.py)
             worlds.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"), state_dict=ema)

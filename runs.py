@@ -62,7 +62,8 @@ def setup_distributed():
         # restart keeps each round's keys apart.
         store, _, _ = next(torch.distributed.rendezvous("env://"))
         store = torch.distributed.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                             world_size=world_size,
                                              timeout=datetime.timedelta(minutes=dist_timeout_minutes()))
     return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device, master=rank == 0)
 
@@ -337,7 +338,8 @@ def check_resume(run_dir, state, identity, length, done):
         for k in sorted(set(old) | set(new)):
             if k == length and part == "settings":
                 if new.get(k) is not None and new[k] < done:
-                    raise SystemExit(f"error: {run_dir} holds a run already {done} {length} long; --{length} {new[k]} is shorter: {how}")
+                    raise SystemExit(f"error: {run_dir} holds a run already {done} {length} long; "
+                                     f"--{length} {new[k]} is shorter: {how}")
                 continue
             if old.get(k) != new.get(k):
                 name = what.format(k.replace("_", "-") if part == "settings" else k)
@@ -360,8 +362,8 @@ def assert_finite(values, what, where, label=None):
     if len(bad):
         i = int(bad[0])
         at = f" ({label(i)})" if label is not None else ""
-        raise SystemExit(f"error: {where}: {what} is {values[i].item()}{at}; stopped before writing anything after the last "
-                         f"checkpoint (lower --lr or check the inputs)")
+        raise SystemExit(f"error: {where}: {what} is {values[i].item()}{at}; stopped before writing anything after "
+                         f"the last checkpoint (lower --lr or check the inputs)")
 
 
 def rng_state():
@@ -408,7 +410,8 @@ def open_tracker(kind, run_dir, config, dist):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise SystemExit("error: --tracker tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise SystemExit("error: --tracker tensorboard needs the tensorboard package: "
+                             "pip install tensorboard") from None
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())))
 
@@ -423,12 +426,14 @@ def open_tracker(kind, run_dir, config, dist):
         try:
             import wandb
         except ImportError:
-            raise SystemExit("error: --tracker wandb needs the wandb package: pip install wandb (WANDB_MODE=offline needs no account)") from None
-        wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "flow-opd"), name=os.path.basename(os.path.abspath(run_dir)),
-                        dir=run_dir, config=config, resume="allow")
+            raise SystemExit("error: --tracker wandb needs the wandb package: pip install wandb "
+                             "(WANDB_MODE=offline needs no account)") from None
+        wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "flow-opd"),
+                        name=os.path.basename(os.path.abspath(run_dir)), dir=run_dir, config=config, resume="allow")
 
         def track(record):
-            wb.log({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=record.get("epoch", record.get("step")))
+            wb.log({k: v for k, v in record.items() if k not in ("epoch", "step")},
+                   step=record.get("epoch", record.get("step")))
         return track
     raise SystemExit(f"error: --tracker {kind!r}: expected tensorboard or wandb ('' = none)")
 
@@ -527,7 +532,8 @@ def optimizer_chunks(samples, n_chunks, seed):
 def shard(n_global, dist, what="images per epoch"):
     """This rank's contiguous block [first, first + n_local) of n_global samples."""
     if n_global % dist.world_size:
-        raise SystemExit(f"error: {n_global} {what} must be divisible by the {dist.world_size} ranks: change the batch settings or the number of processes")
+        raise SystemExit(f"error: {n_global} {what} must be divisible by the {dist.world_size} ranks: change the "
+                         f"batch settings or the number of processes")
     n_local = n_global // dist.world_size
     return dist.rank * n_local, n_local
 

@@ -137,7 +137,8 @@ def randn_like_per_sample(x, generator=None):
 def kl_weight(sigma, sigma_next, noise_level=0.7):
     """w(t) of the dense KL. Python floats or tensors in, float32 tensor out (same shape)."""
     if noise_level <= 0:
-        raise ValueError(f"the KL between SDE steps needs noise_level > 0 (got {noise_level}): the ODE step has no density")
+        raise ValueError(f"the KL between SDE steps needs noise_level > 0 (got {noise_level}): "
+                         f"the ODE step has no density")
     sigma = torch.as_tensor(sigma, dtype=torch.float32)
     sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sigma.device)
     s_t = _noise_scale(sigma, sigma_next, noise_level)
@@ -221,7 +222,8 @@ def sde_window_steps(steps, window, seed, epoch, start=None):
     if window > steps:
         raise ValueError(f"sde window {window} is longer than the trajectory ({steps} steps)")
     last_start = max(steps // 2 - window, 0)
-    start = int(torch.randint(0, last_start + 1, (1,), generator=torch.Generator().manual_seed(sample_seed(seed, epoch, -99))))
+    start = int(torch.randint(0, last_start + 1, (1,),
+                              generator=torch.Generator().manual_seed(sample_seed(seed, epoch, -99))))
     return list(range(start, start + window))
 
 
@@ -271,7 +273,8 @@ def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, gen
         if init_seeds is None:
             x = torch.stack([torch.randn(world.latent_shape, generator=g) for g in gens])  # x_1 ~ N(0, I)
         else:
-            x = torch.stack([torch.randn(world.latent_shape, generator=g) for g in seed_generators(init_seeds[b: b + batch_size])])
+            x = torch.stack([torch.randn(world.latent_shape, generator=g)
+                             for g in seed_generators(init_seeds[b: b + batch_size])])
         x = x.to(world.device)
         latents, log_probs = [x], []
         for i in range(steps):
@@ -280,7 +283,8 @@ def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, gen
             x, log_prob, _, _ = sde_step_with_logprob(v, sigmas[i].item(), sigmas[i + 1].item(), x, a, generator=gens)
             latents.append(x)
             log_probs.append(log_prob)
-        part = dict(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1), embeds=embeds, pooled=pooled)
+        part = dict(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1), embeds=embeds,
+                    pooled=pooled)
         if decode:
             part["images"] = world.decode(x)
             if on_batch is not None:
@@ -343,8 +347,8 @@ def route_targets(tasks, routing, velocity_of):
     return target
 
 
-def opd_loss(kind, v, v_target, log_prob, old_log_prob, step_reward, sigma, sigma_next, noise_level, clip_range, adv_clip,
-             kl_scale=1.0):
+def opd_loss(kind, v, v_target, log_prob, old_log_prob, step_reward, sigma, sigma_next, noise_level, clip_range,
+             adv_clip, kl_scale=1.0):
     """Flow-OPD's distillation loss at one step, per sample (B,), and the KL it is built from.
     kind "direct":    KL_t = w(t) ||v_theta - v_T||^2 itself (gradient through v_theta)
     kind "pg":        PPO surrogate with advantage r_t = -w(t) ||sg(v_theta) - v_T||^2 (the published form;

@@ -14,10 +14,12 @@ calls an SFT script it never released, so this one follows Flow-GRPO's SFT recip
 
 Commands
   tiny world, CPU (minutes):   python sft_init.py            (teachers: assets/tiny_experts/<task>.safetensors)
-  one teacher, best-of-4:      python sft_init.py --task ocr --teachers ocr=results/tiny/runs/grpo-ocr/adapter.safetensors --best-of 4
-  rejection sampling (RAFT):   python sft_init.py --task geneval --teachers geneval=base --best-of 8   (the base's best of 8)
+  one teacher, best-of-4:      python sft_init.py --task ocr \
+                                 --teachers ocr=results/tiny/runs/grpo-ocr/adapter.safetensors --best-of 4
+  rejection sampling (RAFT):   python sft_init.py --task geneval --teachers geneval=base --best-of 8
+                               (the base's best of 8)
   SD3.5-M, one GPU:            python sft_init.py --world stabilityai/stable-diffusion-3.5-medium \
-                                 --teachers geneval=g.safetensors,ocr=o.safetensors,deqa=d.safetensors,pickscore=p.safetensors
+      --teachers geneval=g.safetensors,ocr=o.safetensors,deqa=d.safetensors,pickscore=p.safetensors
   one node, 8 GPUs:            torchrun --nproc_per_node 8 sft_init.py --world <sd3.5m folder> --teachers ...
   4 nodes x 8 GPUs:            torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d \
                                  --rdzv_endpoint $HEAD:29500 sft_init.py --world <sd3.5m folder> --teachers ...
@@ -57,14 +59,17 @@ import worlds
 
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
-    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped experts; "
-                  "file 'base' = the base model, with --best-of N: rejection-sampling fine-tuning)"),
-    task=("geneval:1,ocr:1,deqa:1,pickscore:1", "tasks to distil with their odds in a training batch (each batch item's task is drawn with these odds)"),
+    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped "
+                  "experts; file 'base' = the base model, with --best-of N: rejection-sampling fine-tuning)"),
+    task=("geneval:1,ocr:1,deqa:1,pickscore:1", "tasks to distil with their odds in a training batch (each batch "
+                                                "item's task is drawn with these odds)"),
     out=(None, str, "output folder (default results/<world>/runs/sft-init)"),
-    cache=(None, str, "teacher-sample cache folder (default <out>/cache); share it between runs with the same teachers"),
+    cache=(None, str, "teacher-sample cache folder (default <out>/cache); share it between runs with the same "
+                      "teachers"),
     init=("", "start the student from this LoRA file instead of a fresh adapter"),
     # 1. teacher samples
-    prompts_per_task=(256, "cached samples per task; item k uses training prompt k of a seeded shuffle (cycling, with new seeds, past the file's end)"),
+    prompts_per_task=(256, "cached samples per task; item k uses training prompt k of a seeded shuffle (cycling, "
+                           "with new seeds, past the file's end)"),
     best_of=(1, "N: sample N images per item with the teacher and keep the highest-reward one (1 = no selection)"),
     sample_steps=(None, int, "sampling steps for the teacher (default: the world's eval steps, 20 tiny / 40 SD3)"),
     sample_noise_level=(0.0, "0 = ODE sampling (the teachers' evaluation setting); > 0 = SDE with this noise level a"),
@@ -73,7 +78,8 @@ SETTINGS = dict(
     shard_size=(64, "cached items per shard file (the unit of resumable generation)"),
     # 2. SFT
     steps=(1000, "optimizer steps"),
-    train_guidance=(1.0, "CFG scale g of the trained velocity v_u + g (v_c - v_u): 1 = SD3's plain conditional loss; the sampling scale = guidance-aware SFT (see the docstring)"),
+    train_guidance=(1.0, "CFG scale g of the trained velocity v_u + g (v_c - v_u): 1 = SD3's plain conditional "
+                         "loss; the sampling scale = guidance-aware SFT (see the docstring)"),
     batch=(32, "items per optimizer step, over all ranks"),
     train_batch=(32, "items per training forward, per rank"),
     lr=(3e-4, "AdamW learning rate"),
@@ -81,21 +87,26 @@ SETTINGS = dict(
     grad_clip=(1.0, "gradient-norm clip"),
     logit_mean=(0.0, "mean of the logit-normal timestep density (SD3: 0)"),
     logit_std=(1.0, "std of the logit-normal timestep density (SD3: 1)"),
-    cond_dropout=(0.0, "probability of training an item on the empty prompt (0: the LoRA leaves the base's unconditional alone, see section 2)"),
+    cond_dropout=(0.0, "probability of training an item on the empty prompt (0: the LoRA leaves the base's "
+                       "unconditional alone, see section 2)"),
     base_reg=(0.0, "lambda of the regulariser lambda * ||v_theta - v_base||^2 at the same x_t (0 = off)"),
     lora_rank=(32, "LoRA rank r"),
     lora_alpha=(64, "LoRA alpha (scale alpha / r)"),
     ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is saved)"),
     ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
-    probe=(16, "probe items: the first N positions of step 0's batch (fixed items, sigma, noise) whose flow loss is logged (0 = off)"),
+    probe=(16, "probe items: the first N positions of step 0's batch (fixed items, sigma, noise) whose flow loss is "
+               "logged (0 = off)"),
     probe_every=(50, "probe loss every N steps (and at step 0)"),
     log_every=(10, "log.jsonl record every N steps"),
-    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local ranks)"),
-    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less memory (SD3.5-M on 40-80 GB cards), the same gradients"),
+    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local "
+                "ranks)"),
+    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less "
+                                   "memory (SD3.5-M on 40-80 GB cards), the same gradients"),
     seed=(0, "seed of prompt choice, sampling noise, batches, sigmas and training noise"),
     save_every=(100, "checkpoint every N steps (and at the end)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
-    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no network); '' = log.jsonl only"),
+    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no "
+                 "network); '' = log.jsonl only"),
 )
 cfg = runs.parse_settings(__doc__, SETTINGS)
 
@@ -139,7 +150,8 @@ null = world.encode_prompts([""])  # the empty prompt's conditioning, for the gu
 # checked before any teacher sample is generated.
 identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
                                        **{f"teacher_{t}": teacher_files[t] for t in task_weights},
-                                       **{f"prompts_{t}": path for t, path in train_files.items()}), paths=("world", "teachers", "init"))
+                                       **{f"prompts_{t}": path for t, path in train_files.items()}),
+                             paths=("world", "teachers", "init"))
 state = runs.load_checkpoint(out) if cfg.resume else None
 if state is not None:
     runs.check_resume(out, state, identity, "steps", state["step"])
@@ -195,7 +207,8 @@ if dist.master:
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | tasks {task_weights} | teachers "
           + ", ".join(f"{t}={teacher_files[t]}" for t in task_weights))
     print(f"cache {cache_dir}: {cfg.prompts_per_task} items/task x {len(task_weights)} tasks, best-of-{cfg.best_of}, "
-          f"{'ODE' if cfg.sample_noise_level == 0 else f'SDE a={cfg.sample_noise_level}'} {sample_steps} steps, CFG {guidance}")
+          f"{'ODE' if cfg.sample_noise_level == 0 else f'SDE a={cfg.sample_noise_level}'} {sample_steps} steps, "
+          f"CFG {guidance}")
     print(f"cache: reused {len(shards) - len(todo)} of {len(shards)} shards, generating {len(todo)}")
 
 # Shards are dealt round-robin to the ranks; every rank writes its own shards (atomic files) and waits.
@@ -215,17 +228,21 @@ for s in tqdm(mine, desc="teacher samples", disable=not dist.master):
     seeds = [sde.sample_seed(cfg.seed, world.tasks.index(t), k, c) for k in ids for c in range(cfg.best_of)]
     transformer.eval()
     with worlds.adapter(transformer, name):
-        traj = sde.sample(world, cand_prompts, sample_steps, guidance, cfg.sample_noise_level, seeds=seeds, batch_size=cfg.sample_batch)
-    reward = rewards.get_reward(t, world.kind, dist.device)(traj["images"], cand_prompts, cand_meta).view(n, cfg.best_of)  # (n, N)
+        traj = sde.sample(world, cand_prompts, sample_steps, guidance, cfg.sample_noise_level, seeds=seeds,
+                          batch_size=cfg.sample_batch)
+    reward = (rewards.get_reward(t, world.kind, dist.device)(traj["images"], cand_prompts, cand_meta)
+              .view(n, cfg.best_of))  # (n, N)
     best = reward.argmax(dim=1)  # the first of equal rewards
     x0 = traj["latents"][:, -1].view(n, cfg.best_of, *world.latent_shape)[torch.arange(n), best]  # (n, C, h, w)
     info = dict(key=keys[t], prompts=prompts, metadata=metadata, ids=ids,
-                seeds=[seeds[k * cfg.best_of + int(best[k])] for k in range(n)], reward_mean_of_candidates=reward.mean().item())
+                seeds=[seeds[k * cfg.best_of + int(best[k])] for k in range(n)],
+                reward_mean_of_candidates=reward.mean().item())
     runs.save_tensors(os.path.join(cache_dir, s["file"]), dict(x0=x0, reward=reward[torch.arange(n), best]),
                      metadata={"info": json.dumps(info)})
     if s["lo"] == 0 and dist.master:
         images = world.decode(x0[:16])
-        runs.save_grid(images, os.path.join(cache_dir, f"samples_{t}.png"), nrow=8, scale=max(1, 128 // images.shape[-1]))
+        runs.save_grid(images, os.path.join(cache_dir, f"samples_{t}.png"), nrow=8,
+                       scale=max(1, 128 // images.shape[-1]))
 if loaded_teachers:  # the teachers are done: only the base and the student remain on the transformer
     with warnings.catch_warnings():  # peft notes which adapter it makes active; the student is set below
         warnings.simplefilter("ignore")
@@ -272,12 +289,15 @@ ema = {k: p.detach().clone().float() for k, p in params.items()}
 if dist.master:
     os.makedirs(out, exist_ok=True)
     runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), out=out, cache=cache_dir, teachers=teacher_files,
-                                                           sample_steps=sample_steps, guidance_scale=guidance, world_size=dist.world_size))
+                                                           sample_steps=sample_steps, guidance_scale=guidance,
+                                                           world_size=dist.world_size))
     print("cache size: " + ", ".join(f"{t} {n} items (teacher reward {reward_all[a: a + n].mean().item():.3f})"
                                       for t, (a, n) in task_ranges.items()))
-    print(f"{cfg.steps} steps x {cfg.batch} items = {cfg.steps * cfg.batch / len(prompts_all):.1f} passes over {len(prompts_all)} cached items | "
-          f"{n_local} items/rank/step in forwards of {cfg.train_batch} | {sum(p.numel() for p in param_list):,} trainable params "
-          f"(r={transformer.peft_config['student'].r}) | lr {cfg.lr} | trained guidance {cfg.train_guidance} | cond-dropout {cfg.cond_dropout} | base-reg {cfg.base_reg} | "
+    print(f"{cfg.steps} steps x {cfg.batch} items = {cfg.steps * cfg.batch / len(prompts_all):.1f} passes over "
+          f"{len(prompts_all)} cached items | {n_local} items/rank/step in forwards of {cfg.train_batch} | "
+          f"{sum(p.numel() for p in param_list):,} trainable params (r={transformer.peft_config['student'].r}) | "
+          f"lr {cfg.lr} | trained guidance {cfg.train_guidance} | cond-dropout {cfg.cond_dropout} | "
+          f"base-reg {cfg.base_reg} | "
           f"EMA {cfg.ema_decay} every {cfg.ema_every} | out {out}")
     if cfg.steps < cfg.ema_every:
         print(f"warning: {cfg.steps} steps < --ema-every {cfg.ema_every}: the saved EMA adapter equals the initial one")
@@ -292,7 +312,8 @@ if state is not None:
     start_step = state["step"]
     if dist.master:
         print(f"resumed from {out} at step {start_step}")
-runs.agree_across_ranks(dist, f"{out} (the resumed step and weights)", [start_step], params)  # a node-local --out fails here
+# a node-local --out fails here
+runs.agree_across_ranks(dist, f"{out} (the resumed step and weights)", [start_step], params)
 
 
 def draw(step, positions):
@@ -349,7 +370,8 @@ def probe_loss():
     """Flow loss of the current (raw, not EMA) student on the fixed probe items, and of predicting v = 0
     (the scale: 1 - probe / zero is the fraction of the target's energy the student explains)."""
     ids, sigma, noise, drop = probe
-    losses = torch.cat([flow_loss(*(x[c] for x in (ids, sigma, noise, drop)), 0.0)[0].cpu() for c in torch.arange(len(ids)).split(cfg.train_batch)])
+    losses = torch.cat([flow_loss(*(x[c] for x in (ids, sigma, noise, drop)), 0.0)[0].cpu()
+                        for c in torch.arange(len(ids)).split(cfg.train_batch)])
     zero = ((noise - x0_all[ids]) ** 2).mean(dim=(1, 2, 3))
     return losses.mean().item(), zero.mean().item()
 
@@ -383,7 +405,8 @@ if dist.master and probe is not None and start_step == 0:
     tqdm.write(f"step 0: probe loss {p:.6f} (v = 0 would give {zero:.4f})")
 
 stats = dict(loss=[], reg=[], grad_norm=[])
-for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.master, initial=start_step, total=cfg.steps):
+for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.master, initial=start_step,
+                 total=cfg.steps):
     timer = runs.Timer()
 
     # 1. This rank's items of the global batch, with their sigma, noise and dropout

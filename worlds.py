@@ -3,7 +3,8 @@ worlds.py: the two worlds behind one interface, their prompt files, and LoRA ada
 transformer. Shared by the stage scripts (the middle floor: it imports tiny_world.py, nothing above).
 
   1. worlds            the tiny world and SD3.5-Medium behind one interface      World, load_world
-  2. prompts           Flow-GRPO's prompt files, teachers, an epoch's prompts    read_prompts, prompt_file, parse_teachers, draw_prompts
+  2. prompts           Flow-GRPO's prompt files, teachers, an epoch's prompts    read_prompts, prompt_file,
+                                                                                 parse_teachers, draw_prompts
   3. LoRA              peft adapters on the transformer, diffusers-loadable      add_lora, save_lora, load_lora, adapter
 """
 
@@ -38,19 +39,23 @@ class World:
     latent_shape: tuple  # (C, h, w)
     device: torch.device
     dtype: torch.dtype  # the transformer's compute dtype (bf16 on GPU for sd3)
-    defaults: dict  # the world's sampling defaults: shift, train/eval steps, guidance, resolution, noise level, SDE window
+    # the world's sampling defaults: shift, train/eval steps, guidance, resolution, noise level, SDE window
+    defaults: dict
     tasks: tuple  # task names with a reward in this world
     source: str = ""  # where the base weights come from (a file or folder): a run's input, checked on resume
 
 
 # The settings of the paper (Flow-GRPO's): 512 px, shift 3.0, T = 10 SDE steps for training,
 # 40 ODE steps for evaluation, CFG 4.5, noise level a = 0.7.
-SD3_DEFAULTS = dict(resolution=512, shift=3.0, train_steps=10, eval_steps=40, guidance_scale=4.5, noise_level=0.7, max_sequence_length=128,
+SD3_DEFAULTS = dict(resolution=512, shift=3.0, train_steps=10, eval_steps=40, guidance_scale=4.5, noise_level=0.7,
+                    max_sequence_length=128,
                     sde_window=0,  # 0: every step is stochastic (Flow-GRPO, the paper); see sde_window_steps
-                    # Flow-GRPO's SD3.5-M batch (config/grpo.py): 48 prompts x 24 images an epoch over all GPUs, 9 images
-                    # a forward per GPU. Activations of 9 training images: ~43 GiB without checkpointing (README).
+                    # Flow-GRPO's SD3.5-M batch (config/grpo.py): 48 prompts x 24 images an epoch over all GPUs,
+                    # 9 images a forward per GPU. Activations of 9 training images: ~43 GiB without checkpointing
+                    # (README).
                     prompts_per_epoch=48, group_size=24, sample_batch=9, train_batch=9)
-TINY_BATCH = dict(prompts_per_epoch=8, group_size=8, sample_batch=16, train_batch=16)  # the tiny world's: minutes on a CPU
+# the tiny world's batch: minutes on a CPU
+TINY_BATCH = dict(prompts_per_epoch=8, group_size=8, sample_batch=16, train_batch=16)
 TASKS = ("geneval", "ocr", "deqa", "pickscore")
 
 
@@ -81,12 +86,15 @@ def load_world(name="tiny", device=None, dtype=None):
 
         base = name.partition(":")[2] or tiny_world.CHECKPOINT
         if not os.path.isfile(base):
-            raise SystemExit(f"error: tiny-world base {base} does not exist (world {name!r}: 'tiny' or 'tiny:<base .safetensors>')")
-        transformer, encode, codec = tiny_world.load_base(base, device=device)  # codec: the pixel-unshuffle, or the base's autoencoder
+            raise SystemExit(f"error: tiny-world base {base} does not exist (world {name!r}: 'tiny' or "
+                             f"'tiny:<base .safetensors>')")
+        # codec: the pixel-unshuffle, or the base's autoencoder
+        transformer, encode, codec = tiny_world.load_base(base, device=device)
         transformer.requires_grad_(False)
         latent = tuple(codec.shape) != tiny_world.LATENT_SHAPE  # a base with its own autoencoder samples as SD3 does:
         defaults = dict(                                        # shift 3, noise on every step (the pixel departures go)
-            resolution=tiny_world.IMAGE_SIZE, shift=SD3_DEFAULTS["shift"] if latent else tiny_world.SHIFT, train_steps=10,
+            resolution=tiny_world.IMAGE_SIZE, shift=SD3_DEFAULTS["shift"] if latent else tiny_world.SHIFT,
+            train_steps=10,
             eval_steps=tiny_world.DEFAULT_STEPS_EVAL, guidance_scale=tiny_world.DEFAULT_GUIDANCE,
             noise_level=tiny_world.DEFAULT_NOISE_LEVEL, sde_window=0 if latent else tiny_world.DEFAULT_SDE_WINDOW,
             **TINY_BATCH)
@@ -100,9 +108,11 @@ def _load_sd3(path, device, dtype):
     from diffusers import StableDiffusion3Pipeline
 
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise SystemExit(f"error: {path} is not a Stable Diffusion 3 pipeline folder (no model_index.json); pass the SD3.5-Medium folder or hub id")
+        raise SystemExit(f"error: {path} is not a Stable Diffusion 3 pipeline folder (no model_index.json); "
+                         f"pass the SD3.5-Medium folder or hub id")
     if not os.path.exists(path) and path.count("/") != 1:
-        raise SystemExit(f"error: world {path!r} is neither 'tiny', an existing folder, nor a hub id like stabilityai/stable-diffusion-3.5-medium")
+        raise SystemExit(f"error: world {path!r} is neither 'tiny', an existing folder, nor a hub id like "
+                         f"stabilityai/stable-diffusion-3.5-medium")
     # FLOWOPD_DTYPE=bfloat16 runs the GPU's precision on a CPU (the tests' check of the bf16 path)
     named = os.environ.get("FLOWOPD_DTYPE")
     if named and not isinstance(getattr(torch, named, None), torch.dtype):
@@ -124,7 +134,8 @@ def _load_sd3(path, device, dtype):
 
     @torch.no_grad()
     def encode(prompts):
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False,
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device,
+                                                  do_classifier_free_guidance=False,
                                                   max_sequence_length=d["max_sequence_length"])
         return embeds.to(dtype), pooled.to(dtype)
 
@@ -134,7 +145,8 @@ def _load_sd3(path, device, dtype):
         images = pipe.vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
-    world = World("sd3", str(path), pipe.transformer, _cached(encode), decode, latent_shape, device, dtype, d, TASKS, str(path))
+    world = World("sd3", str(path), pipe.transformer, _cached(encode), decode, latent_shape, device, dtype, d, TASKS,
+                  str(path))
     world.pipeline = pipe  # kept for users who want the diffusers pipeline (e.g. load_lora_weights)
     return world
 
@@ -192,7 +204,8 @@ def encode_once(world, prompts, cache_dir, batch=64):
             torch.distributed.barrier()
         if rank == 0:  # the commit point: a cache without index.json is encoded again
             shards = [dict(file=f"shard-{r:05d}-of-{size:05d}.safetensors",
-                           first=len(prompts) * r // size, count=len(prompts) * (r + 1) // size - len(prompts) * r // size)
+                           first=len(prompts) * r // size,
+                           count=len(prompts) * (r + 1) // size - len(prompts) * r // size)
                       for r in range(size)]
             _atomic_text(index_path, json.dumps(dict(prompts=len(prompts), shards=shards)))
         if distributed:
@@ -219,7 +232,8 @@ def encode_once(world, prompts, cache_dir, batch=64):
     def encode_from_disk(batch_prompts):
         missing = [p for p in batch_prompts if p not in row]
         if missing:
-            raise SystemExit(f"error: prompt {missing[0]!r} was not among the {len(row)} prompts encoded at start-up ({folder}); "
+            raise SystemExit(f"error: prompt {missing[0]!r} was not among the {len(row)} prompts encoded at start-up "
+                             f"({folder}); "
                              "the text encoders are freed: pass every prompt file the run uses to worlds.encode_once")
         rows = [row[p] for p in batch_prompts]
         return (torch.cat([slices[k][0][i: i + 1] for k, i in rows]).to(world.device, world.dtype),
@@ -318,8 +332,10 @@ SD3_PROMPT_SOURCES = {
     "pickscore": "Flow-GRPO's dataset/pickscore/{split}.txt",
 }
 SD3_DEQA_SOURCES = {  # not in Flow-GRPO's dataset/: the user supplies them (one prompt per line)
-    "test": "DrawBench's 200 prompts (arXiv 2205.11487; e.g. the Hugging Face dataset shunk031/DrawBench, column 'prompts'), one per line",
-    "train": "the paper does not name DeQA's training prompts; Flow-GRPO's general prompts are the stand-in: cp pickscore_train.txt deqa_train.txt",
+    "test": "DrawBench's 200 prompts (arXiv 2205.11487; e.g. the Hugging Face dataset shunk031/DrawBench, "
+            "column 'prompts'), one per line",
+    "train": "the paper does not name DeQA's training prompts; Flow-GRPO's general prompts are the stand-in: "
+             "cp pickscore_train.txt deqa_train.txt",
 }
 
 
@@ -338,7 +354,8 @@ def prompt_file(world, task, split):
                  f"(python prompts/get_sd3_prompts.py does it)")
     elif world.kind == "sd3" and task == "deqa":
         where = f": {SD3_DEQA_SOURCES.get(split, SD3_DEQA_SOURCES['test'])}"
-    raise SystemExit(f"error: no prompt file for task {task!r} split {split!r} in {folder} (expected {task}_{split}.txt or .jsonl){where}")
+    raise SystemExit(f"error: no prompt file for task {task!r} split {split!r} in {folder} "
+                     f"(expected {task}_{split}.txt or .jsonl){where}")
 
 
 def parse_teachers(spec, world):
@@ -433,7 +450,8 @@ def write_lora(path, weights, config):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=weights, transformer_lora_adapter_metadata=config)
+        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=weights,
+                                                   transformer_lora_adapter_metadata=config)
         os.chmod(os.path.join(tmp, "pytorch_lora_weights.safetensors"), 0o644)
         os.replace(os.path.join(tmp, "pytorch_lora_weights.safetensors"), path)
 
@@ -448,9 +466,11 @@ def _lora_files(path):
         file, config = os.path.join(path, PEFT_WEIGHTS), os.path.join(path, PEFT_CONFIG)
         if not os.path.isfile(file):
             if os.path.isfile(os.path.join(path, "adapter_model.bin")):
-                raise SystemExit(f"error: LoRA folder {path} holds adapter_model.bin (a pickled PEFT adapter), not {PEFT_WEIGHTS}; "
+                raise SystemExit(f"error: LoRA folder {path} holds adapter_model.bin (a pickled PEFT adapter), "
+                                 f"not {PEFT_WEIGHTS}; "
                                  f"convert it once: safetensors.torch.save_file(torch.load(bin), '{PEFT_WEIGHTS}')")
-            raise SystemExit(f"error: LoRA folder {path} has no {PEFT_WEIGHTS}; expected a PEFT adapter folder (PeftModel.save_pretrained)")
+            raise SystemExit(f"error: LoRA folder {path} has no {PEFT_WEIGHTS}; expected a PEFT adapter folder "
+                             f"(PeftModel.save_pretrained)")
         if not os.path.isfile(config):
             raise SystemExit(f"error: LoRA folder {path} has {PEFT_WEIGHTS} but no {PEFT_CONFIG}")
         return file, config
@@ -468,7 +488,8 @@ def is_lora(path):
     try:
         file, config = _lora_files(path)
         with safe_open(file, "pt") as f:
-            return "lora_adapter_metadata" in (f.metadata() or {}) or (config is not None and any(".lora_A." in k for k in f.keys()))
+            return ("lora_adapter_metadata" in (f.metadata() or {})
+                    or (config is not None and any(".lora_A." in k for k in f.keys())))
     except (SystemExit, Exception):
         return False
 
@@ -494,15 +515,18 @@ def read_lora(path):
         config = {k.removeprefix("transformer."): v for k, v in json.loads(meta["lora_adapter_metadata"]).items()}
         return weights, config
     if config_file is None:
-        raise SystemExit(f"error: {path} has no LoRA config: no lora_adapter_metadata in the file and no {PEFT_CONFIG} beside it; "
-                         f"expected a file written by worlds.save_lora or diffusers' save_lora_weights, or a PEFT adapter folder")
+        raise SystemExit(f"error: {path} has no LoRA config: no lora_adapter_metadata in the file and no {PEFT_CONFIG} "
+                         f"beside it; expected a file written by worlds.save_lora or diffusers' save_lora_weights, "
+                         f"or a PEFT adapter folder")
     try:
         with open(config_file) as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {config_file} is not a readable PEFT adapter config ({e})")
     if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA" or "r" not in config:
-        raise SystemExit(f"error: {config_file} is not a LoRA adapter config (peft_type {config.get('peft_type') if isinstance(config, dict) else None!r}, expected 'LORA' with a rank r)")
+        raise SystemExit(f"error: {config_file} is not a LoRA adapter config "
+                         f"(peft_type {config.get('peft_type') if isinstance(config, dict) else None!r}, "
+                         f"expected 'LORA' with a rank r)")
     return {k.removeprefix("base_model.model."): v for k, v in weights.items()}, config
 
 
@@ -527,12 +551,14 @@ def load_lora(transformer, path, name, trainable=False, dtype=None):
     base_model = config.get("base_model_name_or_path")
     names = f" (its config names base model {base_model})" if base_model else ""
     try:
-        config = LoraConfig(**{k: v for k, v in config.items() if k in keep and k not in ("peft_type", "task_type", "inference_mode")})
+        config = LoraConfig(**{k: v for k, v in config.items()
+                               if k in keep and k not in ("peft_type", "task_type", "inference_mode")})
     except (TypeError, ValueError) as e:
         raise SystemExit(f"error: {path} has a LoRA config peft cannot use ({str(e).splitlines()[0]})")
     if name in (getattr(transformer, "peft_config", None) or {}):
         raise ValueError(f"the transformer already has an adapter named {name!r}")
-    previous = list(transformer.active_adapters() or []) if getattr(transformer, "_hf_peft_config_loaded", False) else []
+    previous = (list(transformer.active_adapters() or []) if getattr(transformer, "_hf_peft_config_loaded", False)
+                else [])
     grads = {n: p.requires_grad for n, p in transformer.named_parameters() if "lora_" in n}
     try:
         transformer.add_adapter(config, adapter_name=name)
@@ -553,8 +579,10 @@ def load_lora(transformer, path, name, trainable=False, dtype=None):
     elif missing or unexpected:
         targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
         parts = ([f"lacks {len(missing)} of their weights (e.g. {missing[0]})"] if missing else []) + \
-                ([f"has {len(unexpected)} weights it does not target here (e.g. {unexpected[0]})"] if unexpected else [])
-        problem = f"its config targets {len(expected) // 2} LoRA layers here (target_modules {targets}) but the file " + " and ".join(parts)
+                ([f"has {len(unexpected)} weights it does not target here (e.g. {unexpected[0]})"]
+                 if unexpected else [])
+        problem = (f"its config targets {len(expected) // 2} LoRA layers here (target_modules {targets}) but the file "
+                   + " and ".join(parts))
     if previous:
         transformer.set_adapter(previous if len(previous) > 1 else previous[0])
     if problem:
@@ -598,7 +626,8 @@ def adapter(transformer, name):
     frozen teachers stay frozen."""
     layers = _lora_layers(transformer)
     if name is not None and name not in (getattr(transformer, "peft_config", None) or {}):
-        raise ValueError(f"no adapter named {name!r} on this transformer (it has {sorted(getattr(transformer, 'peft_config', None) or {})})")
+        raise ValueError(f"no adapter named {name!r} on this transformer "
+                         f"(it has {sorted(getattr(transformer, 'peft_config', None) or {})})")
     previous = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
     try:
         for layer in layers:
