@@ -11,10 +11,12 @@ a dense, per-step, per-dimension signal instead of one scalar reward per image. 
 toward a frozen task-agnostic teacher (the base model by default) on all data, weight lambda:
     L = L_distill + lambda * E[ w(t) ||v_theta - v_anchor||^2 ]
 
---opd-loss picks how the KL becomes a gradient (all three are documented in README "Which OPD loss"):
+--opd-loss picks how the KL becomes a gradient (docs/DEPARTURES.md, "Which OPD loss"):
   direct     (default) minimise E[KL_t] over the student's own states, gradient through v_theta,
-             states detached. What the official code effectively computes (its advantage is -KL
-             without a stop-gradient) and what the paper's earlier draft states.
+             states detached: the paper's earlier draft, and the gradient the official code follows
+             (its advantage -KL is not detached), but for two more differences of that code, each a
+             flag here: its step KL is weighted by |dt| w(t) (--kl-dt-factor), and it drops samples
+             whose task-reward advantage is zero (--skip-zero-advantage).
   pg         the published form: r_t = -w(t) ||stopgrad(v_theta) - v_T||^2 used as the advantage in
              PPO's clipped surrogate, gradient only through the ratio. r_t depends on the state x_t
              only, not on the sampled action, so E[grad log pi(a|x_t)] r_t = 0: its expected gradient
