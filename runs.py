@@ -439,9 +439,10 @@ def open_tracker(kind, run_dir, config, dist):
 
 
 def plot_curves(run_dirs, path, metrics=None):
-    """Each run's log.jsonl drawn against its epochs (or steps): one panel per metric, the runs overlaid,
-    one PNG written atomically. metrics: the fields to draw (default: every reward, KL, loss and MAR field
-    that some run logs). Returns the metrics drawn."""
+    """Each run's log.jsonl drawn against its epochs (or steps): one panel per metric, the runs overlaid, each run
+    one colour in every panel, one PNG written atomically. metrics: the fields to draw (default: every reward,
+    KL, MAR and loss field that some run logs; 'kl' is the KL to the base in grpo_expert.py's runs and to the
+    teachers in opd.py's). Returns the metrics drawn."""
     import io
 
     import matplotlib
@@ -457,29 +458,31 @@ def plot_curves(run_dirs, path, metrics=None):
                 logs[os.path.basename(os.path.normpath(d))] = [json.loads(line) for line in g if line.strip()]
     if not logs:
         raise SystemExit(f"error: no log.jsonl in {list(run_dirs)[:3]}...: nothing to draw")
-    wanted = ("reward", "kl", "loss", "mar", "policy_loss")
+    wanted = ("reward", "kl", "mar", "loss")
     metrics = metrics or sorted({k for log in logs.values() for r in log for k in r
-                                 if any(k == w or k.startswith(w + "_") for w in wanted)})
-    cols = min(4, len(metrics))
+                                 if any(k == w or k.startswith(w + "_") for w in wanted)},
+                                key=lambda k: (wanted.index(k.split("_")[0]), k))
+    colour = {name: plt.cm.tab10(i % 10) for i, name in enumerate(logs)}
+    cols = min(5, len(metrics))
     rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
     for ax, m in zip(axes.flat, metrics):
         for name, log in logs.items():
             points = [(r.get("epoch", r.get("step")), r[m]) for r in log if isinstance(r.get(m), (int, float))]
             if points:
-                ax.plot(*zip(*points), label=name, lw=1.2)
+                ax.plot(*zip(*points), label=name, lw=1.1, color=colour[name])
         ax.set_title(m, fontsize=9)
-        ax.set_xlabel("epoch / step", fontsize=8)
+        ax.set_xlabel("epoch (sft: step)", fontsize=7)
         if m.startswith(("kl", "mar")):
             ax.set_yscale("log")
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    handles = [plt.Line2D([], [], color=colour[n], lw=2) for n in logs]
+    fig.legend(handles, list(logs), loc="lower center", ncol=min(8, len(logs)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
     return metrics
