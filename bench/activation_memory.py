@@ -33,7 +33,23 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: bench/ sits above nothing
 import runs  # noqa: E402
 import worlds  # noqa: E402
-from bench.speed import SD35_MEDIUM, SD3_TEXT_TOKENS, rss_bytes  # noqa: E402
+from bench.gpu_check import SD35_MEDIUM  # noqa: E402  (SD3.5-Medium's transformer config)
+
+# The same architecture (dual attention on the first half of the blocks, RMS q/k norm, 16 latent channels, patch 2)
+# at tiny width, for CPU tests of this count
+SD35_MEDIUM_TINY = dict(SD35_MEDIUM, sample_size=16, num_layers=4, attention_head_dim=8, num_attention_heads=2,
+                        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=32,
+                        dual_attention_layers=(0, 1))
+SD3_TEXT_TOKENS = 77 + worlds.SD3_DEFAULTS["max_sequence_length"]  # CLIP's 77 + T5's 128 (Flow-GRPO's max_sequence_length)
+
+
+def rss_bytes():
+    """The process's resident memory now (Linux /proc), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
 
 
 def build(config, device, dtype, checkpointing):

@@ -3,8 +3,7 @@ the bytes a real forward makes autograd hold, to the flash kernel's seeds, and g
 
 import torch
 
-from bench.activation_memory import build, saved_activations
-from bench.speed import SD35_MEDIUM_TINY
+from bench.activation_memory import SD35_MEDIUM_TINY, build, saved_activations
 
 
 def test_meta_count_equals_the_storages_a_real_forward_keeps_and_checkpointing_keeps_less():
