@@ -19,7 +19,7 @@
 #          --released DIR (default $OUT/released): the paper's three teachers, Flow-GRPO's PEFT folders, fetched once:
 #              for m in GenEval Text PickScore; do
 #                huggingface-cli download jieliu/SD3.5M-FlowGRPO-$m --local-dir DIR/SD3.5M-FlowGRPO-$m; done
-#          --train-experts: train the GenEval, OCR and PickScore experts too, from scratch (~85% of the GPU hours;
+#          --train-experts: train the GenEval, OCR and PickScore experts too, from scratch (~1,600 GPU-hours more, est.;
 #              what --toy does, having no released teachers of a tiny random pipeline).
 # Environment: FLOWOPD_GENEVAL_URL / FLOWOPD_DEQA_URL (the reward servers, default http://127.0.0.1:18085 / :18086),
 #   FLOWOPD_PROMPTS (prompt root holding sd3/, default prompts/), FLOWOPD_AESTHETIC_MLP (the quality table's aesthetic
