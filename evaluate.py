@@ -195,13 +195,11 @@ def base_fingerprint(transformer):
 
 base_id = base_fingerprint(world.transformer)
 def adapter_id(path):
-    """What an adapter computes: a file's content (content_sha256); a PEFT folder's weights by content and its
-    config."""
-    if not os.path.isdir(path):
-        return runs.content_sha256(path)
-    weights, config = worlds.read_lora(path)
-    return hashlib.sha256(json.dumps([runs.content_sha256(os.path.join(path, worlds.PEFT_WEIGHTS)), config],
-                                          sort_keys=True, default=str).encode()).hexdigest()
+    """What an adapter computes: its weights by content (content_sha256) and, beside a PEFT file or in a PEFT
+    folder, its adapter_config.json (rank, alpha, targets)."""
+    file, config = worlds.lora_files(path)
+    weights = runs.content_sha256(file)
+    return weights if config is None else hashlib.sha256((weights + runs.file_sha256(config)).encode()).hexdigest()
 
 
 # a rewritten, equal adapter hits

@@ -218,32 +218,28 @@ if cfg.full_finetune:
     params = dict(transformer.named_parameters())
 else:
     reference_world = None  # the base is the same module with the adapter disabled: no second copy
-    if cfg.init:
-        params = worlds.load_lora(transformer, cfg.init, "policy", trainable=True)
+    if cfg.init:  # either way the LoRA trains in float32 even when the base is bf16 (worlds.py makes it so)
+        worlds.load_lora(transformer, cfg.init, "policy", trainable=True)
         transformer.set_adapter("policy")
     else:
         worlds.add_lora(transformer, "policy", cfg.lora_rank, cfg.lora_alpha)
     params = worlds.lora_parameters(transformer, "policy")
-    for p in params.values():  # LoRA weights train in float32 even when the base is bf16
-        p.data = p.data.float()
 param_list = list(params.values())
 optimizer = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_decay)
 ema = {k: p.detach().clone().float() for k, p in params.items()}
 
 # every reward model on this rank's device (PickScore's CLIP-H on the GPU, as Flow-GRPO scores)
 task_reward = {} if cfg.prompts else {t: rewards.get_reward(t, world.kind, dist.device) for t in task_weights}
-extra_reward = {t: rewards.get_reward(t, world.kind, dist.device) for t in extra_weights}
+extra_reward = rewards.combined_reward(cfg.reward, world.kind, dist.device) if extra_weights else None
 
 
 def sample_reward(task):
-    """The reward of a sample of `task`'s prompts: its task reward (none with --prompts) + the weighted extras."""
+    """The reward of a sample of `task`'s prompts: its task reward (none with --prompts) + the weighted extras.
+    Rewards come as float32 (B,) CPU tensors."""
     def reward(images, prompts, metadata):
-        if task in task_reward:
-            total = torch.as_tensor(task_reward[task](images, prompts, metadata)).float().cpu()
-        else:
-            total = torch.zeros(len(images))
-        for name, weight in extra_weights.items():
-            total = total + weight * torch.as_tensor(extra_reward[name](images, prompts, metadata)).float().cpu()
+        total = task_reward[task](images, prompts, metadata) if task in task_reward else torch.zeros(len(images))
+        if extra_reward is not None:
+            total = total + extra_reward(images, prompts, metadata)[0]
         return total
     return reward
 

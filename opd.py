@@ -165,28 +165,18 @@ for task, row in routing.items():
                          f"{sorted(teacher_files)}")
 
 
-def is_full_weight(path):
-    """A teacher file that is a whole transformer state dict, not a LoRA (diffusers file or PEFT folder)."""
-    if os.path.isdir(path):
-        return False
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: teacher file {path} does not exist")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, "pt") as f:
-            return not any("lora_" in k for k in f.keys())
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise SystemExit(f"error: teacher {path} is not a readable safetensors file ({e})") from None
-
-
 def load_teacher(name, path):
-    """A LoRA (file or PEFT folder) becomes adapter `name` on the shared base (frozen); a full state dict
-    becomes a copy of the transformer."""
-    if not is_full_weight(path):
+    """A LoRA (file or PEFT folder: worlds.is_lora) becomes adapter `name` on the shared base (frozen); a full
+    state dict becomes a copy of the transformer."""
+    if worlds.is_lora(path):
         worlds.load_lora(transformer, path, name, trainable=False)
         return None  # switch to it with worlds.adapter(transformer, name)
-    weights, _ = runs.load_tensors(path)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: teacher file {path} does not exist")
+    try:
+        weights, _ = runs.load_tensors(path)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise SystemExit(f"error: teacher {path} is not a readable safetensors file ({e})") from None
     full = copy.deepcopy(transformer)
     try:
         full.load_state_dict(weights)
@@ -203,7 +193,7 @@ teacher_copy = {}  # teacher name -> World with its own transformer (full-weight
 teacher_adapter = {t: None if f == "base" else f"teacher_{t}" for t, f in teacher_files.items()}
 used = sorted({k for t in task_weights for k in routing[t]})
 # full-weight teachers first: a copy made after a LoRA is attached would carry peft's layers (strict load fails)
-for t in sorted(used, key=lambda t: teacher_adapter[t] is None or not is_full_weight(teacher_files[t])):
+for t in sorted(used, key=lambda t: teacher_adapter[t] is None or worlds.is_lora(teacher_files[t])):
     if teacher_adapter[t] is not None:
         teacher_copy[t] = load_teacher(teacher_adapter[t], teacher_files[t])
 if cfg.mar_teacher in ("base", ""):
@@ -225,9 +215,7 @@ if cfg.student:
     transformer.set_adapter("student")
 else:
     worlds.add_lora(transformer, "student", cfg.lora_rank, cfg.lora_alpha)
-params = worlds.lora_parameters(transformer, "student")
-for p in params.values():
-    p.data = p.data.float()
+params = worlds.lora_parameters(transformer, "student")  # float32 even on a bf16 base (worlds.add_lora / load_lora)
 param_list = list(params.values())
 optimizer = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_decay)
 ema = {k: p.detach().clone().float() for k, p in params.items()}

@@ -279,8 +279,7 @@ else:
     worlds.add_lora(transformer, "student", cfg.lora_rank, cfg.lora_alpha)
 transformer.set_adapter("student")
 params = worlds.lora_parameters(transformer, "student")
-for p in params.values():  # LoRA weights train in float32 even when the base is bf16
-    p.data = p.data.float()
+for p in params.values():  # float32 even on a bf16 base (worlds.add_lora / load_lora)
     p.requires_grad_(True)
 param_list = list(params.values())
 optimizer = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -195,19 +195,17 @@ def encode_once(world, prompts, cache_dir, batch=64):
             ok = bool(flag.item())
         return ok
 
+    # rank r's contiguous share of the sorted prompts, and the shard it writes
+    shards = [dict(file=f"shard-{r:05d}-of-{size:05d}.safetensors", first=len(prompts) * r // size,
+                   count=len(prompts) * (r + 1) // size - len(prompts) * r // size) for r in range(size)]
     if not agree(os.path.isfile(index_path)):
-        lo, hi = len(prompts) * rank // size, len(prompts) * (rank + 1) // size  # this rank's contiguous share
-        shard = f"shard-{rank:05d}-of-{size:05d}.safetensors"
-        _write_shard(os.path.join(folder, shard), encode, prompts[lo:hi], batch,
-                     dict(prompts=json.dumps(prompts[lo:hi])))
+        mine = prompts[shards[rank]["first"]: shards[rank]["first"] + shards[rank]["count"]]
+        _write_shard(os.path.join(folder, shards[rank]["file"]), encode, mine, batch, dict(prompts=json.dumps(mine)))
         if distributed:
             torch.distributed.barrier()
         if rank == 0:  # the commit point: a cache without index.json is encoded again
-            shards = [dict(file=f"shard-{r:05d}-of-{size:05d}.safetensors",
-                           first=len(prompts) * r // size,
-                           count=len(prompts) * (r + 1) // size - len(prompts) * r // size)
-                      for r in range(size)]
-            _atomic_text(index_path, json.dumps(dict(prompts=len(prompts), shards=shards)))
+            with _atomic_file(index_path, "w") as f:
+                json.dump(dict(prompts=len(prompts), shards=shards), f)
         if distributed:
             torch.distributed.barrier()
     seen = os.path.isfile(index_path)
@@ -251,47 +249,48 @@ def _write_shard(path, encode, prompts, batch, metadata):
     (n, P)), written in place at each batch's offset and renamed when whole: only one batch is ever in
     memory, however many prompts there are. safetensors is an 8-byte header length, a JSON header with
     every tensor's dtype, shape and byte range, then the raw bytes: simple enough to stream."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if not prompts:  # a rank with no share (more ranks than prompts): an empty shard
-                header = json.dumps({"__metadata__": metadata}).encode()
+    with _atomic_file(path, "wb") as f:
+        if not prompts:  # a rank with no share (more ranks than prompts): an empty shard
+            header = json.dumps({"__metadata__": metadata}).encode()
+            f.write(len(header).to_bytes(8, "little") + header)
+        at = None
+        for b in range(0, len(prompts), batch):
+            embeds, pooled = (t.detach().contiguous().cpu() for t in encode(prompts[b: b + batch]))
+            if at is None:  # the first batch tells the shapes: write the header, then fill in place
+                e_row, p_row = embeds[0].numel() * embeds.element_size(), pooled[0].numel() * pooled.element_size()
+                n = len(prompts)
+                header = {"embeds": dict(dtype=_SAFETENSORS_DTYPES[embeds.dtype], shape=[n, *embeds.shape[1:]],
+                                         data_offsets=[0, n * e_row]),
+                          "pooled": dict(dtype=_SAFETENSORS_DTYPES[pooled.dtype], shape=[n, *pooled.shape[1:]],
+                                         data_offsets=[n * e_row, n * e_row + n * p_row]),
+                          "__metadata__": metadata}
+                header = json.dumps(header).encode()
+                header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+                at = 8 + len(header)
                 f.write(len(header).to_bytes(8, "little") + header)
-            at = None
-            for b in range(0, len(prompts), batch):
-                embeds, pooled = (t.detach().contiguous().cpu() for t in encode(prompts[b: b + batch]))
-                if at is None:  # the first batch tells the shapes: write the header, then fill in place
-                    e_row, p_row = embeds[0].numel() * embeds.element_size(), pooled[0].numel() * pooled.element_size()
-                    n = len(prompts)
-                    header = {"embeds": dict(dtype=_SAFETENSORS_DTYPES[embeds.dtype], shape=[n, *embeds.shape[1:]],
-                                             data_offsets=[0, n * e_row]),
-                              "pooled": dict(dtype=_SAFETENSORS_DTYPES[pooled.dtype], shape=[n, *pooled.shape[1:]],
-                                             data_offsets=[n * e_row, n * e_row + n * p_row]),
-                              "__metadata__": metadata}
-                    header = json.dumps(header).encode()
-                    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-                    at = 8 + len(header)
-                    f.write(len(header).to_bytes(8, "little") + header)
-                    f.truncate(at + n * (e_row + p_row))
-                f.seek(at + b * e_row)
-                f.write(embeds.view(torch.uint8).numpy().tobytes())
-                f.seek(at + n * e_row + b * p_row)
-                f.write(pooled.view(torch.uint8).numpy().tobytes())
+                f.truncate(at + n * (e_row + p_row))
+            f.seek(at + b * e_row)
+            f.write(embeds.view(torch.uint8).numpy().tobytes())
+            f.seek(at + n * e_row + b * p_row)
+            f.write(pooled.view(torch.uint8).numpy().tobytes())
+
+
+@contextlib.contextmanager
+def _atomic_file(path, mode):
+    """A file opened at a temp path beside `path` and renamed to it when the block ends, removed if it raises:
+    readers never see half a file (runs.atomic_write does the same for bytes in memory; this module imports
+    nothing of the floor it shares with runs.py)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def _atomic_text(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -459,7 +458,7 @@ def write_lora(path, weights, config):
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def _lora_files(path):
+def lora_files(path):
     """(safetensors file, adapter_config.json beside it or None) of a LoRA path: a file, or a PEFT adapter
     folder. One error line for a missing path or a folder without a readable PEFT adapter."""
     if os.path.isdir(path):
@@ -486,7 +485,7 @@ def is_lora(path):
     from safetensors import safe_open
 
     try:
-        file, config = _lora_files(path)
+        file, config = lora_files(path)
         with safe_open(file, "pt") as f:
             return ("lora_adapter_metadata" in (f.metadata() or {})
                     or (config is not None and any(".lora_A." in k for k in f.keys())))
@@ -503,7 +502,7 @@ def read_lora(path):
     The weights keep the file's dtype. Anything else stops with one error line naming the file."""
     from safetensors import safe_open
 
-    file, config_file = _lora_files(path)
+    file, config_file = lora_files(path)
     try:
         with safe_open(file, "pt") as f:
             weights = {k: f.get_tensor(k) for k in f.keys()}

@@ -66,8 +66,6 @@ def build(config, device, dtype, checkpointing):
     finally:
         diffusers_logging.set_verbosity(verbosity)
     worlds.add_lora(tr, "student", 32, 64)  # the stages' default student: r = 32, trainable, float32
-    for p in worlds.lora_parameters(tr, "student").values():
-        p.data = p.data.float()
     if checkpointing:
         tr.enable_gradient_checkpointing()
     tr.train()
