@@ -8,6 +8,12 @@ reward; normalise rewards within each prompt's group into advantages; raise the 
 the steps of better-than-average images with PPO's clipped ratio loss, kept near the base model by a
 KL penalty.
 
+Several tasks (--task geneval:3,ocr:1,pickscore:1) train GRPO-Mix. By default (--mix epochs, the paper's
+appendix) whole epochs alternate in the weights' ratio, each on its task's prompts and reward; --mix prompts
+draws each prompt's task, advantages normalised task by task. --reward adds weighted reward terms to every
+sample's reward (GRPO-Mix's DeQA 1:1); with --prompts the task rewards go and --reward alone is the reward,
+which is how the paper's DeQA teacher trains: --prompts geneval,ocr,pickscore --reward deqa:0.4,pickscore:0.6.
+
 Commands
   tiny world, CPU (minutes):   python grpo_expert.py --task ocr
   GRPO-Mix on the tiny world:  python grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 --lr 1e-4
@@ -15,14 +21,16 @@ Commands
   one node, 8 GPUs:            torchrun --nproc_per_node 8 grpo_expert.py --world <sd3.5m folder> --task ocr
   4 nodes x 8 GPUs:            torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d \
                                  --rdzv_endpoint $HEAD:29500 grpo_expert.py --world <sd3.5m folder> --task geneval
-  (the paper's settings for SD3.5-M: README, "Reproducing on SD3.5-Medium")
+  the DeQA teacher:            python grpo_expert.py --world <sd3.5m> --prompts geneval,ocr,pickscore \
+                                 --reward deqa:0.4,pickscore:0.6
+  (the paper's settings for SD3.5-M: docs/SD3.md)
 
 Outputs in --out: adapter.safetensors (the EMA LoRA, diffusers-loadable), config.json, log.jsonl,
 samples_XXXX.png, checkpoints/ (exact resume: rerun the same command).
 
 Flow-GRPO-Fast and the tiny-world pilots (docs/NOTES.md; code in the section so marked): --sde-window K
 (Flow-GRPO-Fast) makes only K consecutive steps stochastic and trains only those; the tiny world uses
-K = 2 (its pixels keep the late steps' noise: README, "The tiny world"), SD3.5-M every step (K = 0), as
+K = 2 (its pixels keep the late steps' noise: docs/DEPARTURES.md), SD3.5-M every step (K = 0), as
 the paper. The window starts at a step drawn per epoch in the first half, or at --window-start s
 (docs/NOTES.md, pilot F: only the first step). The LoRA still acts at every step, so the steps outside
 the window drift with nothing to hold them; --kl-outside k holds k of them per sample near the base
