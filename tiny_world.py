@@ -895,6 +895,24 @@ def score_ood(images, prompts):
     cats = np.array([ood_category(s) for s in specs])
     return {c: float(correct[cats == c].mean()) for c in OOD_CATEGORIES if (cats == c).any()}
 
+def in_mode(task, images, prompts):
+    """Is each image in its task's failure mode (tiny world v3)? ocr: faint glyphs (fewer than 20 pixels of
+    the recogniser's white class); geneval: washed-out objects (no object-coloured component at all);
+    deqa: grainy (more than 5% of pixels off their 3x3 median); pickscore: a small subject (under 12% of the
+    image). (B,) bool."""
+    x = _to_hwc(images)
+    if task == "ocr":
+        return (_colour_classes(x) == list(COLOURS).index("white")).sum((1, 2)) < 20
+    if task == "geneval":
+        return np.array([not any(True for _ in _components(c)) for c in _colour_classes(x)])
+    if task == "deqa":
+        resid = np.abs(x - ndimage.median_filter(x, size=(1, 3, 3, 1))).max(-1)
+        return (resid > 0.06).mean((1, 2)) > 0.05
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
+    fg = np.sqrt(((x - np.median(border, axis=1)[:, None, None]) ** 2).sum(-1)) > 0.25
+    return fg.mean((1, 2)) < 0.12
+
+
 
 def diversity(images, prompts):
     """Mean pairwise RMS pixel distance between images of the same prompt (prompts with >= 2 images)."""
