@@ -30,13 +30,14 @@ from PIL import Image
 from scipy import ndimage
 
 from tiny_world import (CHECKPOINT, DEFAULT_GUIDANCE, DEFAULT_STEPS_EVAL, GENEVAL_CATEGORIES, HERE, IMAGE_SIZE, SHIFT, TASKS,
-                        build_transformer, corrupt_caption, degrade, diversity, load_base, load_codec, make_encoder, make_prompt, omit_from_scene, read_prompts,
-                        render_batch, sample, score, score_ood, text_tables, write_prompt_files)
+                        build_transformer, corrupt_caption, degrade, diversity, in_mode, load_base, load_codec, make_encoder, make_prompt, omit_from_scene, read_prompts,
+                        parse, render_batch, sample, score, score_ood, text_tables, write_prompt_files)
 
 # -----------------------------------------------------------------------------
 # pretraining: rectified flow on freshly drawn scenes of every task (never the OOD compositions)
 
-PRETRAIN_MIX = {"geneval": 0.4, "ocr": 0.4, "deqa": 0.1, "pickscore": 0.1}  # task sampling weights
+PRETRAIN_MIX = {"geneval": 0.2, "geneval-task": 0.2, "ocr": 0.4, "deqa": 0.1, "pickscore": 0.1}  # caption sampling weights
+# (geneval: all six GenEval categories; geneval-task: the one-object prompts of the GenEval task, backgrounds named)
 BATCH_SIZE = 48          # scenes per step
 LR = 1e-3                # AdamW peak learning rate (linear warmup, then constant)
 WARMUP_STEPS = 200       # learning-rate warmup
@@ -61,6 +62,24 @@ def _save(path, transformer, tables, card, vae=None):
     os.replace(tmp, os.path.splitext(path)[0] + ".json")
 
 
+def parse_mix(text):
+    """'ocr:0.55,geneval:0.1,...' -> the caption odds of pretraining (every key of PRETRAIN_MIX); '' -> None (the default)."""
+    if not text:
+        return None
+    mix = {}
+    for item in text.split(","):
+        name, _, odds = item.partition(":")
+        try:
+            mix[name] = float(odds)
+        except ValueError:
+            mix[name] = -1.0
+        if name not in PRETRAIN_MIX or mix[name] < 0:
+            raise SystemExit(f"error: --mix item {item!r} must be name:odds with a name of {list(PRETRAIN_MIX)} and odds >= 0")
+    if sum(mix.values()) <= 0:
+        raise SystemExit(f"error: --mix {text!r} gives every caption kind odds 0")
+    return mix
+
+
 def parse_geneval_mix(text):
     """'position:3,colour_attr:3' -> the odds of every GenEval category (unlisted ones 1); '' -> None (equal)."""
     if not text:
@@ -80,8 +99,23 @@ def parse_geneval_mix(text):
     return mix
 
 
+def _mode(prompt, rng, faint, washed, small=0.0):
+    """The unnamed rendering mode of one pretraining scene: a sign's glyph faint with odds `faint`, the object
+    of a one-object scene (not a big subject) washed out with odds `washed`, a big subject drawn small with odds
+    `small`, else crisp (None)."""
+    spec = parse(prompt)
+    if spec["kind"] == "ocr":
+        return "faint" if faint and rng.random() < faint else None
+    objs = spec["objects"]
+    if len(objs) == 1 and objs[0]["big"]:
+        return "small" if small and rng.random() < small else None
+    if len(objs) == 1 and objs[0]["count"] == 1:
+        return "washed" if washed and rng.random() < washed else None
+    return None
+
+
 def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=None, caption_noise=0.0, quality_noise=0.0,
-             autoencoder=None, geneval_mix=None, omission_noise=0.0):
+             autoencoder=None, geneval_mix=None, omission_noise=0.0, faint=0.0, washed=0.0, small=0.0, mix=None):
     """Rectified-flow pretraining for `steps` optimizer steps (the same command gives the same base on any
     machine, up to float rounding) or, without steps, for `minutes` of wall time (the shipped v1 base).
     caption_noise / quality_noise: the share of scenes captioned with one alt-text-like error
@@ -126,16 +160,19 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
     card = dict(command="python " + " ".join(sys.argv), seed=seed, minutes=minutes, threads=threads, batch_size=BATCH_SIZE,
                 lr=lr, cooldown=cooldown, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
                 init=init, previous=previous, max_steps=steps, caption_noise=caption_noise, quality_noise=quality_noise,
-                autoencoder=autoencoder, latent=list(codec.shape), geneval_mix=geneval_mix, omission_noise=omission_noise)
-    tasks, weights = list(PRETRAIN_MIX), list(PRETRAIN_MIX.values())
+                autoencoder=autoencoder, latent=list(codec.shape), geneval_mix=geneval_mix, omission_noise=omission_noise,
+                faint=faint, washed=washed, small=small, mix_v3=mix or PRETRAIN_MIX)
+    mix = mix or PRETRAIN_MIX
+    tasks, weights = list(mix), [w / sum(mix.values()) for w in mix.values()]
     t_start = last_save = time.time()
     step, loss_avg = 0, None
     bar = tqdm(total=steps or int(minutes * 60), unit="step" if steps else "s", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {postfix}")
     while (step < steps) if steps else (time.time() - t_start < minutes * 60):
         # data: captions from every task's generator, their ground-truth scenes, 10% dropped to ""
-        prompts = [make_prompt(tasks[rng.choice(4, p=weights)], rng, geneval_mix) for _ in range(BATCH_SIZE)]
+        prompts = [make_prompt(tasks[rng.choice(len(tasks), p=weights)], rng, geneval_mix) for _ in range(BATCH_SIZE)]
         shown = [omit_from_scene(p, rng) if omission_noise and rng.random() < omission_noise else p for p in prompts]
-        images = render_batch(shown, rng)                                    # (B, 3, 32, 32)
+        modes = [_mode(p, rng, faint, washed, small) for p in shown]                # v3: unnamed rendering modes
+        images = render_batch(shown, rng, modes)                             # (B, 3, 32, 32)
         for i in range(BATCH_SIZE):  # web-like data: some images worse than their captions say ...
             if rng.random() < quality_noise:
                 images[i] = degrade(images[i], rng)
@@ -188,26 +225,38 @@ def _grid(images, nrow):
     return Image.fromarray(x).resize((x.shape[1] * 3, x.shape[0] * 3), Image.NEAREST)
 
 
+TASK_MODES = {"geneval": "washed", "ocr": "faint", "deqa": "grain", "pickscore": "small"}  # each task's failure mode (v3)
+
+
 def calibrate(n, steps, guidance, shift, threads):
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
-    print(f"{'task':10s} {'truth':>6s} {'noise':>6s} {'blank':>6s} {'blur':>6s} {'base':>6s} {'sd':>6s}   (n={n} test prompts, "
-          f"base: {steps} Euler steps, cfg {guidance}, shift {shift})")
+    print(f"{'task':10s} {'truth':>6s} {'mode':>6s} {'noise':>6s} {'blank':>6s} {'blur':>6s} {'base':>6s} {'sd':>6s} "
+          f"{'in mode':>7s} {'crisp':>6s}   (n={n} test prompts; mode: {', '.join(f'{t} {m}' for t, m in TASK_MODES.items())}; "
+          f"base: {steps} Euler steps, cfg {guidance}, shift {shift}; in mode: the base's share of images in its "
+          f"task's mode; crisp: its score on the others)")
     transformer, encode_prompts, codec = load_base()
     grids_truth, grids_base = [], []
     for task in TASKS:
         prompts = read_prompts(task, "test")[:n]
         truth = render_batch(prompts, rng)
+        if task == "deqa":  # deqa's mode is grain: sensor noise of std 0.04-0.10, as degrade() draws it
+            moded = (truth + torch.from_numpy(rng.normal(0, 1, truth.shape).astype(np.float32))
+                     * torch.from_numpy(rng.uniform(0.04, 0.10, (len(truth), 1, 1, 1)).astype(np.float32))).clamp(0, 1)
+        else:
+            moded = render_batch(prompts, rng, [TASK_MODES[task]] * len(prompts))
         noise = torch.from_numpy(rng.random(truth.shape, dtype=np.float32))
         blank = torch.full_like(truth, 0.05)
         blur = torch.from_numpy(ndimage.gaussian_filter(truth.numpy(), (0, 0, 1.0, 1.0)))
         t0 = time.time()
         base = sample(transformer, encode_prompts, prompts, steps, guidance, seed=1, shift=shift, codec=codec)
         t_sample = time.time() - t0
-        row = [score(task, im, prompts) for im in (truth, noise, blank, blur, base)]
-        print(f"{task:10s} " + " ".join(f"{r.mean():6.3f}" for r in row) + f" {row[-1].std():6.3f}"
-              f"   ({t_sample:.1f}s sampling)")
-        grids_truth.append(truth[:8])
+        row = [score(task, im, prompts) for im in (truth, moded, noise, blank, blur, base)]
+        mode = in_mode(task, base, prompts)
+        crisp = row[-1][~mode].mean() if (~mode).any() else float("nan")
+        print(f"{task:10s} " + " ".join(f"{r.mean():6.3f}" for r in row) + f" {row[-1].std():6.3f} {mode.mean():7.3f} "
+              f"{crisp:6.3f}   ({t_sample:.1f}s sampling)")
+        grids_truth.append(torch.cat([truth[:4], moded[:4]]))
         grids_base.append(base[:8])
     ood = read_prompts("ood", "test")
     base = sample(transformer, encode_prompts, ood, steps, guidance, seed=1, shift=shift, codec=codec)
@@ -231,7 +280,8 @@ def calibrate(n, steps, guidance, shift, threads):
     os.makedirs(os.path.join(HERE, "assets"), exist_ok=True)
     _grid(torch.cat(grids_truth), 8).save(os.path.join(HERE, "assets", "tiny_ground_truth.png"))
     _grid(torch.cat(grids_base), 8).save(os.path.join(HERE, "assets", "tiny_base_samples.png"))
-    print("wrote assets/tiny_ground_truth.png and assets/tiny_base_samples.png (rows: " + ", ".join(TASKS) + ")")
+    print("wrote assets/tiny_ground_truth.png (rows: " + ", ".join(TASKS) + "; 4 crisp, then 4 in the task's mode) "
+          "and assets/tiny_base_samples.png (rows: " + ", ".join(TASKS) + ")")
 
 # -----------------------------------------------------------------------------
 
@@ -247,6 +297,11 @@ if __name__ == "__main__":
     p.add_argument("--quality-noise", type=float, default=0.0, help="share of images with one unnamed quality fault")
     p.add_argument("--omission-noise", type=float, default=0.0, help="share of images that leave out one thing their "
                    "caption names (the second object, one of a count, one glyph)")
+    p.add_argument("--faint", type=float, default=0.0, help="share of sign images whose glyph is drawn faint (v3)")
+    p.add_argument("--washed", type=float, default=0.0, help="share of one-object scenes drawn washed out (v3)")
+    p.add_argument("--small", type=float, default=0.0, help="share of big-subject scenes drawn small, off-centre (v3)")
+    p.add_argument("--mix", default="", help="caption odds, e.g. 'ocr:0.55,geneval:0.1,geneval-task:0.2,deqa:0.075,"
+                   "pickscore:0.075' (default: " + ",".join(f"{k}:{v}" for k, v in PRETRAIN_MIX.items()) + ")")
     p.add_argument("--geneval-mix", default="", help="odds of the GenEval caption categories, e.g. 'position:3,colour_attr:3' "
                    "(unlisted: 1; default: all equal)")
     p.add_argument("--seed", type=int, default=0)
@@ -273,6 +328,7 @@ if __name__ == "__main__":
             if not 0 <= getattr(args, name) <= 1:
                 raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)} must be a share in [0, 1]")
         pretrain(args.minutes, args.seed, args.out, args.threads, args.init, args.lr, args.cooldown, args.steps,
-                 args.caption_noise, args.quality_noise, args.autoencoder, parse_geneval_mix(args.geneval_mix), args.omission_noise)
+                 args.caption_noise, args.quality_noise, args.autoencoder, parse_geneval_mix(args.geneval_mix), args.omission_noise,
+                 args.faint, args.washed, args.small, parse_mix(args.mix))
     else:
         calibrate(args.n, args.steps, args.guidance, args.shift, args.threads)

@@ -78,8 +78,8 @@ FONT = {
     "4": ["#.#", "#.#", "###", "..#", "..#"], "7": ["###", "..#", ".#.", "#..", "#.."],
 }
 GLYPHS = "".join(FONT)
-GLYPH_SCALE, GLYPH_GAP = 3, 3
-MAX_GLYPHS = 2      # glyphs per sign (two 9-px glyphs + gap + the sign's border fill 27 of 32 px)
+GLYPH_SCALE, GLYPH_GAP = 4, 4   # v3: a font cell is 4x4 px, one image token of the transformer (2x2 latent patch)
+MAX_GLYPHS = 1      # v3: one 12x20-px glyph a sign, placed on the 4-px token grid, so that the base draws it well
 TEMPLATES = np.array([[[c == "#" for c in row] for row in FONT[g]] for g in GLYPHS], np.float32)  # (16,5,3)
 
 WORDS = (["<pad>", "a", "an", "photo", "of", "and", "left", "right", "above", "below", "big", "on",
@@ -139,11 +139,17 @@ def _object(words, i):
 def parse(prompt):
     """Prompt -> scene spec: {kind, objects, relation, text, background}. Raises ValueError."""
     tokens = tokenize(prompt)
-    if tokens[:4] == ["a", "sign", "that", "says"]:
+    if "sign" in tokens[:3]:  # a [colour] sign that says "X" [on a <bg> background]
+        background, sign = None, None
+        if tokens[-4:-2] == ["on", "a"] and tokens[-1] == "background" and tokens[-2] in BACKGROUNDS:
+            background, tokens = tokens[-2], tokens[:-4]
+        if tokens[1] in SIGN_COLOURS:
+            sign, tokens = tokens[1], tokens[:1] + tokens[2:]
         text = "".join(tokens[5:-1])
-        if tokens[4] != '"' or tokens[-1] != '"' or not 1 <= len(text) <= MAX_GLYPHS:
+        if (tokens[:5] != ["a", "sign", "that", "says", '"'] or tokens[-1] != '"'
+                or not 1 <= len(text) <= MAX_GLYPHS):
             raise ValueError(f"cannot parse sign prompt {prompt!r}")
-        return dict(kind="ocr", objects=[], relation=None, text=text, background=None)
+        return dict(kind="ocr", objects=[], relation=None, text=text, background=background, sign=sign)
     words = tokens
     try:
         assert words[:3] == ["a", "photo", "of"]
@@ -217,14 +223,14 @@ def _one_object_prompt(spec, count=1):
     return f"a photo of {' '.join(words)}{bg}"
 
 
-def _geneval_prompt(rng, category):
+def _geneval_prompt(rng, category, bg_all=False):
     c1, c2 = rng.choice(list(COLOURS), 2, replace=False)
     s1, s2 = rng.choice(SHAPES, 2, replace=False)
     bg = f" on a {rng.choice(list(BACKGROUNDS))} background" if rng.random() < 0.5 else ""
     if category == "single_object":  # backgrounds only widen these two small categories
         return f"a photo of {_phrase(None, s1)}{bg}"
     if category == "colors":
-        return f"a photo of {_phrase(c1, s1)}"
+        return f"a photo of {_phrase(c1, s1)}" + (bg if bg_all else "")
     if category == "counting":
         n = int(rng.integers(2, 5))
         colour = f"{c1} " if rng.random() < 0.5 else ""
@@ -240,21 +246,27 @@ def _geneval_prompt(rng, category):
 GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "colour_attr")
 
 
+V3_GENEVAL = ("single_object", "colors")  # v3: GenEval's task prompts are its one-object categories, which the base
+                                          # draws well when it draws crisply (pretraining still sees all six)
+
+
 def _raw_prompt(task, rng, geneval_mix=None):
+    if task == "geneval-task":
+        return _geneval_prompt(rng, V3_GENEVAL[rng.integers(2)], bg_all=True)
     if task == "geneval":  # categories equally likely unless geneval_mix gives their odds {category: weight}
         if geneval_mix:
             w = np.array([geneval_mix.get(c, 0.0) for c in GENEVAL_CATEGORIES], np.float64)
             return _geneval_prompt(rng, GENEVAL_CATEGORIES[rng.choice(len(w), p=w / w.sum())])
         return _geneval_prompt(rng, GENEVAL_CATEGORIES[rng.integers(len(GENEVAL_CATEGORIES))])
-    if task == "ocr":
-        n = int(rng.choice([1, 2], p=[0.4, 0.6]))
-        return f'a sign that says "{"".join(rng.choice(list(GLYPHS), n))}"'
+    if task == "ocr":  # v3: one glyph; the sign's colour and the background sometimes named
+        sign = f"a {rng.choice(SIGN_COLOURS)} sign" if rng.random() < 0.7 else "a sign"
+        bg = f" on a {rng.choice(list(BACKGROUNDS))} background" if rng.random() < 0.6 else ""
+        return f'{sign} that says "{rng.choice(list(GLYPHS))}"{bg}'
     bg = f" on a {rng.choice(list(BACKGROUNDS))} background" if rng.random() < 0.6 else ""
     c1, c2 = rng.choice(list(COLOURS), 2, replace=False)
     s1, s2 = rng.choice(SHAPES, 2, replace=False)
-    if task == "deqa":  # generic scene captions; the reward ignores the prompt
-        if rng.random() < 0.5:
-            return f"a photo of {_phrase(c1, s1)}{bg}"
+    if task == "deqa":  # v3: free scene descriptions, disjoint from GenEval's: two coloured objects on a named background
+        bg = f" on a {rng.choice(list(BACKGROUNDS))} background"
         return f"a photo of {_phrase(c1, s1)} and {_phrase(c2, s2)}{bg}"
     if task == "pickscore":  # big subjects in saturated colours: what the preference score likes
         c1 = rng.choice([c for c in COLOURS if c != "white"])
@@ -305,7 +317,7 @@ def _ood_prompts(rng, per_category=32):
     return out
 
 
-SPLIT_SIZES = {"geneval": (480, 120), "ocr": (160, 64), "deqa": (300, 64), "pickscore": (70, 30)}  # (train, test)
+SPLIT_SIZES = {"geneval": (68, 64), "ocr": (160, 96), "deqa": (300, 64), "pickscore": (70, 30)}  # (train, test)
 # pickscore's grammar (big subject x colour x shape x background) has only ~100 distinct prompts
 
 
@@ -315,7 +327,17 @@ def write_prompt_files(seed=0):
     for k, task in enumerate(TASKS):
         rng = np.random.default_rng(seed * 100 + k)
         n_train, n_test = SPLIT_SIZES[task]
-        if task == "geneval":  # balanced over the six categories
+        if task == "geneval":  # v3: every distinct one-object prompt, every k-th to test
+            seen = []
+            for _ in range(20000):
+                p = make_prompt("geneval-task", rng)
+                if p not in seen:
+                    seen.append(p)
+            seen.sort()
+            rng.shuffle(seen)
+            assert len(seen) >= n_train + n_test, f"{task}: only {len(seen)} distinct prompts"
+            test, train = seen[:n_test], seen[n_test:n_test + n_train]
+        elif task == "geneval-v1":  # balanced over the six categories
             per_cat, train, test = (n_train + n_test) // len(GENEVAL_CATEGORIES), [], []
             for cat in GENEVAL_CATEGORIES:
                 lst = []
@@ -371,7 +393,7 @@ def corrupt_caption(prompt, rng):
         text = spec["text"]
         wrong = [text[:i] + g + text[i + 1:] for i in range(len(text)) for g in GLYPHS if g != text[i]]
         options += wrong + ([text[1:], text[:1]] if len(text) == 2 else [])
-        options = [f'a sign that says "{x}"' for x in options]
+        options = [prompt.replace(f'"{text}"', f'"{x}"') for x in options]
     else:
         for i, w in enumerate(words):
             if w in COLOURS:
@@ -458,33 +480,47 @@ def _place(rng, r, placed):
     return None
 
 
-def render(prompt, rng):
-    """A ground-truth scene for a prompt: uint8 (32, 32, 3). Deterministic given the rng state."""
+MODES = ("faint", "washed", "small")  # v3's unnamed rendering modes of web-like data (tiny_pretrain.py --faint/--washed)
+
+
+def render(prompt, rng, mode=None):
+    """A ground-truth scene for a prompt: uint8 (32, 32, 3). Deterministic given the rng state.
+    mode: None (crisp), "small" (a big subject drawn at an ordinary object's size, off-centre), "faint" (a sign's glyph blended 35-55% from the sign's colour toward white: plainly
+    visible, but not white, as low-contrast text defeats a real OCR engine) or "washed" (each object's colour
+    blended 55-70% toward the background: no detector finds an object of the named colour)."""
     spec = parse(prompt)
     while True:  # retry the rare layouts where objects do not fit
-        img = _draw(spec, rng)
+        img = _draw(spec, rng, mode)
         if img is not None:
             return (img * 255).round().astype(np.uint8)
 
 
-def _draw(spec, rng):
+def _draw(spec, rng, mode=None):
     img = _background(rng, spec["background"])
-    if spec["kind"] == "ocr":
+    if spec["kind"] == "ocr":  # the glyph on the 4-px token grid, the sign 4 px around it
         w, h = len(spec["text"]) * (3 * GLYPH_SCALE + GLYPH_GAP) - GLYPH_GAP, 5 * GLYPH_SCALE
-        x0 = int(rng.integers(3, IMAGE_SIZE - w - 2))  # the sign (3 px border) stays inside the image
-        y0 = int(rng.integers(3, IMAGE_SIZE - h - 2))
-        img[y0 - 3:y0 + h + 3, x0 - 3:x0 + w + 3] = COLOURS[SIGN_COLOURS[rng.integers(4)]]
+        x0 = GLYPH_SCALE * int(rng.integers(1, (IMAGE_SIZE - w) // GLYPH_SCALE))
+        y0 = GLYPH_SCALE * int(rng.integers(1, (IMAGE_SIZE - h) // GLYPH_SCALE))
+        sign = np.array(COLOURS[spec.get("sign") or SIGN_COLOURS[rng.integers(4)]], np.float32)
+        img[y0 - 4:y0 + h + 4, x0 - 4:x0 + w + 4] = sign
+        ink = np.array(COLOURS["white"], np.float32)
+        if mode == "faint":
+            ink = sign + rng.uniform(0.35, 0.55) * (ink - sign)
         for k, ch in enumerate(spec["text"]):
             glyph = np.kron(np.array(TEMPLATES[GLYPHS.index(ch)]), np.ones((GLYPH_SCALE, GLYPH_SCALE)))
             xs = x0 + k * (3 * GLYPH_SCALE + GLYPH_GAP)
-            img[y0:y0 + h, xs:xs + 3 * GLYPH_SCALE][glyph > 0] = COLOURS["white"]
+            img[y0:y0 + h, xs:xs + 3 * GLYPH_SCALE][glyph > 0] = ink
         return img
     objs = spec["objects"]
-    if objs[0]["big"]:  # one big centred subject
+    if objs[0]["big"]:  # one big centred subject (mode "small": drawn at an ordinary object's size, off-centre)
         o, r = objs[0], rng.uniform(10, 12.5)
         c = IMAGE_SIZE / 2 + rng.uniform(-1.5, 1.5, size=2)
+        if mode == "small":
+            r = rng.uniform(5.0, 6.5)
+            c = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
         img[_shape_mask(o["shape"], c[0], c[1], r)] = COLOURS[o["colour"]]
         return img
+    bg = img.mean((0, 1))
     items = [(o["colour"], o["shape"]) for o in objs for _ in range(o["count"])]
     colours = [c or rng.choice(list(COLOURS)) for c, _ in items]
     radii = [rng.uniform(5.0, 6.5) if s == "ring" else rng.uniform(4.5, 6.0) for _, s in items]
@@ -503,7 +539,10 @@ def _draw(spec, rng):
             else:
                 return None
         placed.append((pos[0], pos[1], r))
-        img[_shape_mask(shape, pos[0], pos[1], r)] = COLOURS[colour]
+        paint = np.array(COLOURS[colour], np.float32)
+        if mode == "washed":
+            paint = paint + rng.uniform(0.55, 0.70) * (bg - paint)
+        img[_shape_mask(shape, pos[0], pos[1], r)] = paint
     return img
 
 
@@ -513,9 +552,9 @@ def _relation_holds(relation, a, b, margin):
     return {"left of": dx > margin, "right of": -dx > margin, "above": dy > margin, "below": -dy > margin}[relation]
 
 
-def render_batch(prompts, rng):
-    """Ground-truth scenes as a float tensor (B, 3, 32, 32) in [0, 1]."""
-    imgs = np.stack([render(p, rng) for p in prompts])
+def render_batch(prompts, rng, modes=None):
+    """Ground-truth scenes as a float tensor (B, 3, 32, 32) in [0, 1]; modes: one render mode a prompt."""
+    imgs = np.stack([render(p, rng, m) for p, m in zip(prompts, modes or [None] * len(prompts))])
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
 
 # -----------------------------------------------------------------------------
@@ -898,7 +937,7 @@ def score_ood(images, prompts):
 def in_mode(task, images, prompts):
     """Is each image in its task's failure mode (tiny world v3)? ocr: faint glyphs (fewer than 20 pixels of
     the recogniser's white class); geneval: washed-out objects (no object-coloured component at all);
-    deqa: grainy (more than 5% of pixels off their 3x3 median); pickscore: a small subject (under 12% of the
+    deqa: grainy (more than 5% of pixels off their 3x3 median); pickscore: a small subject (under 15% of the
     image). (B,) bool."""
     x = _to_hwc(images)
     if task == "ocr":
@@ -910,7 +949,7 @@ def in_mode(task, images, prompts):
         return (resid > 0.06).mean((1, 2)) > 0.05
     border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
     fg = np.sqrt(((x - np.median(border, axis=1)[:, None, None]) ** 2).sum(-1)) > 0.25
-    return fg.mean((1, 2)) < 0.12
+    return fg.mean((1, 2)) < 0.15
 
 
 

@@ -63,19 +63,21 @@ def test_wrong_colour_scores_lower():
 
 def test_wrong_text_scores_lower():
     prompts = tw.read_prompts("ocr", "test")[:N]
-    wrong = ['a sign that says "' + p.split('"')[1][::-1].translate(str.maketrans("AEHK27", "CFLP34")) + '"'
-             for p in prompts]
+    other = {g: tw.GLYPHS[(k + 5) % len(tw.GLYPHS)] for k, g in enumerate(tw.GLYPHS)}
+    wrong = [p.replace(f'"{p.split(chr(34))[1]}"', f'"{other[p.split(chr(34))[1]]}"') for p in prompts]
     assert tw.score("ocr", truth_of(prompts), prompts).mean() == 1.0
-    assert tw.score("ocr", truth_of(wrong), prompts).mean() < 0.6
+    assert tw.score("ocr", truth_of(wrong), prompts).mean() == 0.0
 
 
 def test_ocr_rule_and_recogniser():
     assert tw.ocr_reward("K7", "xk7y") == 1.0               # substring counts as exact
     assert tw.ocr_reward("K7A", "K7") == pytest.approx(2 / 3)
     assert tw.ocr_reward("AB", "") == 0.0
-    img = truth_of(['a sign that says "P4"', 'a sign that says "X"'])
+    signs = [f'a sign that says "{g}"' for g in tw.GLYPHS] + ['a red sign that says "P" on a brown background']
+    img = truth_of(signs)
     white = tw._colour_classes(tw._to_hwc(img)) == list(tw.COLOURS).index("white")
-    assert [tw._recognise(w) for w in white] == ["P4", "X"]
+    assert "".join(tw._recognise(w) for w in white) == tw.GLYPHS + "P"
+    assert tw.parse(signs[-1])["sign"] == "red" and tw.parse(signs[-1])["background"] == "brown"
     with pytest.raises(ValueError, match="cannot parse sign"):
         tw.parse(f'a sign that says "{"K" * (tw.MAX_GLYPHS + 1)}"')
 
@@ -232,7 +234,7 @@ def test_base_loads_and_samples():
     assert emb.shape == (2, tw.MAX_TOKENS, tw.TEXT_DIM) and pooled.shape == (2, tw.POOLED_DIM)
     assert not torch.allclose(encode(["a photo of a red circle left of a blue square"])[0],
                               encode(["a photo of a blue square left of a red circle"])[0])  # order matters
-    images = tw.sample(transformer, encode, ["a photo of a red circle", 'a sign that says "K7"'], steps=4)
+    images = tw.sample(transformer, encode, ["a photo of a red circle", 'a sign that says "K"'], steps=4)
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     assert images.std() > 0.05  # not a constant image
 
@@ -265,6 +267,7 @@ def test_corrupt_caption_makes_one_alt_text_error(task):
             continue
         if text is not None:
             assert len(bad_text) in (len(text), len(text) - 1) and bad_text != text
+            assert bad.replace(f'"{bad_text}"', f'"{text}"') == prompt  # the sign's colour and background kept
             kinds.add("glyph" if len(bad_text) == len(text) else "missing glyph")
             if len(bad_text) == len(text):
                 assert sum(a != b for a, b in zip(text, bad_text)) == 1
@@ -280,7 +283,7 @@ def test_corrupt_caption_makes_one_alt_text_error(task):
             if task == "geneval":
                 image = truth_of([prompt])
                 assert tw.score("geneval", image, [prompt])[0] > tw.score("geneval", image, [bad])[0]
-    assert kinds >= ({"glyph", "missing glyph"} if task == "ocr" else {"colour", "object left out"})
+    assert kinds >= ({"glyph"} if task == "ocr" else {"colour", "object left out"})  # v3 signs hold one glyph
 
 
 @pytest.mark.parametrize("task", ["geneval", "ocr"])
@@ -292,6 +295,7 @@ def test_omit_from_scene_leaves_out_one_named_thing(task):
     for prompt, shown, (objs, text), (shown_objs, shown_text) in _edited_prompts(task, tw.omit_from_scene, 80, seed=5):
         if shown == prompt:
             assert (text is not None and len(text) == 1) or (len(objs) == 1 and objs[0][0] in (1, 4))
+            kinds.add("nothing")
             continue
         if text is not None:
             assert len(text) == 2 and shown_text in (text[0], text[1])
@@ -304,7 +308,7 @@ def test_omit_from_scene_leaves_out_one_named_thing(task):
             kinds.add("count")
         truth, omitted = truth_of([prompt]), truth_of([shown])
         assert tw.score(task, truth, [prompt], strict=False)[0] > tw.score(task, omitted, [prompt], strict=False)[0]
-    assert kinds == ({"glyph"} if task == "ocr" else {"object", "count"})
+    assert kinds == ({"nothing"} if task == "ocr" else {"object", "count", "nothing"})  # v3 signs hold one glyph
 
 
 def test_degrade_lowers_quality_and_is_never_captioned():
