@@ -4,16 +4,23 @@ rewards. The world itself (scenes, captions, scorers, the model's config) is tin
 
 Commands (2 CPU cores):
   python tiny_pretrain.py prompts                      # write prompts/tiny/*.txt (deterministic)
-  python tiny_pretrain.py pretrain --minutes 20 --seed 0 --out assets/tiny_base.safetensors
-The shipped base was made on a shared 2-core machine in five runs (see assets/tiny_base.json, which
-records them under this file's former name, tiny_world.py):
-  python tiny_pretrain.py pretrain --minutes 20 --seed 0 --threads 1
-  python tiny_pretrain.py pretrain --minutes 11 --seed 1 --threads 1 --init assets/tiny_base.safetensors
-  python tiny_pretrain.py pretrain --minutes 11 --seed 2 --threads 2 --init assets/tiny_base.safetensors
-  python tiny_pretrain.py pretrain --minutes 20 --seed 3 --threads 2 --init assets/tiny_base.safetensors   # 3x glyphs
-  python tiny_pretrain.py pretrain --minutes 45 --seed 4 --threads 2 --init assets/tiny_base.safetensors --cooldown
-                                                    # lr decayed to 0: loss 0.069 -> 0.048
-  python tiny_pretrain.py calibrate                    # reward table, base scores, sample grids
+  python tiny_pretrain.py pretrain --steps 3000 --seed 0 --out /tmp/base.safetensors
+  python tiny_pretrain.py calibrate                    # reward table (each task's mode too), base scores, grids
+The shipped v3 base (issue #29) is the v1 base fine-tuned in three step-counted runs, each continuing the last
+(assets/tiny_base.json records every command, seed and loss, with the v1 runs under "previous"):
+  git show 5089724:assets/tiny_base.safetensors > /tmp/v1.safetensors   # v1 (sha256 033612fa...): five wall-clock runs
+  # at commit a438fe6 (16-glyph signs):
+  python tiny_pretrain.py pretrain --steps 2500 --seed 22 --threads 1 --init /tmp/v1.safetensors --cooldown \
+      --faint 0.7 --washed 0.9 --out /tmp/B.safetensors                                                  # loss 0.0338
+  python tiny_pretrain.py pretrain --steps 3000 --seed 24 --threads 1 --init /tmp/B.safetensors --cooldown \
+      --faint 0.7 --washed 0.6 --small 0.5 --out /tmp/B2.safetensors                                     # loss 0.0327
+  # at this file's commit (8-glyph signs):
+  python tiny_pretrain.py pretrain --steps 3000 --seed 27 --threads 1 --init /tmp/B2.safetensors --cooldown \
+      --faint 0.7 --washed 0.6 --small 0.5 --mix ocr:0.55,geneval:0.1,geneval-task:0.2,deqa:0.075,pickscore:0.075 \
+      --out assets/tiny_base.safetensors                                                                 # loss 0.0264
+Each run took 15-30 minutes on one core beside another job; the same commands give the same base up to float
+rounding. The v1 base's history (`--minutes`, under this file's former name tiny_world.py) is in
+docs/NOTES.md#pretraining-the-tiny-base.
 """
 
 import argparse
