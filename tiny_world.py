@@ -344,16 +344,6 @@ def write_prompt_files(seed=0):
             rng.shuffle(seen)
             assert len(seen) >= n_train + n_test, f"{task}: only {len(seen)} distinct prompts"
             test, train = seen[:n_test], seen[n_test:n_test + n_train]
-        elif task == "geneval-v1":  # balanced over the six categories
-            per_cat, train, test = (n_train + n_test) // len(GENEVAL_CATEGORIES), [], []
-            for cat in GENEVAL_CATEGORIES:
-                lst = []
-                for _ in range(20 * per_cat):  # single_object has only 16 distinct prompts
-                    p = _geneval_prompt(rng, cat)
-                    if len(lst) < per_cat and p not in lst and ood_category(parse(p)) is None:
-                        lst.append(p)
-                k = min(n_test // len(GENEVAL_CATEGORIES), len(lst) // 2)
-                test, train = test + lst[:k], train + lst[k:]
         else:
             seen = []
             for _ in range(100 * (n_train + n_test)):
