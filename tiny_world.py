@@ -853,6 +853,19 @@ def _reward_ocr(x, specs):
     return np.array([ocr_reward(s["text"], _recognise(w)) for s, w in zip(specs, white)])
 
 
+def _grain(x):
+    """Per-image fraction of pixels more than 0.06 from their 3x3 median (B,H,W,3) -> (B,)."""
+    return (np.abs(x - ndimage.median_filter(x, size=(1, 3, 3, 1))).max(-1) > 0.06).mean((1, 2))
+
+
+def _foreground(x):
+    """(background colour (B, 3): the median of the border pixels, foreground mask (B, H, W): pixels more
+    than 0.25 from it)."""
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)   # (B, 4W, 3)
+    bg = np.median(border, axis=1)                                                   # (B, 3)
+    return bg, np.sqrt(((x - bg[:, None, None]) ** 2).sum(-1)) > 0.25
+
+
 def _quality_terms(x):
     """Per-image (clean, sharpness, content) in [0,1]. Ground truth is piecewise flat with hard
     edges: its gradients are either ~0 (texture) or large (edges); blur makes middling gradients,
@@ -866,8 +879,7 @@ def _quality_terms(x):
     g = np.maximum(gx, gy)                                      # (B, H, W)
     edge = (g > 0.25).mean((1, 2))
     mid = ((g > 0.15) & (g <= 0.25)).mean((1, 2))  # > 0.15: faint grain (std <= 0.03) is not blur
-    resid = np.abs(x - ndimage.median_filter(x, size=(1, 3, 3, 1))).max(-1)
-    grain = (resid > 0.06).mean((1, 2))
+    grain = _grain(x)
     clean = np.exp(-np.maximum(grain - 0.005, 0) / 0.1)
     sharp = np.clip(1 - (mid / (edge + mid + 1e-6) - 0.15) / 0.35, 0, 1)
     content = np.clip(edge / 0.02, 0, 1)
@@ -885,9 +897,7 @@ def _reward_pickscore(x, specs):
     off-centre objects, so it fights GenEval's position/counting prompts a little. Score in [0,1]:
     sqrt(clean) * (0.85 + 0.15 sharp) * (0.3 size + 0.2 centred + 0.2 colourful + 0.15 contrast + 0.15 colour match)
     (sqrt: people mind grain less than the quality model does)."""
-    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)   # (B, 4W, 3)
-    bg = np.median(border, axis=1)                                                   # (B, 3)
-    fg = np.sqrt(((x - bg[:, None, None]) ** 2).sum(-1)) > 0.25                      # (B, H, W)
+    bg, fg = _foreground(x)
     area = fg.mean((1, 2))
     n = np.maximum(fg.sum((1, 2)), 1)
     cx = (fg * _XX).sum((1, 2)) / n - IMAGE_SIZE / 2
@@ -942,12 +952,8 @@ def in_mode(task, images, prompts):
     if task == "geneval":
         return np.array([not any(True for _ in _components(c)) for c in _colour_classes(x)])
     if task == "deqa":
-        resid = np.abs(x - ndimage.median_filter(x, size=(1, 3, 3, 1))).max(-1)
-        return (resid > 0.06).mean((1, 2)) > 0.05
-    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
-    fg = np.sqrt(((x - np.median(border, axis=1)[:, None, None]) ** 2).sum(-1)) > 0.25
-    return fg.mean((1, 2)) < 0.15
-
+        return _grain(x) > 0.05
+    return _foreground(x)[1].mean((1, 2)) < 0.15
 
 
 def diversity(images, prompts):
