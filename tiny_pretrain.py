@@ -69,41 +69,32 @@ def _save(path, transformer, tables, card, vae=None):
     os.replace(tmp, os.path.splitext(path)[0] + ".json")
 
 
-def parse_mix(text):
-    """'ocr:0.55,geneval:0.1,...' -> the caption odds of pretraining (every key of PRETRAIN_MIX); '' -> None (the default)."""
-    if not text:
-        return None
-    mix = {}
-    for item in text.split(","):
-        name, _, odds = item.partition(":")
-        try:
-            mix[name] = float(odds)
-        except ValueError:
-            mix[name] = -1.0
-        if name not in PRETRAIN_MIX or mix[name] < 0:
-            raise SystemExit(f"error: --mix item {item!r} must be name:odds with a name of {list(PRETRAIN_MIX)} and odds >= 0")
-    if sum(mix.values()) <= 0:
-        raise SystemExit(f"error: --mix {text!r} gives every caption kind odds 0")
-    return mix
-
-
-def parse_geneval_mix(text):
-    """'position:3,colour_attr:3' -> the odds of every GenEval category (unlisted ones 1); '' -> None (equal)."""
-    if not text:
-        return None
-    mix = dict.fromkeys(GENEVAL_CATEGORIES, 1.0)
+def _parse_odds(text, flag, names, start, what):
+    """'name:odds,...' -> start updated with each item's odds; one error line naming the flag and the item."""
+    mix = dict(start)
     for item in text.split(","):
         name, _, odds = item.partition(":")
         try:
             value = float(odds)
         except ValueError:
             value = -1.0
-        if name not in mix or value < 0:
-            raise SystemExit(f"error: --geneval-mix item {item!r} must be category:odds with a category of {list(GENEVAL_CATEGORIES)} and odds >= 0")
+        if name not in names or value < 0:
+            raise SystemExit(f"error: {flag} item {item!r} must be {what}:odds with a {what} of {list(names)} and odds >= 0")
         mix[name] = value
     if sum(mix.values()) <= 0:
-        raise SystemExit(f"error: --geneval-mix {text!r} gives every category odds 0")
+        raise SystemExit(f"error: {flag} {text!r} gives every {what} odds 0")
     return mix
+
+
+def parse_mix(text):
+    """'ocr:0.55,geneval:0.1,...' -> the caption odds of pretraining (the kinds listed; PRETRAIN_MIX's keys);
+    '' -> None (the default)."""
+    return _parse_odds(text, "--mix", list(PRETRAIN_MIX), {}, "name") if text else None
+
+
+def parse_geneval_mix(text):
+    """'position:3,colour_attr:3' -> the odds of every GenEval category (unlisted ones 1); '' -> None (equal)."""
+    return _parse_odds(text, "--geneval-mix", GENEVAL_CATEGORIES, dict.fromkeys(GENEVAL_CATEGORIES, 1.0), "category") if text else None
 
 
 def _mode(prompt, rng, faint, washed, small=0.0):
