@@ -77,41 +77,72 @@ for t in $TASKS; do
   EXPERTS="$EXPERTS,grpo-$t=$RUNS/grpo-$t/adapter.safetensors"
 done
 
+
+# Two lanes: the stages that do not need each other run side by side, each on half the cores. A model this
+# small keeps one core busy, not two: measured on 2 cores, an expert's epoch takes 4.6 s alone on 2 threads and
+# 4.7 s on 1 thread beside another expert, so two lanes halve the wall time. Each lane's output goes to
+# $RUNS/<stage>.log; a lane that fails stops the script with its log's last lines.
+mkdir -p $RUNS
+THREADS="--threads $(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))"
+last_epoch() {  # a stage log's last "epoch N: ..." or "step N ..." line (its last line if it has none)
+  tr '\r' '\n' < $1 | grep -a -v '^\s*$' | awk '/^(epoch|step) [0-9]/ { e = $0 } { l = $0 } END { print (e != "" ? e : l) }' | cut -c1-150
+}
+lanes() {  # lanes "name: command ; command" "name: command": run each lane in the background, wait for all
+  local pids=() names=() i=0 status=0
+  for lane in "$@"; do
+    names+=("${lane%%:*}")
+    (eval "${lane#*:}") > $RUNS/${lane%%:*}.log 2>&1 & pids+=($!)
+  done
+  for pid in "${pids[@]}"; do
+    if wait $pid; then echo "   ${names[$i]}: $(last_epoch $RUNS/${names[$i]}.log)"
+    else status=1; echo "error: ${names[$i]} failed; the end of $RUNS/${names[$i]}.log:" >&2; tail -n 20 $RUNS/${names[$i]}.log >&2; fi
+    i=$((i + 1))
+  done
+  return $status
+}
+expert() { $PY grpo_expert.py --task $1 $GRPO $EMA $SMALL $THREADS --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$1; }
+
 # ---- Ablations (after the full run): the merge methods of merge.py, the three OPD losses of opd.py, MAR toward
-#      the deqa expert, and OPD with a single teacher
+#      the deqa expert, OPD with a single teacher, and two other routings; the OPD runs go in two lanes
 if [ $MODE = --ablations ]; then
   for f in ${ADAPTERS//,/ } $RUNS/merge/adapter.safetensors $RUNS/opd-merge/adapter.safetensors $RUNS/opd-merge-nomar/adapter.safetensors; do  # what it reuses
     [ -f $f ] || { echo "error: $f is missing: run 'bash reproduce.sh' (the full run) first" >&2; exit 1; }
   done
+  # ... and they must be the models $OUT/main.md was computed from (evaluate.py records their sha256)
+  $PY - $OUT/eval_config.json <<'EOF'
+import json, os, sys, runs
+path = sys.argv[1]
+if not os.path.exists(path):
+    sys.exit(f"error: {path} is missing: run 'bash reproduce.sh' (the full run) first")
+config = json.load(open(path))
+for label, model in config["models"].items():
+    if model and os.path.isfile(model) and runs.content_sha256(model) != config["model_sha256"][label]:
+        sys.exit(f"error: {model} is not the {label} that {os.path.dirname(path)}/main.md was computed from "
+                 f"({path} records sha256 {config['model_sha256'][label][:12]}...): rerun 'bash reproduce.sh' first")
+EOF
   for m in lora-mean ties; do
     echo "== merge ($m)"
     $PY merge.py --adapters $ADAPTERS --method $m --out $RUNS/merge-$m/adapter.safetensors
   done
-  for loss in pg pg-sample; do
-    echo "== OPD (merge init, --opd-loss $loss)"
-    $PY opd.py $EMA $OPD --opd-loss $loss --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-merge-$loss
-  done
-  # MAR as the paper sets it: the anchor is its DeQA-trained expert, not the base (the official code's fallback,
-  # which the full run uses)
-  echo "== OPD (merge init, MAR toward the deqa expert)"
-  $PY opd.py $EMA $OPD --mar-teacher deqa --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --epochs $OPD_EPOCHS --out $RUNS/opd-merge-mar-deqa
-  # OPD's dense signal with one teacher and no conflicts: the deqa expert distilled into a fresh student
-  # on deqa prompts only (the multi-teacher run spends 1/4 of its prompts on deqa)
-  echo "== OPD, one teacher (deqa expert, deqa prompts, from the base)"
-  $PY opd.py $EMA $OPD --task deqa --teachers deqa=$RUNS/grpo-deqa/adapter.safetensors --epochs $OPD_EPOCHS --out $RUNS/opd-deqa-only
-  # ... and for a quarter of the epochs: as many deqa prompts as the four-teacher run distils
-  echo "== OPD, one teacher, 1/4 of the epochs"
-  $PY opd.py $EMA $OPD --task deqa --teachers deqa=$RUNS/grpo-deqa/adapter.safetensors --epochs $((OPD_EPOCHS / 4)) --out $RUNS/opd-deqa-only-quarter
-  # Four-task OPD where the GenEval and OCR prompts go to the frozen base instead of their experts, which do
-  # not beat it (and, GenEval's, lose quality): is the deqa teacher's gain lost to the other teachers or to budget?
-  echo "== OPD (merge init, GenEval and OCR prompts routed to the base)"
-  $PY opd.py $EMA $OPD --student $RUNS/merge/adapter.safetensors --epochs $OPD_EPOCHS --out $RUNS/opd-merge-go-base \
-    --teachers geneval=base,ocr=base,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors
-  # ... and with the GenEval prompts (the deqa prompts' caption grammar) routed to the deqa expert too: are the
-  # deqa expert's lost gains those of alike prompts pulled toward another teacher?
-  echo "== OPD (merge init, GenEval prompts routed to the deqa expert, OCR prompts to the base)"
-  $PY opd.py $EMA $OPD --student $RUNS/merge/adapter.safetensors --epochs $OPD_EPOCHS --out $RUNS/opd-merge-scenes-deqa \
-    --teachers geneval=$RUNS/grpo-deqa/adapter.safetensors,ocr=base,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors
+  ABL="$PY opd.py $EMA $OPD $THREADS --epochs $OPD_EPOCHS"
+  ONE="$PY opd.py $EMA $OPD $THREADS --task deqa --teachers deqa=$RUNS/grpo-deqa/adapter.safetensors"
+  # Lane 1: the OPD losses (--opd-loss pg, pg-sample), and MAR as the paper sets it: the anchor is its
+  #   DeQA-trained expert, not the base (the official code's fallback, which the full run uses).
+  # Lane 2: OPD's dense signal with one teacher and no conflicts (the deqa expert distilled into a fresh student
+  #   on deqa prompts only; then for a quarter of the epochs, as many deqa prompts as the four-teacher run
+  #   distils); four-task OPD with the GenEval and OCR prompts routed to the frozen base (do OPD's GenEval and OCR
+  #   gains come from their teachers, or from training at all?), and with the GenEval prompts routed to the deqa
+  #   expert (what a wrong teacher for a task costs that task).
+  echo "== OPD losses, MAR toward the deqa expert | one-teacher OPD, other routings (two lanes)"
+  lanes "opd-losses: $ABL --opd-loss pg --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-merge-pg && \
+         $ABL --opd-loss pg-sample --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-merge-pg-sample && \
+         $ABL --mar-teacher deqa --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-merge-mar-deqa" \
+        "opd-routings: $ONE --epochs $OPD_EPOCHS --out $RUNS/opd-deqa-only && \
+         $ONE --epochs $((OPD_EPOCHS / 4)) --out $RUNS/opd-deqa-only-quarter && \
+         $ABL --student $RUNS/merge/adapter.safetensors --out $RUNS/opd-merge-go-base \
+           --teachers geneval=base,ocr=base,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors && \
+         $ABL --student $RUNS/merge/adapter.safetensors --out $RUNS/opd-merge-scenes-deqa \
+           --teachers geneval=$RUNS/grpo-deqa/adapter.safetensors,ocr=$RUNS/grpo-ocr/adapter.safetensors,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors"
   MODELS="base$EXPERTS,opd-deqa-only=$RUNS/opd-deqa-only/adapter.safetensors,opd-deqa-only-quarter=$RUNS/opd-deqa-only-quarter/adapter.safetensors"
   MODELS="$MODELS,merge-init=$RUNS/merge/adapter.safetensors,merge-lora-mean=$RUNS/merge-lora-mean/adapter.safetensors"
   MODELS="$MODELS,merge-ties=$RUNS/merge-ties/adapter.safetensors,opd-merge=$RUNS/opd-merge/adapter.safetensors"
@@ -122,27 +153,6 @@ if [ $MODE = --ablations ]; then
   $PY evaluate.py --models $MODELS --limit $EVAL_LIMIT --tables main,ood,quality --gain-of $GAIN --out $OUT/ablations --cache $OUT/eval_cache
   exit 0
 fi
-
-# Two lanes: the stages that do not need each other run side by side, each on half the cores. A model this
-# small keeps one core busy, not two: measured on 2 cores, an expert's epoch takes 4.6 s alone on 2 threads and
-# 4.7 s on 1 thread beside another expert, so two lanes halve the wall time. Each lane's output goes to
-# $RUNS/<stage>.log; a lane that fails stops the script with its log's last lines.
-mkdir -p $RUNS
-THREADS="--threads $(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))"
-lanes() {  # lanes "name: command ; command" "name: command": run each lane in the background, wait for all
-  local pids=() names=() i=0 status=0
-  for lane in "$@"; do
-    names+=("${lane%%:*}")
-    (eval "${lane#*:}") > $RUNS/${lane%%:*}.log 2>&1 & pids+=($!)
-  done
-  for pid in "${pids[@]}"; do
-    if wait $pid; then echo "   ${names[$i]}: $(grep -a -v '^\s*$' $RUNS/${names[$i]}.log | tail -n 1 | tr '\r' '\n' | tail -n 1 | cut -c1-150)"
-    else status=1; echo "error: ${names[$i]} failed; the end of $RUNS/${names[$i]}.log:" >&2; tail -n 20 $RUNS/${names[$i]}.log >&2; fi
-    i=$((i + 1))
-  done
-  return $status
-}
-expert() { $PY grpo_expert.py --task $1 $GRPO $EMA $SMALL $THREADS --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$1; }
 
 # ---- Stage 1: one Flow-GRPO expert per task, then GRPO-Mix (GenEval:OCR:PickScore 3:1:1 + DeQA 1:1)
 echo "== experts geneval and ocr (side by side)"

@@ -258,6 +258,9 @@ V3_GENEVAL = ("single_object", "colors")  # v3: GenEval's task prompts are its o
 
 
 def _raw_prompt(task, rng, geneval_mix=None):
+    """One prompt of a caption source: a task of TASKS, or "geneval-task" (the GenEval task's one-object
+    prompts, V3_GENEVAL). As a caption source, "geneval" is the pretraining grammar of all six categories;
+    the GenEval task's prompt files are drawn from "geneval-task" (write_prompt_files)."""
     if task == "geneval-task":
         return _geneval_prompt(rng, V3_GENEVAL[rng.integers(2)], bg_all=True)
     if task == "geneval":  # categories equally likely unless geneval_mix gives their odds {category: weight}
