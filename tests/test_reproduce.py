@@ -36,3 +36,34 @@ def test_reproduce_smoke_runs_every_stage(tmp_path):
     assert pairs == [(m, "base") for m in ROWS if m != "base"] + [(m, "grpo-mix") for m in ROWS if m != "grpo-mix"]
     bad = subprocess.run(["bash", "reproduce.sh", "--fast"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--quick, --smoke, --ablations" in bad.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, ".venv", "bin", "python")),
+                    reason="reproduce.sh runs the repository's .venv (made by the README's set-up command)")
+def test_ablations_refuse_runs_that_are_not_the_tables_models(tmp_path):
+    """--ablations reuses the full run's experts and OPD students: a run folder left from another base or
+    seed would silently give ablations of other models. It must stop with one line naming the file."""
+    import torch
+    from safetensors.torch import save_file
+    import runs
+
+    os.symlink(os.path.join(ROOT, ".venv"), tmp_path / ".venv")
+    os.symlink(os.path.join(ROOT, "runs.py"), tmp_path / "runs.py")
+    subprocess.run(["cp", os.path.join(ROOT, "reproduce.sh"), str(tmp_path)], check=True)
+    out = tmp_path / "results" / "tiny"
+    names = ["grpo-geneval", "grpo-ocr", "grpo-deqa", "grpo-pickscore", "merge", "opd-merge", "opd-merge-nomar"]
+    models, shas = {}, {}
+    for i, name in enumerate(names):
+        (out / "runs" / name).mkdir(parents=True)
+        path = f"results/tiny/runs/{name}/adapter.safetensors"
+        save_file({"w": torch.full((2,), float(i))}, str(tmp_path / path))
+        models[name], shas[name] = path, runs.content_sha256(str(tmp_path / path))
+    shas["grpo-ocr"] = "0" * 64  # the tables were computed from another OCR expert
+    with open(out / "eval_config.json", "w") as f:
+        json.dump({"models": dict(base=None, **models), "model_sha256": dict(base="base", **shas)}, f)
+    result = subprocess.run(["bash", "reproduce.sh", "--ablations"], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: results/tiny/runs/grpo-ocr/adapter.safetensors is not the grpo-ocr that results/tiny/main.md")
+    assert not (out / "runs" / "merge-ties").exists()  # it stopped before training anything
