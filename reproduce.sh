@@ -5,7 +5,7 @@
 #   Stage 2   multi-teacher OPD from each cold start, with and without MAR      opd.py
 #   Tables    the paper's main / OOD / quality tables, and every run's curves       evaluate.py, curves.png
 #
-#   bash reproduce.sh              # full run (21-30 minutes on 2 CPU cores)
+#   bash reproduce.sh              # full run (25 minutes on 2 CPU cores)
 #   bash reproduce.sh --quick      # the same tables with far fewer steps (minutes; numbers meaningless)
 #   bash reproduce.sh --ablations  # after the full run: merge methods, OPD losses, MAR's anchor, one-teacher OPD,
 #                                  # other routings (results/tiny/ablations/, ~19 minutes)
