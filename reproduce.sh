@@ -101,6 +101,7 @@ lanes() {  # lanes "name: command ; command" "name: command": run each lane in t
   return $status
 }
 expert() { $PY grpo_expert.py --task $1 $GRPO $EMA $SMALL $THREADS --epochs $EXPERT_EPOCHS --out $RUNS/grpo-$1; }
+opd() { $PY opd.py $EMA $OPD $SMALL $THREADS --epochs $OPD_EPOCHS "$@"; }  # OPD at the run's settings; a flag given again wins
 
 # ---- Ablations (after the full run): the merge methods of merge.py, the three OPD losses of opd.py, MAR toward
 #      the deqa expert, OPD with a single teacher, and two other routings; the OPD runs go in two lanes
@@ -124,8 +125,7 @@ EOF
     echo "== merge ($m)"
     $PY merge.py --adapters $ADAPTERS --method $m --out $RUNS/merge-$m/adapter.safetensors
   done
-  ABL="$PY opd.py $EMA $OPD $THREADS --epochs $OPD_EPOCHS"
-  ONE="$PY opd.py $EMA $OPD $THREADS --task deqa --teachers deqa=$RUNS/grpo-deqa/adapter.safetensors"
+  MERGED="--student $RUNS/merge/adapter.safetensors"; ONE="--task deqa --teachers deqa=$RUNS/grpo-deqa/adapter.safetensors"
   # Lane 1: the OPD losses (--opd-loss pg, pg-sample), and MAR as the paper sets it: the anchor is its
   #   DeQA-trained expert, not the base (the official code's fallback, which the full run uses).
   # Lane 2: OPD's dense signal with one teacher and no conflicts (the deqa expert distilled into a fresh student
@@ -134,14 +134,14 @@ EOF
   #   gains come from their teachers, or from training at all?), and with the GenEval prompts routed to the deqa
   #   expert (what a wrong teacher for a task costs that task).
   echo "== OPD losses, MAR toward the deqa expert | one-teacher OPD, other routings (two lanes)"
-  lanes "opd-losses: $ABL --opd-loss pg --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-merge-pg && \
-         $ABL --opd-loss pg-sample --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-merge-pg-sample && \
-         $ABL --mar-teacher deqa --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-merge-mar-deqa" \
-        "opd-routings: $ONE --epochs $OPD_EPOCHS --out $RUNS/opd-deqa-only && \
-         $ONE --epochs $((OPD_EPOCHS / 4)) --out $RUNS/opd-deqa-only-quarter && \
-         $ABL --student $RUNS/merge/adapter.safetensors --out $RUNS/opd-merge-go-base \
+  lanes "opd-losses: opd --opd-loss pg $MERGED --teachers $TEACHERS --out $RUNS/opd-merge-pg && \
+         opd --opd-loss pg-sample $MERGED --teachers $TEACHERS --out $RUNS/opd-merge-pg-sample && \
+         opd --mar-teacher deqa $MERGED --teachers $TEACHERS --out $RUNS/opd-merge-mar-deqa" \
+        "opd-routings: opd $ONE --out $RUNS/opd-deqa-only && \
+         opd $ONE --epochs $((OPD_EPOCHS / 4)) --out $RUNS/opd-deqa-only-quarter && \
+         opd $MERGED --out $RUNS/opd-merge-go-base \
            --teachers geneval=base,ocr=base,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors && \
-         $ABL --student $RUNS/merge/adapter.safetensors --out $RUNS/opd-merge-scenes-deqa \
+         opd $MERGED --out $RUNS/opd-merge-scenes-deqa \
            --teachers geneval=$RUNS/grpo-deqa/adapter.safetensors,ocr=$RUNS/grpo-ocr/adapter.safetensors,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors"
   MODELS="base$EXPERTS,opd-deqa-only=$RUNS/opd-deqa-only/adapter.safetensors,opd-deqa-only-quarter=$RUNS/opd-deqa-only-quarter/adapter.safetensors"
   MODELS="$MODELS,merge-init=$RUNS/merge/adapter.safetensors,merge-lora-mean=$RUNS/merge-lora-mean/adapter.safetensors"
@@ -168,14 +168,11 @@ $PY merge.py --adapters $ADAPTERS --method task-arithmetic --rank 32 --alpha 64 
 echo "== GRPO-Mix, OPD (merge init, no MAR) | SFT init, OPD (SFT init), OPD (merge init) (two lanes)"
 lanes "grpo-mix: $PY grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 $GRPO $EMA $SMALL $THREADS \
          --epochs $MIX_EPOCHS --out $RUNS/grpo-mix && \
-       $PY opd.py $EMA $OPD $SMALL $THREADS --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --mar-weight 0 \
-         --epochs $OPD_EPOCHS --out $RUNS/opd-merge-nomar" \
+       opd --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --mar-weight 0 --out $RUNS/opd-merge-nomar" \
       "opd: $PY sft_init.py $EMA $THREADS --seed $SEED --teachers $TEACHERS --steps $SFT_STEPS --prompts-per-task $SFT_ITEMS \
          --out $RUNS/sft-init && \
-       $PY opd.py $EMA $OPD $SMALL $THREADS --student $RUNS/sft-init/adapter.safetensors --teachers $TEACHERS \
-         --epochs $OPD_EPOCHS --out $RUNS/opd-sft && \
-       $PY opd.py $EMA $OPD $SMALL $THREADS --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS \
-         --epochs $OPD_EPOCHS --out $RUNS/opd-merge"
+       opd --student $RUNS/sft-init/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-sft && \
+       opd --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-merge"
 
 # ---- Tables
 MODELS="base$EXPERTS,grpo-mix=$RUNS/grpo-mix/adapter.safetensors,merge-init=$RUNS/merge/adapter.safetensors"
