@@ -157,9 +157,12 @@ def write_json(path, obj):
 
 
 def save_tensors(path, tensors, metadata=None):
-    """safetensors file, written atomically."""
+    """safetensors file, written atomically. At most one metadata key: safetensors writes several in an
+    order seeded afresh for every file, and the same state must be the same bytes (worlds.sorted_header)."""
     from safetensors.torch import save
 
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError(f"save_tensors: one metadata key at most (got {sorted(metadata)}): pack them in one JSON")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, save(tensors, metadata=metadata))
 

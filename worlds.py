@@ -451,8 +451,21 @@ def write_lora(path, weights, config):
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=weights,
                                                    transformer_lora_adapter_metadata=config)
-        os.chmod(os.path.join(tmp, "pytorch_lora_weights.safetensors"), 0o644)
-        os.replace(os.path.join(tmp, "pytorch_lora_weights.safetensors"), path)
+        with open(os.path.join(tmp, "pytorch_lora_weights.safetensors"), "rb") as f:
+            data = sorted_header(f.read())
+        with _atomic_file(path, "wb") as f:
+            f.write(data)
+
+
+def sorted_header(data):
+    """The same safetensors bytes with the JSON header's keys sorted. safetensors keeps the metadata in a
+    Rust HashMap whose order is seeded afresh for every map, so diffusers' two keys ('format',
+    'lora_adapter_metadata') come out in either order: sorted, the same adapter is the same bytes, and a
+    file hash means the model. Data offsets count from the end of the header, so they stay valid."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8: 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

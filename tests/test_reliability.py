@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from helpers import ENV, ROOT, assert_same_adam_training, read_adapter, read_log
+from helpers import ENV, ROOT, _start, assert_same_adam_training, read_adapter, read_log
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import torchrun_repeat  # noqa: E402
@@ -32,7 +32,7 @@ SFT = ["sft_init.py", "--task", "ocr", "--prompts-per-task", "4", "--shard-size"
 
 
 def run(args, check=True):
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    result = _start(args[0], args[1:])
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
