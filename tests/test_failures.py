@@ -123,3 +123,21 @@ def test_the_process_group_binds_its_gpu_at_init(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
     runs.setup_distributed()
     assert seen["backend"] == "nccl" and seen["device_id"] == torch.device("cuda", 1)
+
+
+SLOW_SCORING = r"""
+import sys, time, torch
+sys.path.insert(0, ".")
+import rewards
+scorer = rewards.BatchScorer(lambda images, prompts, metadata: time.sleep(60) or [0.0] * len(images))
+scorer.submit(torch.zeros(1, 3, 8, 8), ["a prompt"])  # a reward-server request that takes a minute
+time.sleep(0.5)
+raise SystemExit("error: stopped while a batch is being scored")
+"""
+
+
+def test_a_run_that_stops_does_not_wait_for_the_batch_being_scored():
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", SLOW_SCORING], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and time.monotonic() - start < 20, (time.monotonic() - start, result.stderr[-2000:])
