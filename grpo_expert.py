@@ -239,6 +239,7 @@ ema = {k: p.detach().clone().float() for k, p in params.items()}
 # every reward model on this rank's device (PickScore's CLIP-H on the GPU, as Flow-GRPO scores)
 task_reward = {} if cfg.prompts else {t: rewards.get_reward(t, world.kind, dist.device) for t in task_weights}
 extra_reward = rewards.combined_reward(cfg.reward, world.kind, dist.device) if extra_weights else None
+runs.agree(dist, rewards.load_scorers, *task_reward.values(), extra_reward)  # on this thread, before the loop
 
 
 def sample_reward(task):

@@ -227,6 +227,7 @@ worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in p
 if cfg.gradient_checkpointing:
     world.transformer.enable_gradient_checkpointing()
 task_reward = {t: rewards.get_reward(t, world.kind, dist.device) for t in task_weights} if cfg.score else {}
+runs.agree(dist, rewards.load_scorers, *task_reward.values())  # on this thread, before the loop
 scorer = rewards.BatchScorer(task_reward)  # scores batch k on its own thread while batch k+1 samples
 N = cfg.prompts_per_epoch * cfg.group_size
 first, n_local = runs.shard(N, dist)

@@ -604,6 +604,7 @@ def combined_reward(spec: str, world: str = "sd3", device=None, **options):
         total = sum(weights[name] * parts[name] for name in parts)
         return total, parts
 
+    reward.scorers = [fn.scorer for fn in fns.values()]
     return reward
 
 
@@ -649,6 +650,17 @@ def _worker():
         threading.Thread(target=serve, name="rewards", daemon=True).start()
         _WORKER = jobs
     return _WORKER
+
+
+def load_scorers(*reward_fns):
+    """Load the models behind these reward functions (get_reward's or combined_reward's; None is skipped) now, on
+    the calling thread: a stage calls it before its loop, so that no from_pretrained runs on the scoring thread
+    while the main thread samples (what a concurrent load changes in process-wide state is then no question)."""
+    for fn in reward_fns:
+        for scorer in getattr(fn, "scorers", [getattr(fn, "scorer", None)]):
+            # the lazy scorers mark "not loaded yet" with engine / model None (OCR / the CLIP scorers)
+            if hasattr(scorer, "_load") and any(getattr(scorer, a, "") is None for a in ("engine", "model")):
+                scorer._load()
 
 
 class BatchScorer:

@@ -6,7 +6,7 @@ otherwise wait in their next collective for the process-group timeout; gloo noti
 so what these tests can tell apart is what the healthy ranks print."""
 
 import os
-import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -28,7 +28,8 @@ QUICK = dict(ENV, OMP_NUM_THREADS="1", FLOWOPD_DIST_TIMEOUT="1", FLOWOPD_FS_WAIT
 
 
 def error_lines(text):
-    return [line for line in text.replace("\r", "\n").splitlines() if line.startswith("error:")]  # after a tqdm bar
+    """The 'error: ' lines, also those that follow the master's progress bar on its line (tqdm ends it with ']')."""
+    return [m.group(1) for line in text.replace("\r", "\n").splitlines() if (m := re.search(r"(?:^|\])(error: .*)$", line))]
 
 
 def two_launchers(args, envs, extra=([], []), timeout=150):
@@ -141,3 +142,25 @@ def test_a_run_that_stops_does_not_wait_for_the_batch_being_scored():
     result = subprocess.run([sys.executable, "-c", SLOW_SCORING], cwd=ROOT, env=ENV, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1 and time.monotonic() - start < 20, (time.monotonic() - start, result.stderr[-2000:])
+
+
+def test_scorers_load_on_the_calling_thread():
+    import threading
+
+    import rewards
+
+    loaded = []
+
+    class Lazy:  # as rewards._PickScore: model None until _load
+        model = None
+
+        def _load(self):
+            loaded.append(threading.current_thread())
+            self.model = object()
+
+    one = lambda images, prompts, metadata=None: None  # noqa: E731
+    one.scorer = Lazy()
+    both = lambda images, prompts, metadata=None: None  # noqa: E731
+    both.scorers = [Lazy(), one.scorer]
+    rewards.load_scorers(one, None, both)
+    assert loaded == [threading.current_thread()] * 2  # the shared scorer once, the other once, here
