@@ -164,3 +164,17 @@ def test_scorers_load_on_the_calling_thread():
     both.scorers = [Lazy(), one.scorer]
     rewards.load_scorers(one, None, both)
     assert loaded == [threading.current_thread()] * 2  # the shared scorer once, the other once, here
+
+
+def test_only_node_0_merges_and_every_torchrun_stage_restarts(tmp_path):
+    def dry(*args):
+        r = subprocess.run(["bash", "reproduce_sd3.sh", "--dry-run", "--out", str(tmp_path), "--nnodes", "2", "--head", "h",
+                            *args, "/models/sd3.5m"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
+    head, other = dry("--node-rank", "0"), dry("--node-rank", "1", "--max-restarts", "5")
+    merge = lambda lines: lines[lines.index("== merge") + 1]  # noqa: E731
+    assert " merge.py " in merge(head) and merge(other) == f"wait_done {tmp_path}/runs/merge"
+    assert all("--max-restarts 2 " in line for line in head if "torchrun" in line)
+    assert all("--max-restarts 5 " in line for line in other if "torchrun" in line)
