@@ -430,8 +430,9 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
     loss_sum = runs.all_reduce_sum(param_list, dist, torch.cat(losses).sum())
     grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
     runs.assert_finite(grad_norm, "the gradient norm", f"sft_init.py step {step + 1}")  # the same on every rank
-    runs.assert_finite(torch.cat(losses) if dist.world_size == 1 else loss_sum, "the loss", f"sft_init.py step {step + 1}",
-                       label=lambda i: f"item {int(ids[i])}, prompt {prompts_all[int(ids[i])]!r}" if dist.world_size == 1
+    one = dist.world_size == 1  # one process names the item; under torchrun every rank reads the same sum
+    runs.assert_finite(torch.cat(losses) if one else loss_sum, "the loss", f"sft_init.py step {step + 1}",
+                       label=lambda i: f"item {int(ids[i])}, prompt {prompts_all[int(ids[i])]!r}" if one
                        else "summed over ranks")
     optimizer.step()
     if (step + 1) % cfg.ema_every == 0:

@@ -202,10 +202,11 @@ def encode_once(world, prompts, cache_dir, batch=64):
     if index is None:
         with runs.all_or_none(dist):  # one rank out of memory or disk: every rank stops, with its message
             mine = prompts[shards[rank]["first"]: shards[rank]["first"] + shards[rank]["count"]]
-            _write_shard(os.path.join(folder, shards[rank]["file"]), encode, mine, batch, dict(prompts=json.dumps(mine)))
+            _write_shard(os.path.join(folder, shards[rank]["file"]), encode, mine, batch,
+                         dict(prompts=json.dumps(mine)))
         index = dict(prompts=len(prompts), shards=shards)
     with runs.all_or_none(dist):
-        if rank == 0 and not os.path.isfile(index_path):  # the commit point: a cache without index.json is encoded again
+        if rank == 0 and not os.path.isfile(index_path):  # the commit point: without index.json, encoded again
             with _atomic_file(index_path, "w") as f:
                 json.dump(index, f)
         runs.wait_readable([os.path.join(folder, s["file"]) for s in index["shards"]], f"the prompt cache {folder}",
