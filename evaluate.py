@@ -341,12 +341,13 @@ for label, path in models.items():
                 n_local = math.ceil(len(units) / dist.world_size)
                 mine = units[dist.rank::dist.world_size]  # strided: ranks get near-equal shares
                 scores = torch.full((n_local, K, len(columns_of(name))), float("nan"))
-                if mine:
-                    batch_prompts = [prompts[i] for i in mine for _ in range(K)]
-                    seeds = [s for i in mine for s in seeds_of(i)]
-                    images = sde.sample(world, batch_prompts, steps, guidance, noise_level=0, seeds=seeds,
-                                        batch_size=cfg.batch_size)["images"]  # (len(mine) * K, 3, H, W) in [0, 1]
-                    scores[: len(mine)] = score_prompts(name, images, mine)
+                with runs.all_or_none(dist):  # a scorer that fails on one rank stops every rank, with its message
+                    if mine:
+                        batch_prompts = [prompts[i] for i in mine for _ in range(K)]
+                        seeds = [s for i in mine for s in seeds_of(i)]
+                        images = sde.sample(world, batch_prompts, steps, guidance, noise_level=0, seeds=seeds,
+                                            batch_size=cfg.batch_size)["images"]  # (len(mine) * K, 3, H, W) in [0, 1]
+                        scores[: len(mine)] = score_prompts(name, images, mine)
                 ids = torch.tensor(mine + [-1] * (n_local - len(mine)))  # -1 = padding row
                 all_scores = runs.gather_cat(scores.to(dist.device), dist).cpu()  # (n_local * world_size, K, columns)
                 all_ids = runs.gather_cat(ids.to(dist.device), dist).cpu()

@@ -227,6 +227,7 @@ worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in p
 if cfg.gradient_checkpointing:
     world.transformer.enable_gradient_checkpointing()
 task_reward = {t: rewards.get_reward(t, world.kind, dist.device) for t in task_weights} if cfg.score else {}
+runs.agree(dist, rewards.load_scorers, *task_reward.values())  # on this thread, before the loop
 scorer = rewards.BatchScorer(task_reward)  # scores batch k on its own thread while batch k+1 samples
 N = cfg.prompts_per_epoch * cfg.group_size
 first, n_local = runs.shard(N, dist)
@@ -382,7 +383,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     # 3. Rewards on the side: how well the student does each task (logged; trained on only to pick samples
     #    with --skip-zero-advantage, the official code's filter)
     with timer("reward"):
-        scores = scorer.result() if cfg.score else torch.full((n_local,), float("nan"))
+        scores = runs.agree(dist, scorer.result) if cfg.score else torch.full((n_local,), float("nan"))
         if cfg.skip_zero_advantage:
             all_scores = runs.gather_cat(scores.to(dist.device), dist).cpu()
             trained = sde.group_advantages(all_scores, torch.arange(N) // cfg.group_size)[1].nonzero().squeeze(1)
@@ -398,7 +399,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
             chunks = runs.optimizer_chunks(trained, cfg.updates_per_epoch, sde.sample_seed(cfg.seed, epoch, -1 - inner))
             for chunk in (chunks if len(trained) else []):  # each rank's share of a chunk is within one sample of equal
                 optimizer.zero_grad(set_to_none=True)
-                # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
+                # the step's summed loss, for the divergence guard (no sync until it is read): every rank decides
+                # on the sum over ranks, so that a non-finite loss on one rank stops every rank at the same step
                 step_loss = torch.zeros((), device=dist.device)
                 n_chunk = len(chunk)  # global count: the summed gradient is the chunk's mean, as grpo_expert.py's
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
@@ -427,7 +429,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                     stats["loss"].append(loss.detach().mean())
                     if inner == 0:
                         kl_sample[mb] += kl.detach() / k_steps
-                runs.all_reduce_sum(param_list, dist)
+                step_loss = runs.all_reduce_sum(param_list, dist, step_loss)  # the loss summed over ranks, as the grads
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 where = f"opd.py epoch {epoch + 1} optimizer step {opt_step + 1}"
                 runs.assert_finite(torch.stack([grad_norm.float(), step_loss.float()]), "the gradient norm or the loss",

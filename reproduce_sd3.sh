@@ -10,7 +10,7 @@
 #   Tables    the paper's main and quality tables over every model               evaluate.py      (torchrun)
 #
 #   bash reproduce_sd3.sh SD3_FOLDER                                   # one node, 8 GPUs
-#   bash reproduce_sd3.sh --nnodes 4 --nproc-per-node 8 --head HOST SD3_FOLDER   # on EVERY node (srun, pdsh, ...)
+#   bash reproduce_sd3.sh --nnodes 4 --nproc-per-node 8 --head HOST --node-rank R SD3_FOLDER   # on EVERY node
 #   bash reproduce_sd3.sh --dry-run --nnodes 4 --head HOST SD3_FOLDER  # print the commands, run nothing
 #   bash reproduce_sd3.sh --toy TINY_SD3_FOLDER                        # the same stages, tiny budgets, plain CPU
 #                                                                      # processes (what tests/test_sd3_pipeline.py runs)
@@ -28,14 +28,18 @@
 #
 # Resumable: a stage is skipped when its output exists (its folder's DONE file, written when the stage's command
 # exits 0, beside adapter.safetensors); an interrupted stage has no DONE and its script resumes from its own
-# checkpoint when rerun. Delete a DONE file to redo a stage. Multi-node: every node runs this same script; the
-# torchrun stages meet at the head node (c10d rendezvous, one rendezvous id per stage); the merge, a few seconds of
-# CPU, runs on every node and writes the same file atomically.
+# checkpoint when rerun. Delete a DONE file to redo a stage. Multi-node: every node runs this same script with its
+# --node-rank (default $NODE_RANK or $SLURM_NODEID); the torchrun stages meet at the head node (c10d rendezvous, one
+# rendezvous id per stage); the merge, a few seconds of CPU, runs on node 0 alone while the others wait for its DONE
+# (a node that merged again could replace the adapter that a faster node's OPD is reading). --max-restarts R (default
+# 2): torchrun restarts every node's workers from their last checkpoint after a worker fails, up to R times a stage
+# (docs/FAILURES.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() { echo "usage: bash reproduce_sd3.sh [--toy] [--dry-run] [--nnodes N] [--nproc-per-node G] [--head HOST] [--port P] [--out DIR] SD3_FOLDER" >&2; exit 2; }
 TOY=0; DRY=0; NNODES=1; NPROC=8; HEAD=""; PORT=29500; OUT=""; SD=""; RELEASED=""; TRAIN_EXPERTS=0
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-}}; RESTARTS=2
 while [ $# -gt 0 ]; do
   case $1 in
     --toy) TOY=1 ;;
@@ -44,10 +48,12 @@ while [ $# -gt 0 ]; do
     --nproc-per-node|--nproc_per_node) NPROC=${2:?}; shift ;;
     --head) HEAD=${2:?}; shift ;;
     --port) PORT=${2:?}; shift ;;
+    --node-rank) NODE_RANK=${2:?}; shift ;;
+    --max-restarts) RESTARTS=${2:?}; shift ;;
     --out) OUT=${2:?}; shift ;;
     --released) RELEASED=${2:?}; shift ;;
     --train-experts) TRAIN_EXPERTS=1 ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     -*) echo "error: unknown option $1" >&2; usage ;;
     *) [ -z "$SD" ] || { echo "error: one SD3 folder, got '$SD' and '$1'" >&2; usage; }; SD=$1 ;;
   esac
@@ -56,6 +62,8 @@ done
 [ -n "$SD" ] || { echo "error: give the Stable Diffusion 3.5 Medium folder (or hub id)" >&2; usage; }
 [[ $NNODES =~ ^[1-9][0-9]*$ && $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "error: --nnodes and --nproc-per-node take positive integers" >&2; exit 2; }
 [ $NNODES -eq 1 ] || [ -n "$HEAD" ] || { echo "error: --nnodes $NNODES needs --head HOST (the first node's address)" >&2; exit 2; }
+[ $NNODES -eq 1 ] || [ $DRY = 1 ] || [ -n "$NODE_RANK" ] || { echo "error: --nnodes $NNODES needs --node-rank R (0 on the head node; or NODE_RANK / SLURM_NODEID)" >&2; exit 2; }
+[[ $RESTARTS =~ ^[0-9]+$ ]] || { echo "error: --max-restarts takes a whole number >= 0" >&2; exit 2; }
 if [ $DRY = 0 ] && [ ! -f "$SD/model_index.json" ] && [[ ! $SD =~ ^[^/]+/[^/]+$ ]]; then
   echo "error: $SD is not a Stable Diffusion 3 pipeline folder (no model_index.json) nor a hub id" >&2; exit 2
 fi
@@ -127,9 +135,9 @@ TASKS="geneval ocr deqa pickscore"
 if [ $TOY = 1 ]; then
   launch() { echo "$PY $*"; }
 elif [ $NNODES = 1 ]; then
-  launch() { echo "$TORCHRUN --nnodes 1 --nproc_per_node $NPROC --standalone $*"; }
+  launch() { echo "$TORCHRUN --nnodes 1 --nproc_per_node $NPROC --standalone --max-restarts $RESTARTS $*"; }
 else
-  launch() { echo "$TORCHRUN --nnodes $NNODES --nproc_per_node $NPROC --rdzv_backend c10d --rdzv_endpoint $HEAD:$PORT --rdzv_id flowopd-$STAGE $*"; }
+  launch() { echo "$TORCHRUN --nnodes $NNODES --nproc_per_node $NPROC --rdzv_backend c10d --rdzv_endpoint $HEAD:$PORT --rdzv_id flowopd-$STAGE --max-restarts $RESTARTS $*"; }
 fi
 
 # stage NAME FOLDER COMMAND...: run COMMAND unless FOLDER/DONE exists, then write FOLDER/DONE (the command line)
@@ -144,10 +152,16 @@ stage() {
   echo "+ $cmd"
   local start=$SECONDS
   eval "$cmd"
-  mkdir -p "$dir" && echo "$cmd" > "$dir/DONE"
+  mkdir -p "$dir" && { [ -f "$dir/DONE" ] || echo "$cmd" > "$dir/DONE"; }
   echo "== $STAGE finished in $((SECONDS - start)) s"
 }
 plain() { echo "$PY $*"; }
+# once COMMAND...: a CPU stage that writes shared files: node 0 runs it, the other nodes wait for its DONE (an hour at most)
+once() { if [ "${NODE_RANK:-0}" = 0 ]; then plain "$@"; else echo "wait_done $RUNS/$STAGE"; fi; }
+wait_done() {
+  local i; for ((i = 0; i < 720; i++)); do [ -f "$1/DONE" ] && return 0; sleep 5; done
+  echo "error: node $NODE_RANK waited an hour for $1/DONE from node 0: is --out on a filesystem that every node shares?" >&2; return 1
+}
 
 # side NAME COMMAND...: with --toy, run COMMAND (a stage or a chain of stages) beside the others of its wave, its
 # output in $OUT/logs/NAME.log, printed by `together`, which waits for the wave. A toy stage is mostly Python
@@ -224,7 +238,7 @@ together
 # Merge: the four experts' updates by task arithmetic, cut to the SFT student's rank by SVD (the paper gives no formula;
 # the official code averages the A and B factors of three experts: merge.py --method lora-mean, also r 32).
 from_merge() {
-  stage merge $RUNS/merge plain merge.py --adapters $ADAPTERS $MERGE --out $RUNS/merge/adapter.safetensors
+  stage merge $RUNS/merge once merge.py --adapters $ADAPTERS $MERGE --out $RUNS/merge/adapter.safetensors
   stage opd-merge $RUNS/opd-merge launch opd.py $W --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS $OPD --epochs $OPD_EPOCHS --out $RUNS/opd-merge
   if [ "${NOMAR:-0}" = 1 ]; then
     stage opd-merge-nomar $RUNS/opd-merge-nomar launch opd.py $W --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS $OPD --mar-weight 0 --epochs $OPD_EPOCHS --out $RUNS/opd-merge-nomar

@@ -40,6 +40,8 @@ import concurrent.futures
 import io
 import os
 import pickle
+import queue
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -602,6 +604,7 @@ def combined_reward(spec: str, world: str = "sd3", device=None, **options):
         total = sum(weights[name] * parts[name] for name in parts)
         return total, parts
 
+    reward.scorers = [fn.scorer for fn in fns.values()]
     return reward
 
 
@@ -625,14 +628,39 @@ def score_by_task(reward_fns, images, prompts, metadata, tasks):
 # -----------------------------------------------------------------------------
 # scoring in the background: Flow-GRPO scores batch k while it samples batch k+1
 
-_WORKER = None  # the one thread every BatchScorer shares, started on first use
+_WORKER = None  # the queue of the one thread every BatchScorer shares, started on first use
 
 
 def _worker():
+    """A daemon thread, not a ThreadPoolExecutor's: the interpreter joins an executor's threads at exit, so a
+    run stopping on an error would first wait for an in-flight reward-server request (up to its timeout)."""
     global _WORKER
     if _WORKER is None:
-        _WORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
+        jobs = queue.SimpleQueue()
+
+        def serve():
+            while True:
+                future, fn, args = jobs.get()
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as e:  # SystemExit included: raised again by result() on the caller's thread
+                        future.set_exception(e)
+
+        threading.Thread(target=serve, name="rewards", daemon=True).start()
+        _WORKER = jobs
     return _WORKER
+
+
+def load_scorers(*reward_fns):
+    """Load the models behind these reward functions (get_reward's or combined_reward's; None is skipped) now, on
+    the calling thread: a stage calls it before its loop, so that no from_pretrained runs on the scoring thread
+    while the main thread samples (what a concurrent load changes in process-wide state is then no question)."""
+    for fn in reward_fns:
+        for scorer in getattr(fn, "scorers", [getattr(fn, "scorer", None)]):
+            # the lazy scorers mark "not loaded yet" with engine / model None (OCR / the CLIP scorers)
+            if hasattr(scorer, "_load") and any(getattr(scorer, a, "") is None for a in ("engine", "model")):
+                scorer._load()
 
 
 class BatchScorer:
@@ -660,7 +688,8 @@ class BatchScorer:
             raise ValueError("BatchScorer: pass tasks with a {task: reward fn} dict, and only then")
         # copies: the caller may reuse its lists for the next batch
         metadata, tasks = [None if xs is None else list(xs) for xs in (metadata, tasks)]
-        future = _worker().submit(self._score, images, list(prompts), metadata, tasks)
+        future = concurrent.futures.Future()
+        _worker().put((future, self._score, (images, list(prompts), metadata, tasks)))
         self.futures.append(future)
         return future
 

@@ -14,9 +14,12 @@ import json
 import os
 import tempfile
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+import runs
 
 # Quiet the libraries' start-up chatter (torchvision fallbacks, several-adapter notices): the scripts'
 # own output is what a reader follows.
@@ -188,35 +191,26 @@ def encode_once(world, prompts, cache_dir, batch=64):
     index_path = os.path.join(folder, "index.json")
     encode = getattr(world.encode_prompts, "uncached", world.encode_prompts)  # never the in-memory cache
 
-    def agree(ok):  # every rank learns whether every rank is fine, so that all stop or none
-        if distributed:
-            flag = torch.tensor([int(ok)], device=world.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            ok = bool(flag.item())
-        return ok
+    dist = SimpleNamespace(world_size=size, rank=rank, device=world.device)
 
     # rank r's contiguous share of the sorted prompts, and the shard it writes
     shards = [dict(file=f"shard-{r:05d}-of-{size:05d}.safetensors", first=len(prompts) * r // size,
                    count=len(prompts) * (r + 1) // size - len(prompts) * r // size) for r in range(size)]
-    if not agree(os.path.isfile(index_path)):
-        mine = prompts[shards[rank]["first"]: shards[rank]["first"] + shards[rank]["count"]]
-        _write_shard(os.path.join(folder, shards[rank]["file"]), encode, mine, batch, dict(prompts=json.dumps(mine)))
-        if distributed:
-            torch.distributed.barrier()
-        if rank == 0:  # the commit point: a cache without index.json is encoded again
+    # rank 0's index.json alone decides, sent to every rank: another node's copy of the folder may not show it
+    # yet (NFS caches attributes), and ranks that decided apart would disagree on the collectives that follow
+    index = runs.from_master(dist, _read_json(index_path) if rank == 0 else None)
+    if index is None:
+        with runs.all_or_none(dist):  # one rank out of memory or disk: every rank stops, with its message
+            mine = prompts[shards[rank]["first"]: shards[rank]["first"] + shards[rank]["count"]]
+            _write_shard(os.path.join(folder, shards[rank]["file"]), encode, mine, batch,
+                         dict(prompts=json.dumps(mine)))
+        index = dict(prompts=len(prompts), shards=shards)
+    with runs.all_or_none(dist):
+        if rank == 0 and not os.path.isfile(index_path):  # the commit point: without index.json, encoded again
             with _atomic_file(index_path, "w") as f:
-                json.dump(dict(prompts=len(prompts), shards=shards), f)
-        if distributed:
-            torch.distributed.barrier()
-    seen = os.path.isfile(index_path)
-    if seen:
-        with open(index_path) as f:
-            index = json.load(f)
-        seen = all(os.path.isfile(os.path.join(folder, s["file"])) for s in index["shards"])
-    if not agree(seen):
-        raise SystemExit(f"error: the prompt cache {folder} is not complete on every rank (rank {rank}: "
-                         f"{'complete' if seen else 'missing files'}): put it on a filesystem that all nodes share "
-                         "(FLOWOPD_PROMPT_CACHE=<shared folder>)")
+                json.dump(index, f)
+        runs.wait_readable([os.path.join(folder, s["file"]) for s in index["shards"]], f"the prompt cache {folder}",
+                           "put it on a filesystem that all nodes share (FLOWOPD_PROMPT_CACHE=<shared folder>)")
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
     if world.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -242,6 +236,15 @@ def encode_once(world, prompts, cache_dir, batch=64):
 
 
 _SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def _read_json(path):
+    """The JSON object in `path`, or None when there is none (or it is unreadable: encoded again)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _write_shard(path, encode, prompts, batch, metadata):
