@@ -1093,17 +1093,20 @@ def drawn_mode(task, images, prompts):
 # what the prompt names
 
 
-def objects_drawn(images, prompts):
+def objects_drawn(images, prompts, shape=True):
     """The share of each prompt's named objects that the GenEval program finds (each object of a count
-    matched at most once; colour and shape as the prompt names them). Scene prompts only. (B,) in [0, 1]."""
+    matched at most once; colour and shape as the prompt names them). shape=False: colour alone, any
+    object-sized component of the named colour, ragged or not (issue #38's "named colours drawn").
+    Scene prompts only. (B,) in [0, 1]."""
     x = _to_hwc(images)
     out = []
     for spec, cls in zip([parse(p) for p in prompts], _colour_classes(x)):
-        found = _detect(cls)
+        found = _detect(cls) if shape else list(_components(cls))
         want = [o for o in spec["objects"] for _ in range(o["count"])]
         hits, used = 0, set()
         for o in want:
-            k = next((i for i, f in enumerate(found) if i not in used and _matches(f, o)), None)
+            k = next((i for i, f in enumerate(found) if i not in used and
+                      (_matches(f, o) if shape else o["colour"] is None or f[0] == o["colour"])), None)
             if k is not None:
                 used.add(k)
                 hits += 1
