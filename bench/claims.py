@@ -104,7 +104,11 @@ def claims_table(runs):
              f"over seeds is beyond 2 SE (SE = sd / sqrt(n) between seeds) and every seed has its sign; "
              f">= 90% kept is shown when the lower 2-SE bound is >= 90%, consistent when only the mean is. "
              f"Each seed's cell: its value +- its paired SE over prompts (not used by the rule). "
-             f"Written by `python bench/claims.py`.", "", head, "|---" * (len(names) + 3) + "|"]
+             f"Written by `python bench/claims.py`."]
+    if len(names) < 3:  # with n seeds the mean / SE is Student's t on n - 1 degrees of freedom
+        lines.append(f"With {len(names)} seed(s) the rule is weak: the issue asks for >= 3 (on 1 degree of freedom, "
+                     f"2 SE is a 70% two-sided bound, not 95%).")
+    lines += ["", head, "|---" * (len(names) + 3) + "|"]
     for claim, model, minus, column, sign in DIFFERENCES:
         try:
             cells = [difference(runs[n][0], model, minus, column) for n in names]

@@ -19,11 +19,14 @@ each prompt once crisp and once in the mode from the same seed (the same layout)
                   still are), 0 where it is not (a "big" subject drawn small) or the image is degraded (grain)
 A mode passes issue #38's bar when every independent reader scores it at most half of the crisp form.
 --sweep then redraws each failing mode at fixed strengths (tiny_world.MODE_RANGES says what they mean) and
-prints where each reader falls to half: the design input for tiny world v4.
+prints where each reader falls to half: the design input for tiny world v4. --blur sweeps a candidate mode
+instead, the whole image under a Gaussian blur, for glyphs and objects.
 
 The test prompts are never read: the default is the train split (the world has no validation split yet).
 
   python bench/independent_readers.py --n 64 --sweep
+  python bench/independent_readers.py --n 64 --tasks ocr,geneval --blur
+  python bench/independent_readers.py --n 32 --base-samples assets/tiny_base.safetensors   # in_mode vs drawn_mode
 """
 
 import argparse
@@ -32,6 +35,7 @@ import sys
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tiny_world as tw  # noqa: E402
@@ -42,7 +46,8 @@ READERS = {"ocr": ("rapidocr", "template"), "geneval": ("segmentation",), "picks
 SWEEPS = {"faint": (0.55, 0.45, 0.35, 0.25, 0.15, 0.10, 0.05, 0.02),      # ink's share of the way to white
           "washed": (0.55, 0.70, 0.80, 0.90, 0.95, 0.98),                  # paint's share of the way to the background
           "small": (12.0, 10.0, 8.0, 6.5, 5.0),                            # the subject's radius, px
-          "grain": (0.005, 0.01, 0.02, 0.04, 0.10)}                        # the noise's std
+          "grain": (0.005, 0.01, 0.02, 0.04, 0.10),                        # the noise's std
+          "blur": (0.5, 1.0, 1.5, 2.0, 3.0)}                               # --blur: a Gaussian's sigma, px
 
 # -----------------------------------------------------------------------------
 # drawing
@@ -50,11 +55,14 @@ SWEEPS = {"faint": (0.55, 0.45, 0.35, 0.25, 0.15, 0.10, 0.05, 0.02),      # ink'
 
 def draw(task, prompts, mode, strength=None, seed=0):
     """Prompt i drawn from seed + i: crisp (mode None), in the task's mode at a strength (None: render's range).
-    Grain is not a render mode: it is sensor noise of std 0.04-0.10 on the crisp image, as calibrate adds it."""
-    render_mode = None if mode == "grain" else mode
+    Grain is not a render mode: it is sensor noise of std 0.04-0.10 on the crisp image, as calibrate adds it;
+    blur (--blur, a candidate v4 mode) is the crisp image under a Gaussian of sigma `strength` px."""
+    render_mode = None if mode in ("grain", "blur") else mode
     imgs = np.stack([tw.render_at(p, np.random.default_rng(seed + i), render_mode, strength)
                      for i, p in enumerate(prompts)])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255   # (B, 3, 32, 32)
+    if mode == "blur":
+        x = torch.from_numpy(ndimage.gaussian_filter(x.numpy(), (0, 0, strength, strength)))
     if mode == "grain":
         rng = np.random.default_rng(seed + 10_000)
         std = rng.uniform(0.04, 0.10, (len(x), 1, 1, 1)) if strength is None else strength
@@ -129,6 +137,27 @@ def ground_truth(task, mode):
 # -----------------------------------------------------------------------------
 
 
+def compare_on_samples(args):
+    """The base's share of images in each task's mode by the reward's test (in_mode) and by how they are drawn
+    (drawn_mode), their agreement, and the reward of the images drawn_mode calls crisp."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from pilot_v3 import images_of
+    transformer, encode, codec = tw.load_base(args.base_samples)
+    print(f"the base {args.base_samples}: {args.n} {args.split} prompts a task x 2 images, ODE "
+          f"{tw.DEFAULT_STEPS_EVAL} steps, CFG {tw.DEFAULT_GUIDANCE}\n")
+    print("| task | mode | in_mode share | drawn_mode share | agree | reward | reward, crisp by in_mode "
+          "| reward, crisp by drawn_mode |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task in args.tasks.split(","):
+        prompts = tw.read_prompts(task, args.split)[:args.n]
+        x = images_of(transformer, encode, codec, prompts, 2).flatten(0, 1)
+        rep = [p for p in prompts for _ in range(2)]
+        s, a, b = tw.score(task, x, rep), tw.in_mode(task, x, rep), tw.drawn_mode(task, x, rep)
+        crisp = lambda m: f"{s[~m].mean():.3f}" if (~m).any() else "-"  # noqa: E731
+        print(f"| {task} | {MODE_OF[task]} | {a.mean():.3f} | {b.mean():.3f} | {(a == b).mean():.3f} | "
+              f"{s.mean():.3f} | {crisp(a)} | {crisp(b)} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=64, help="prompts a task (each drawn crisp and in its mode)")
@@ -136,10 +165,16 @@ def main():
     ap.add_argument("--tasks", default=",".join(MODE_OF))
     ap.add_argument("--sweep", action="store_true", help="redraw each failing mode at fixed strengths")
     ap.add_argument("--sweep-all", action="store_true", help="sweep every mode, failing or not")
+    ap.add_argument("--base-samples", default=None, metavar="CHECKPOINT",
+                    help="instead: sample this base on each task's prompts (2 images a prompt) and compare "
+                         "in_mode with drawn_mode")
+    ap.add_argument("--blur", action="store_true", help="sweep blur, a candidate v4 mode, for ocr and geneval")
     ap.add_argument("--ocr-detector", action="store_true", help="rapidocr with its detector (slow)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.base_samples:
+        return compare_on_samples(args)
     mean = lambda a: f"{a.mean():.3f} +- {a.std(ddof=1) / np.sqrt(len(a)):.3f}"  # noqa: E731
 
     print(f"{args.n} {args.split} prompts a task, each drawn crisp and in its mode from one seed; "
@@ -165,10 +200,10 @@ def main():
         if not all_pass or args.sweep_all:
             failing.append(task)
 
-    if not (args.sweep or args.sweep_all):
+    if not (args.sweep or args.sweep_all or args.blur):
         return
-    for task in failing:
-        mode = MODE_OF[task]
+    sweeps = [(t, "blur") for t in ("ocr", "geneval")] if args.blur else [(t, MODE_OF[t]) for t in failing]
+    for task, mode in sweeps:
         prompts = tw.read_prompts(task, args.split)[:args.n]
         crisp = draw(task, prompts, None)
         base = {r: read(r, crisp, prompts, args.ocr_detector).mean() for r in READERS[task]}
