@@ -223,7 +223,7 @@ def main():
                     half[r] = s
             print(f"| {s} | {tw.score(task, x, prompts).mean():.3f} | " + " | ".join(cells)
                   + f" | {tw.drawn_strength(task, x, prompts).mean():.3f} |", flush=True)
-        print(f"first strength at which each reader scores <= half of crisp: "
+        print("first strength at which each reader scores <= half of crisp: "
               + ", ".join(f"{r} {half.get(r, 'none in the sweep')}" for r in READERS[task]))
 
 

@@ -72,7 +72,8 @@ def main():
             do, dq, dc = po - ref[0], pq - ref[1], col - ref[2]
             diff = lambda d: "" if name == "base" else f"{d.mean():+.3f} +- {se(d):.3f}"  # noqa: E731
             print(f"| {task} | {name} | {po.mean():.3f} +- {se(po):.3f} | {diff(do)} | {(obj < 1).mean():.3f} | "
-                  f"{col.mean():.3f} +- {se(col):.3f} | {diff(dc)} | {pq.mean():.3f} +- {se(pq):.3f} | {diff(dq)} | {grain_drawn:.3f} | {grain_test:.3f} |", flush=True)
+                  f"{col.mean():.3f} +- {se(col):.3f} | {diff(dc)} | {pq.mean():.3f} +- {se(pq):.3f} | {diff(dq)} | "
+                  f"{grain_drawn:.3f} | {grain_test:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
