@@ -139,23 +139,27 @@ def ground_truth(task, mode):
 
 def compare_on_samples(args):
     """The base's share of images in each task's mode by the reward's test (in_mode) and by how they are drawn
-    (drawn_mode), their agreement, and the reward of the images drawn_mode calls crisp."""
+    (drawn_mode), their agreement, the reward of the images drawn_mode calls crisp, and the independent readers
+    on the base's own crisp and moded images."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from pilot_v3 import images_of
     transformer, encode, codec = tw.load_base(args.base_samples)
     print(f"the base {args.base_samples}: {args.n} {args.split} prompts a task x 2 images, ODE "
           f"{tw.DEFAULT_STEPS_EVAL} steps, CFG {tw.DEFAULT_GUIDANCE}\n")
     print("| task | mode | in_mode share | drawn_mode share | agree | reward | reward, crisp by in_mode "
-          "| reward, crisp by drawn_mode |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| reward, crisp by drawn_mode | readers on the base's crisp / moded images (drawn_mode) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks.split(","):
         prompts = tw.read_prompts(task, args.split)[:args.n]
         x = images_of(transformer, encode, codec, prompts, 2).flatten(0, 1)
         rep = [p for p in prompts for _ in range(2)]
         s, a, b = tw.score(task, x, rep), tw.in_mode(task, x, rep), tw.drawn_mode(task, x, rep)
         crisp = lambda m: f"{s[~m].mean():.3f}" if (~m).any() else "-"  # noqa: E731
+        split = lambda r: (f"{r[~b].mean():.3f}" if (~b).any() else "-") + " / " + (  # noqa: E731
+            f"{r[b].mean():.3f}" if b.any() else "-")
+        readers = ", ".join(f"{r} {split(read(r, x, rep))}" for r in READERS[task])
         print(f"| {task} | {MODE_OF[task]} | {a.mean():.3f} | {b.mean():.3f} | {(a == b).mean():.3f} | "
-              f"{s.mean():.3f} | {crisp(a)} | {crisp(b)} |", flush=True)
+              f"{s.mean():.3f} | {crisp(a)} | {crisp(b)} | {readers} |", flush=True)
 
 
 def main():
