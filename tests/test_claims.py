@@ -37,6 +37,13 @@ def test_kept_rule():
     assert claims.kept_verdict([0.95])[0] == "consistent"                  # one seed: no bound to show it by
 
 
+def test_headroom_target():
+    # gain / (1 - base) against the bar, and the gain beyond 3 of its paired SE
+    assert claims.headroom_met(0.30, 0.05, 0.4, 0.5)            # 50% of a headroom of 0.6, 6 SE
+    assert not claims.headroom_met(0.29, 0.05, 0.4, 0.5)        # 48%
+    assert not claims.headroom_met(0.40, 0.15, 0.4, 0.5)        # 67%, but within 3 SE
+
+
 def write_run(folder, opd_minus_mix, expert_gain, kept):
     """A run folder with the rows claims.py reads: OPD-Merge - GRPO-Mix on geneval, the GenEval expert - base,
     and OPD-Merge's share of the GenEval expert's gain."""
@@ -47,6 +54,8 @@ def write_run(folder, opd_minus_mix, expert_gain, kept):
         json.dump({"rows": rows}, f)
     with open(os.path.join(folder, "gain.json"), "w") as f:
         json.dump({"rows": [{"model": "opd-merge", "geneval": kept, "geneval_se": 0.1}]}, f)
+    with open(os.path.join(folder, "main.json"), "w") as f:
+        json.dump({"rows": [{"model": "base", "geneval": 0.4, "geneval_se": 0.05}]}, f)
 
 
 def verdicts(text):
@@ -66,6 +75,8 @@ def test_script_writes_the_table_from_every_seed(tmp_path):
     assert table["OPD-Merge > GRPO-Mix on geneval"] == "not shown"      # seed 2 has the other sign
     assert table["geneval expert > base on geneval"] == "holds"
     assert table["OPD-Merge keeps >= 90% of the geneval expert's gain"] == "shown"
+    # expert gains of 0.40, 0.30, 0.35 on a headroom of 0.6, SE 0.05: 67%, 50%, 58%, all beyond 3 SE
+    assert table["geneval expert gains >= 50% of the headroom, beyond 3 paired SE"] == "met in every seed"
     assert "OPD-Merge > GRPO-Mix on ocr" not in table                   # columns the JSON lacks are left out
     assert not os.path.exists(str(out) + ".tmp")
     # two seeds that agree in sign and are close: holds
