@@ -604,7 +604,7 @@ def combined_reward(spec: str, world: str = "sd3", device=None, **options):
         total = sum(weights[name] * parts[name] for name in parts)
         return total, parts
 
-    reward.scorers = [fn.scorer for fn in fns.values()]
+    reward.scorers = [getattr(fn, "scorer", None) for fn in fns.values()]  # for load_scorers; a plain function has none
     return reward
 
 
