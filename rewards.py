@@ -9,7 +9,8 @@ Reward functions for Flow-OPD: one registry for the two worlds the code runs in.
 
 World "tiny": geneval/ocr/deqa/pickscore are the synthetic scorers of tiny_world.py (CPU tests and
 the tiny end-to-end runs). World "sd3": the real scorers Flow-GRPO trains and evaluates with:
-  ocr        rapidocr 3 (PP-OCR ONNX models shipped in the wheel, so it runs offline) + Flow-GRPO's rule
+  ocr        Flow-GRPO's rule on PaddleOCR 2.9.1's English text where installed, else rapidocr (ONNX, offline:
+             English models from FLOWOPD_OCR_MODELS, or the wheel's bundled ones)
   pickscore  PickScore_v1 (a CLIP-H fine-tune): logit_scale * cos(image, text) / 26
   aesthetic  LAION improved-aesthetic-predictor MLP on CLIP ViT-L/14 image embeddings (evaluation only)
   geneval    HTTP client of the GenEval reward server (yifan123/reward-server, app_geneval.py)
@@ -30,10 +31,12 @@ ignore the device.
 Environment (each also an option of get_reward, which wins):
   FLOWOPD_PICKSCORE_MODEL, FLOWOPD_PICKSCORE_PROCESSOR   local folders for PickScore (offline clusters)
   FLOWOPD_AESTHETIC_CLIP, FLOWOPD_AESTHETIC_MLP          CLIP ViT-L/14 folder, the predictor's .pth
-  FLOWOPD_OCR_THREADS        onnxruntime threads per process (default: cores // LOCAL_WORLD_SIZE)
+  FLOWOPD_OCR_THREADS        OCR threads per process (default: cores // LOCAL_WORLD_SIZE)
+  FLOWOPD_OCR_ENGINE         paddleocr (Flow-GRPO's), rapidocr, or auto (default: paddleocr where installed)
+  FLOWOPD_OCR_MODELS         rapidocr: a folder of English det/rec ONNX models + character list (else bundled)
   FLOWOPD_GENEVAL_URL, FLOWOPD_DEQA_URL, FLOWOPD_REWARD_TIMEOUT (seconds a server may take per batch)
 
-Optional dependencies: rapidocr + onnxruntime for ocr; transformers for pickscore/aesthetic.
+Optional dependencies: paddleocr or rapidocr + onnxruntime for ocr; transformers for pickscore/aesthetic.
 """
 
 import concurrent.futures
@@ -164,28 +167,101 @@ def _ocr_threads(threads=None):
     return min(threads, _available_cores())
 
 
+OCR_ENGINES = {  # engine -> (the version this code is written for, the line that installs it)
+    "paddleocr": ("2.9.1", "pip install paddlepaddle==2.6.2 paddleocr==2.9.1  (Flow-GRPO's engine; paddlepaddle-gpu on GPUs)"),
+    "rapidocr": ("3.10.0", "pip install rapidocr==3.10.0 onnxruntime"),
+}
+
+
+def _installed(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _ocr_model_files(folder):
+    """rapidocr's English models in a local folder: one *det*.onnx, one *rec*.onnx and the recogniser's
+    character list (*.txt); one error line otherwise."""
+    folder = os.path.expanduser(os.fspath(folder))
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    det = [n for n in names if n.endswith(".onnx") and "det" in n]
+    rec = [n for n in names if n.endswith(".onnx") and "rec" in n]
+    keys = [n for n in names if n.endswith(".txt")]
+    if len(det) != 1 or len(rec) != 1 or len(keys) != 1:
+        raise SystemExit(f"error: ocr reward: FLOWOPD_OCR_MODELS / models={folder} must be a folder with one *det*.onnx, "
+                         f"one *rec*.onnx and one character list *.txt (English PP-OCR models converted to ONNX, e.g. "
+                         f"en_PP-OCRv3_det_infer.onnx, en_PP-OCRv4_rec_infer.onnx, en_dict.txt); found {names}")
+    return {k: os.path.join(folder, v[0]) for k, v in (("det", det), ("rec", rec), ("keys", keys))}
+
+
+def ocr_engine(engine=None, models=None):
+    """Which OCR engine the ocr reward reads with, its version and its models, without loading anything:
+    {"engine", "version", "models"}. engine: 'paddleocr' (Flow-GRPO's: PaddleOCR 2.9.1, English, no angle
+    classifier), 'rapidocr' (ONNX, offline), or 'auto' = paddleocr where it is installed, else rapidocr;
+    default FLOWOPD_OCR_ENGINE, else auto. models (rapidocr): a folder of English models, default
+    FLOWOPD_OCR_MODELS; without one, the wheel's bundled models (Chinese PP-OCRv6 small in 3.10: the tiny
+    world's and the CPU tests' engine). Recorded in run configs and evaluation caches."""
+    engine = engine or os.environ.get("FLOWOPD_OCR_ENGINE") or "auto"
+    if engine == "auto":
+        engine = "paddleocr" if _installed("paddleocr") else "rapidocr"
+    if engine not in OCR_ENGINES:
+        raise SystemExit(f"error: ocr reward: engine {engine!r} (FLOWOPD_OCR_ENGINE or engine=) must be auto, "
+                         f"{' or '.join(OCR_ENGINES)}")
+    if not _installed(engine):
+        raise SystemExit(f"error: ocr reward: engine {engine} is not installed: {OCR_ENGINES[engine][1]}")
+    import importlib.metadata
+
+    version = importlib.metadata.version(engine)
+    if engine == "paddleocr":
+        return dict(engine=engine, version=version, models="PaddleOCR lang=en, use_angle_cls=False")
+    models = models or os.environ.get("FLOWOPD_OCR_MODELS")
+    files = _ocr_model_files(models) if models else None
+    described = ("bundled (Chinese PP-OCRv6 small in 3.10)" if files is None else
+                 ", ".join(f"{k}={os.path.basename(v)}" for k, v in files.items()))
+    return dict(engine=engine, version=version, models=described, files=files)
+
+
 class _OcrScorer:
-    """rapidocr 3 on the CPU. threads: onnxruntime's intra-op threads (see _ocr_threads)."""
+    """Flow-GRPO's OCR rule on the text an OCR engine reads (see ocr_engine): PaddleOCR 2.9.1 in English
+    with no angle classifier where it is installed, else rapidocr (English models from a local folder, or
+    its bundled ones). threads: the CPU threads of either engine (see _ocr_threads)."""
 
-    ENV = ("FLOWOPD_OCR_THREADS", "LOCAL_WORLD_SIZE")  # read when built: part of the cache key
+    ENV = ("FLOWOPD_OCR_THREADS", "LOCAL_WORLD_SIZE", "FLOWOPD_OCR_ENGINE", "FLOWOPD_OCR_MODELS")  # part of the cache key
 
-    def __init__(self, text_score=0.5, threads=None):
-        self.text_score = text_score  # rapidocr's (and PaddleOCR's) confidence cut for a text line
+    def __init__(self, text_score=0.5, threads=None, engine=None, models=None):
+        self.text_score = text_score  # rapidocr's (and PaddleOCR's drop_score) confidence cut for a text line
         self.threads = _ocr_threads(threads)
+        self.info = ocr_engine(engine, models)
         self.engine = None
 
     def _load(self):
-        try:
-            from rapidocr import RapidOCR
-        except ImportError:
-            raise ImportError("ocr reward needs rapidocr 3 and onnxruntime: "
-                              "pip install 'rapidocr>=3,<4' onnxruntime") from None
+        if self.info["engine"] == "paddleocr":
+            from paddleocr import PaddleOCR
+
+            # Flow-GRPO's flow_grpo/ocr.py: English, no angle classifier, on the CPU, quiet
+            self.engine = PaddleOCR(use_angle_cls=False, lang="en", use_gpu=False, show_log=False,
+                                    drop_score=self.text_score, cpu_threads=self.threads)
+
+            def read(image):  # [[box, (text, confidence)], ...] per image
+                result = self.engine.ocr(image, cls=False)
+                lines = result[0] if result and result[0] else []
+                return [line[1][0] for line in lines if line[1][1] > 0]
+
+            self.read = read
+            return
+        from rapidocr import RapidOCR
+
         # no angle classifier, as Flow-GRPO's PaddleOCR(use_angle_cls=False); quiet logger. onnxruntime's
         # default sequential executor runs one node at a time, so its inter-op pool would only sit idle.
         params = {"Global.log_level": "critical", "Global.use_cls": False, "Global.text_score": self.text_score,
                   "EngineConfig.onnxruntime.intra_op_num_threads": self.threads,
                   "EngineConfig.onnxruntime.inter_op_num_threads": 1}
+        files = self.info["files"]
+        if files:  # English recognition, as Flow-GRPO's lang="en"
+            params.update({"Det.model_path": files["det"], "Rec.model_path": files["rec"],
+                           "Rec.rec_keys_path": files["keys"], "Det.lang_type": "en", "Rec.lang_type": "en"})
         self.engine = RapidOCR(params=params)
+        self.read = lambda image: list(self.engine(image).txts or [])
 
     def __call__(self, images, prompts, metadata):
         if self.engine is None:
@@ -200,8 +276,7 @@ class _OcrScorer:
             if min(h, w) < OCR_MIN_SIDE:
                 s = OCR_UPSAMPLE_TO / min(h, w)
                 image = np.asarray(Image.fromarray(image).resize((round(w * s), round(h * s)), Image.BICUBIC))
-            result = self.engine(image)
-            text = "".join(result.txts) if result.txts else ""  # all lines, reading order
+            text = "".join(self.read(image))  # all lines, reading order
             scores.append(ocr_reward_from_text(text, prompt))
         return scores
 
@@ -475,15 +550,22 @@ class _GenEval(_RemoteScorer):
             raise ValueError(f"geneval field must be one of {self.FIELDS}, got {field!r}")
         self.field = field
 
-    def __call__(self, images, prompts, metadata):
+    def fields(self, images, metadata, names):
+        """{name: list of per-image values} of several reply fields, from one request per batch (evaluate.py's
+        GenEval correctness and strict correctness)."""
         if metadata is None or len(metadata) != len(images):
             raise ValueError("geneval reward needs one GenEval metadata dict per image (tag, include, ...)")
-        scores = []
+        out = {name: [] for name in names}
         for s in self.batches(len(images)):
             payload = {"images": _jpeg_bytes(images[s]), "meta_datas": list(metadata[s]),
-                       "only_strict": self.field != "rewards"}
-            scores += list(self.post(payload)[self.field])
-        return scores
+                       "only_strict": "rewards" not in names}
+            reply = self.post(payload)
+            for name in names:
+                out[name] += [float(x) for x in reply[name]]
+        return out
+
+    def __call__(self, images, prompts, metadata):
+        return self.fields(images, metadata, (self.field,))[self.field]
 
 
 class _DeQA(_RemoteScorer):

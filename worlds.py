@@ -479,6 +479,20 @@ def lora_files(path):
     return path, config if os.path.isfile(config) else None
 
 
+def adapter_sha256(path):
+    """What a LoRA path (file or PEFT folder) computes, as one sha256: its weights by content
+    (runs.content_sha256: tensors and metadata, not header order) and, where there is one, its
+    adapter_config.json (rank, alpha, targets). Names a teacher in run configs, resume checks and evaluation
+    rows: a checkpoint re-uploaded under the same hub name gets another hash."""
+    import hashlib
+
+    import runs  # lazily: a module of the same floor
+
+    file, config = lora_files(path)
+    weights = runs.content_sha256(file)
+    return weights if config is None else hashlib.sha256((weights + runs.file_sha256(config)).encode()).hexdigest()
+
+
 def is_lora(path):
     """Whether `path` is a LoRA that read_lora reads (a diffusers-format file, a PEFT folder or a PEFT
     adapter_model.safetensors), not a full state dict: cheap (reads the header only), never raises."""
