@@ -159,6 +159,27 @@ def test_opd_kl_is_nonzero_at_the_start_and_falls(toy_run):
         assert config["mar_teacher"] == "deqa" and config["mar_weight"] == 0.02 and len(config["teachers"]) == 4
 
 
+
+def test_a_resume_with_another_ocr_engine_is_refused(toy_run, tmp_path):
+    """The OCR expert's run records the engine that read its reward (engine, version, models): the same command
+    with other OCR models (FLOWOPD_OCR_MODELS) is another reward, and its resume stops with one line before
+    sampling anything."""
+    _, out, _, _ = toy_run
+    run = out / "runs" / "grpo-ocr"
+    assert json.loads((run / "config.json").read_text())["ocr_engine"]["models"].startswith("bundled")
+    logged = read_log(run)
+    models = tmp_path / "ocr_models"  # names only: the engine is described, not loaded, before the resume check
+    models.mkdir()
+    for name in ("en_det.onnx", "en_rec.onnx", "en_dict.txt"):
+        (models / name).write_text("")
+    env = dict(ENV, FLOWOPD_PROMPTS=str(out.parent / "prompts"), HF_HUB_CACHE=str(out.parent / "hub"),
+               FLOWOPD_OCR_MODELS=str(models))
+    again = subprocess.run(["bash", "-c", (run / "DONE").read_text()], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert again.returncode == 1 and len(errors) == 1 and "--ocr-engine" in errors[0], again.stderr[-2000:]
+    assert read_log(run) == logged  # nothing ran
+
 def test_dry_run_prints_one_torchrun_line_per_gpu_stage(tmp_path):
     def dry(*args):
         r = subprocess.run(["bash", "reproduce_sd3.sh", "--dry-run", "--out", str(tmp_path / "o"), *args], cwd=ROOT, env=ENV,
