@@ -73,7 +73,8 @@ SETTINGS = dict(
                  "base and the main table)"),
     paired_with=("base,grpo-mix", "labels of --models that every other model is compared with, paired (same prompts "
                                   "and seeds): the paired table (labels not among --models are skipped)"),
-    quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore')"),
+    quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore'; sd3 "
+                         "also imagereward, hpsv2: optional packages, see rewards.py)"),
     images_per_prompt=(None, int, "images per distinct prompt (default: tiny 2; sd3 4, GenEval's protocol)"),
     limit=(0, "evaluate K distinct prompts of each prompt file, evenly spread over it so every category is represented "
               "(0 = all)"),
@@ -83,7 +84,7 @@ SETTINGS = dict(
     batch_size=(32, "images per sampling forward, per rank"),
     chunk_prompts=(16, "prompts per rank between cache writes (what an interruption can lose)"),
     grid_prompts=(2, "prompts per main-table task in the sample grids (image k = 0 of each)"),
-    reward_dtype=("", "precision of the CLIP scorers (PickScore, aesthetic) on CUDA: '' = float16, 'float32' = Flow-GRPO's "
+    reward_dtype=("", "precision of the CLIP scorers (PickScore, aesthetic, HPS-v2.1) on CUDA: '' = float16, 'float32' = Flow-GRPO's "
                       "(scores that match CPU values to float32 rounding, at twice the memory)"),
     deqa_scale=(1.0, "sd3 only: multiply the DeQA server's answers (5 against yifan123/reward-server, which answers "
                      "in [0.2, 1])"),
@@ -96,7 +97,7 @@ cfg = runs.parse_settings(__doc__, SETTINGS)
 
 OOD_CATEGORIES = ("colour", "shape", "spatial", "numeracy")  # tiny_world's held-out compositions
 QUALITY_SETS = ("deqa", "pickscore")  # the quality table's common prompts: these tasks' test splits
-NOT_WIRED = "ImageReward, HPS-v2.1 and the QwenVL judge of the paper's quality table are not wired in"
+NOT_WIRED = "The QwenVL judge of the paper's quality table is not wired in"
 
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, models, prompt sets and what each set is scored with
@@ -119,6 +120,10 @@ for t in main_tasks:
         raise SystemExit(f"error: --tasks {t!r} is not a task of the {world.kind} world {world.tasks}")
 quality_metrics = [m.strip() for m in (cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore"))
                    .split(",")]
+for m in quality_metrics:  # one line at set-up, not a traceback after sampling
+    if m not in (rewards.SD3_REWARDS if sd3 else rewards.TINY_REWARDS):
+        raise SystemExit(f"error: --quality-metrics {m!r} is not a reward of the {world.kind} world: "
+                         f"{', '.join(rewards.SD3_REWARDS if sd3 else rewards.TINY_REWARDS)}")
 if "quality" in tables and K < 2 and not sd3:
     raise SystemExit("error: the quality table's diversity compares images of one prompt: "
                      "use --images-per-prompt 2 or more")
@@ -185,7 +190,7 @@ options = {"geneval": dict(field="rewards" if sd3 else "strict_rewards")}
 if sd3:
     options["deqa"] = dict(scale=cfg.deqa_scale)
     if cfg.reward_dtype:
-        options["pickscore"] = options["aesthetic"] = dict(dtype=cfg.reward_dtype)
+        options.update({m: dict(dtype=cfg.reward_dtype) for m in ("pickscore", "aesthetic", "hpsv2")})
     if "geneval" in set_metrics:
         set_metrics["geneval"].add("geneval_strict")
 DERIVED = ("ood", "diversity", "geneval_strict")  # columns no reward function of their own gives

@@ -7,7 +7,7 @@
 #   Cold      merge the experts (task arithmetic, | SFT on their samples         merge.py | sft_init.py
 #             cut to the SFT student's r 32 / alpha 64)
 #   Stage 2   multi-teacher OPD from each cold start, with MAR                   opd.py           (torchrun)
-#   Tables    the paper's main and quality tables over every model               evaluate.py      (torchrun)
+#   Tables    the main table; the quality table's aesthetic, PickScore (+ ImageReward, HPS-v2.1) evaluate.py (torchrun)
 #
 #   bash reproduce_sd3.sh SD3_FOLDER                                   # one node, 8 GPUs
 #   bash reproduce_sd3.sh --nnodes 4 --nproc-per-node 8 --head HOST SD3_FOLDER   # on EVERY node (srun, pdsh, ...)
@@ -31,7 +31,8 @@
 #              divided by the batch's std, so 0.8 (task + 0.25 DeQA) trains the same up to the std's 1e-4).
 # Environment: FLOWOPD_GENEVAL_URL / FLOWOPD_DEQA_URL (the reward servers, default http://127.0.0.1:18085 / :18086),
 #   FLOWOPD_PROMPTS (prompt root holding sd3/, default prompts/), FLOWOPD_AESTHETIC_MLP (the quality table's aesthetic
-#   head; without it only the main table is made), the budgets below (EXPERT_EPOCHS=... bash reproduce_sd3.sh ...),
+#   head; without it only the main table is made), FLOWOPD_IMAGEREWARD_DIR / FLOWOPD_HPSV2_CHECKPOINT (add the paper's
+#   ImageReward / HPS-v2.1 columns; packages image-reward, hpsv2), the budgets below (EXPERT_EPOCHS=... bash reproduce_sd3.sh ...),
 #   NOMAR=1 (also OPD from the merge without MAR, the quality table's "w/o MAR" row), PY / TORCHRUN (interpreters).
 #
 # Resumable: a stage is skipped when its output exists (its folder's DONE file, written when the stage's command
@@ -115,6 +116,12 @@ SFT="--prompts-per-task $SFT_ITEMS --steps $SFT_STEPS $TRAIN_EXTRA"
 EVAL="--deqa-scale 5"  # yifan123/reward-server's DeQA answers score / 5: back to DeQA's 1-5 scale
 TABLES="main,quality"
 [ -n "${FLOWOPD_AESTHETIC_MLP:-}" ] || TABLES="main"  # the quality table's aesthetic score needs its MLP head
+# the quality table: aesthetic and PickScore, plus the paper's ImageReward and HPS-v2.1 where their weights are set
+# (optional packages image-reward, hpsv2; rewards.py); the paper's QwenVL judge is not wired
+QUALITY="aesthetic,pickscore"
+[ -z "${FLOWOPD_IMAGEREWARD_DIR:-}" ] || QUALITY="imagereward,$QUALITY"
+[ -z "${FLOWOPD_HPSV2_CHECKPOINT:-}" ] || QUALITY="$QUALITY,hpsv2"
+[ $TABLES = main ] || EVAL="$EVAL --quality-metrics $QUALITY"
 
 if [ $TOY = 1 ]; then  # the same sequence with tiny budgets: 4 SDE steps, a few images per epoch, no EMA lag
   OUT=${OUT:-results/sd3-toy}; EXPERT_EPOCHS=1; MIX_EPOCHS=1; SFT_ITEMS=2; SFT_STEPS=2; OPD_EPOCHS=6

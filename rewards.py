@@ -13,6 +13,7 @@ the tiny end-to-end runs). World "sd3": the real scorers Flow-GRPO trains and ev
              English models from FLOWOPD_OCR_MODELS, or the wheel's bundled ones)
   pickscore  PickScore_v1 (a CLIP-H fine-tune): logit_scale * cos(image, text) / 26
   aesthetic  LAION improved-aesthetic-predictor MLP on CLIP ViT-L/14 image embeddings (evaluation only)
+  imagereward, hpsv2   ImageReward-v1.0 and HPS-v2.1 (evaluation only; optional packages image-reward, hpsv2)
   geneval    HTTP client of the GenEval reward server (yifan123/reward-server, app_geneval.py)
   deqa       HTTP client of the DeQA-Score reward server (yifan123/reward-server, app_deqa.py)
 Model-backed scorers load on their first call and are cached (one model per name, device and options),
@@ -31,12 +32,15 @@ ignore the device.
 Environment (each also an option of get_reward, which wins):
   FLOWOPD_PICKSCORE_MODEL, FLOWOPD_PICKSCORE_PROCESSOR   local folders for PickScore (offline clusters)
   FLOWOPD_AESTHETIC_CLIP, FLOWOPD_AESTHETIC_MLP          CLIP ViT-L/14 folder, the predictor's .pth
+  FLOWOPD_IMAGEREWARD_DIR    a folder with ImageReward.pt and med_config.json (hf download THUDM/ImageReward)
+  FLOWOPD_HPSV2_CHECKPOINT   HPS_v2.1_compressed.pt (hf download xswu/HPSv2)
   FLOWOPD_OCR_THREADS        OCR threads per process (default: cores // LOCAL_WORLD_SIZE)
   FLOWOPD_OCR_ENGINE         paddleocr (Flow-GRPO's), rapidocr, or auto (default: paddleocr where installed)
   FLOWOPD_OCR_MODELS         rapidocr: a folder of English det/rec ONNX models + character list (else bundled)
   FLOWOPD_GENEVAL_URL, FLOWOPD_DEQA_URL, FLOWOPD_REWARD_TIMEOUT (seconds a server may take per batch)
 
-Optional dependencies: paddleocr or rapidocr + onnxruntime for ocr; transformers for pickscore/aesthetic.
+Optional dependencies: paddleocr or rapidocr + onnxruntime for ocr; transformers for pickscore/aesthetic;
+image-reward for imagereward, hpsv2 for hpsv2.
 """
 
 import concurrent.futures
@@ -54,7 +58,7 @@ import torch
 # names and constants
 
 TINY_REWARDS = ("geneval", "ocr", "deqa", "pickscore")  # == tiny_world.TASKS
-SD3_REWARDS = ("geneval", "ocr", "deqa", "pickscore", "aesthetic")
+SD3_REWARDS = ("geneval", "ocr", "deqa", "pickscore", "aesthetic", "imagereward", "hpsv2")
 PICKSCORE_SCALE = 26.0  # Flow-GRPO divides PickScore (~ 18-24) by 26 to bring it near [0, 1]
 DEQA_MAX = 5.0          # DeQA-Score is a 1-5 mean-opinion score; the paper's Average divides by 5
 OCR_MIN_SIDE = 256      # PP-OCR's detector misses text on small images: upsample below this ...
@@ -407,6 +411,104 @@ class _Aesthetic:
 
 
 # -----------------------------------------------------------------------------
+# The paper's other quality scorers (evaluation only, optional packages): ImageReward and HPS-v2.1.
+# Both are checked when built (the package, and the local weights where a folder or file is named), so a table
+# that asks for one without it stops at set-up with one line, before any image is sampled.
+
+
+def _require(module, reward, install):
+    if not _installed(module):
+        raise SystemExit(f"error: {reward} reward: package {module} is not installed: {install}")
+
+
+class _ImageReward:
+    """ImageReward-v1.0 (THUDM, a BLIP fine-tune on human preference; image-reward's RM.load and score).
+
+    folder: a local folder with ImageReward.pt and med_config.json (its download_root), else
+    FLOWOPD_IMAGEREWARD_DIR, else the package downloads both to ~/.cache/ImageReward. BLIP's text side
+    also reads bert-base-uncased's tokenizer from the Hugging Face cache. Runs in float32 on `device`."""
+
+    ENV = ("FLOWOPD_IMAGEREWARD_DIR",)  # read when built: part of the cache key
+    INSTALL = "pip install image-reward  (ImageReward-v1.0; weights: hf download THUDM/ImageReward --local-dir DIR)"
+
+    def __init__(self, folder=None, device="cpu", dtype=None):
+        _require("ImageReward", "imagereward", self.INSTALL)
+        self.folder = folder or os.environ.get("FLOWOPD_IMAGEREWARD_DIR")
+        if self.folder is not None:
+            self.folder = os.path.expanduser(os.fspath(self.folder))
+            missing = [n for n in ("ImageReward.pt", "med_config.json") if not os.path.isfile(os.path.join(self.folder, n))]
+            if missing:
+                raise SystemExit(f"error: imagereward reward: FLOWOPD_IMAGEREWARD_DIR / folder={self.folder} lacks "
+                                 f"{', '.join(missing)}: hf download THUDM/ImageReward --local-dir {self.folder}")
+        self.device = torch.device(device)
+        self.model = None
+
+    def _load(self):
+        import ImageReward as RM
+
+        name = os.path.join(self.folder, "ImageReward.pt") if self.folder else "ImageReward-v1.0"
+        self.model = RM.load(name, device=str(self.device), download_root=self.folder).eval()
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata):
+        if self.model is None:
+            self._load()
+        # one image per call, as Flow-GRPO's scorer (inference_rank(prompt, [image])): ImageReward pads per prompt
+        return [float(self.model.score(prompt, image)) for prompt, image in zip(prompts, _to_pil(images))]
+
+
+class _HPSv2:
+    """HPS-v2.1 (tgxs002/HPSv2: an OpenCLIP ViT-H-14 fine-tune): the cosine of image and prompt features,
+    as the package's img_score.
+
+    checkpoint: HPS_v2.1_compressed.pt, else FLOWOPD_HPSV2_CHECKPOINT, else the package's download from
+    xswu/HPSv2. The ViT-H-14 is built without pretrained weights (the checkpoint holds them all), so
+    nothing else is fetched. device: where it runs; autocast float16 on CUDA (the package's 'amp')
+    unless dtype is float32."""
+
+    ENV = ("FLOWOPD_HPSV2_CHECKPOINT",)  # read when built: part of the cache key
+    INSTALL = "pip install hpsv2  (HPS-v2.1; weights: hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir DIR)"
+
+    def __init__(self, checkpoint=None, device="cpu", dtype=None):
+        _require("hpsv2", "hpsv2", self.INSTALL)
+        self.checkpoint = checkpoint or os.environ.get("FLOWOPD_HPSV2_CHECKPOINT")
+        if self.checkpoint is not None:
+            self.checkpoint = os.path.expanduser(os.fspath(self.checkpoint))
+            if not os.path.isfile(self.checkpoint):
+                raise SystemExit(f"error: hpsv2 reward: FLOWOPD_HPSV2_CHECKPOINT / checkpoint={self.checkpoint} is no "
+                                 "file: hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir DIR")
+        self.device = torch.device(device)
+        self.dtype = _torch_dtype(dtype, self.device)
+        self.model = None
+
+    def _load(self):
+        from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
+
+        path = self.checkpoint
+        if path is None:
+            import huggingface_hub
+
+            path = huggingface_hub.hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt")
+        model, _, self.preprocess = create_model_and_transforms("ViT-H-14", None, precision="fp32", device="cpu",
+                                                                jit=False, output_dict=True)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+        self.model = model.eval().to(self.device)
+        self.tokenizer = get_tokenizer("ViT-H-14")
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata):
+        if self.model is None:
+            self._load()
+        pixels = torch.stack([self.preprocess(image) for image in _to_pil(images)]).to(self.device)
+        text = self.tokenizer(list(prompts)).to(self.device)
+        amp = self.device.type == "cuda" and self.dtype == torch.float16
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            out = self.model(pixels, text)
+        # the features come normalised (OpenCLIP's output_dict); the diagonal: each image against its own prompt
+        return (out["image_features"].float() * out["text_features"].float()).sum(-1)
+
+
+# -----------------------------------------------------------------------------
 # reward-server clients (GenEval, DeQA)
 # Protocol of yifan123/reward-server (the servers Flow-GRPO's geneval_score / deqa_score_remote call):
 # POST to "/" a pickled dict whose "images" are JPEG bytes (PIL default quality), plus for GenEval
@@ -591,6 +693,8 @@ _SD3_SCORERS = {
     "ocr": _OcrScorer,
     "pickscore": _PickScore,
     "aesthetic": _Aesthetic,
+    "imagereward": _ImageReward,
+    "hpsv2": _HPSv2,
     "geneval": _GenEval,
     "deqa": _DeQA,
 }
@@ -611,7 +715,7 @@ def _tiny_scorer(name, field="scores"):
     return score
 
 
-_ON_DEVICE = ("pickscore", "aesthetic")  # the sd3 scorers that take a device; OCR and the HTTP clients ignore it
+_ON_DEVICE = ("pickscore", "aesthetic", "imagereward", "hpsv2")  # the sd3 scorers that take a device; OCR and the HTTP clients ignore it
 
 
 def get_reward(name: str, world: str = "sd3", device=None, **options):

@@ -567,3 +567,24 @@ def test_ocr_engine_and_models_reach_the_engine(monkeypatch, tmp_path):
         get_reward("ocr", "sd3")
     assert str(e.value).startswith("error: ocr reward: engine paddleocr is not installed: pip install") and "\n" not in str(e.value)
     assert "paddleocr==2.9.1" in str(e.value)
+
+
+@pytest.mark.parametrize("name, env, install", [("imagereward", "FLOWOPD_IMAGEREWARD_DIR", "pip install image-reward"),
+                                                ("hpsv2", "FLOWOPD_HPSV2_CHECKPOINT", "pip install hpsv2")])
+def test_quality_scorers_without_their_package_or_weights_are_one_line(monkeypatch, tmp_path, name, env, install):
+    """ImageReward and HPS-v2.1 (the paper's quality table) are optional: asked for without the package, or with a
+    local weights setting that names nothing, get_reward stops at once (before any sampling) with one line that
+    says what to install or fetch. Nothing is imported or downloaded."""
+    monkeypatch.setattr(rewards, "_CACHE", {})
+    monkeypatch.setattr(rewards, "_installed", lambda module: False)
+    with pytest.raises(SystemExit) as e:
+        get_reward(name, "sd3", "cpu")
+    assert str(e.value).startswith(f"error: {name} reward: package ") and install in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(rewards, "_installed", lambda module: True)
+    monkeypatch.setenv(env, str(tmp_path / "missing"))
+    with pytest.raises(SystemExit) as e:
+        get_reward(name, "sd3", "cpu")
+    assert str(e.value).startswith(f"error: {name} reward: {env}") and "hf download" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.delenv(env)
+    scorer = get_reward(name, "sd3", "cpu").scorer
+    assert scorer.model is None  # with the setting unset: built on the device, nothing loaded until the first call
