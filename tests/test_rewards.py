@@ -46,7 +46,7 @@ def test_unknown_names_list_the_known_ones():
     with pytest.raises(ValueError, match="geneval, ocr, deqa, pickscore"):
         get_reward("aesthetic", world="tiny")
     with pytest.raises(ValueError, match="aesthetic"):
-        get_reward("hpsv2", world="sd3")
+        get_reward("qwenvl", world="sd3")  # the paper's VLM judge: not wired
     with pytest.raises(ValueError, match="world"):
         get_reward("ocr", world="flux")
 
