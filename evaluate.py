@@ -73,7 +73,8 @@ SETTINGS = dict(
                  "base and the main table)"),
     paired_with=("base,grpo-mix", "labels of --models that every other model is compared with, paired (same prompts "
                                   "and seeds): the paired table (labels not among --models are skipped)"),
-    quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore')"),
+    quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore'; sd3 "
+                         "also imagereward, hpsv2: optional packages, see rewards.py)"),
     images_per_prompt=(None, int, "images per distinct prompt (default: tiny 2; sd3 4, GenEval's protocol)"),
     limit=(0, "evaluate K distinct prompts of each prompt file, evenly spread over it so every category is represented "
               "(0 = all)"),
@@ -83,6 +84,8 @@ SETTINGS = dict(
     batch_size=(32, "images per sampling forward, per rank"),
     chunk_prompts=(16, "prompts per rank between cache writes (what an interruption can lose)"),
     grid_prompts=(2, "prompts per main-table task in the sample grids (image k = 0 of each)"),
+    reward_dtype=("", "precision of the CLIP scorers (PickScore, aesthetic, HPS-v2.1) on CUDA: '' = float16, 'float32' = Flow-GRPO's "
+                      "(scores that match CPU values to float32 rounding, at twice the memory)"),
     deqa_scale=(1.0, "sd3 only: multiply the DeQA server's answers (5 against yifan123/reward-server, which answers "
                      "in [0.2, 1])"),
     threads=(0, "CPU only: torch threads per rank (0 = OMP_NUM_THREADS if set, else cores / ranks; 1 when the cores "
@@ -94,7 +97,7 @@ cfg = runs.parse_settings(__doc__, SETTINGS)
 
 OOD_CATEGORIES = ("colour", "shape", "spatial", "numeracy")  # tiny_world's held-out compositions
 QUALITY_SETS = ("deqa", "pickscore")  # the quality table's common prompts: these tasks' test splits
-NOT_WIRED = "ImageReward, HPS-v2.1 and the QwenVL judge of the paper's quality table are not wired in"
+NOT_WIRED = "The QwenVL judge of the paper's quality table is not wired in"
 
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, models, prompt sets and what each set is scored with
@@ -117,6 +120,10 @@ for t in main_tasks:
         raise SystemExit(f"error: --tasks {t!r} is not a task of the {world.kind} world {world.tasks}")
 quality_metrics = [m.strip() for m in (cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore"))
                    .split(",")]
+for m in quality_metrics:  # one line at set-up, not a traceback after sampling
+    if m not in (rewards.SD3_REWARDS if sd3 else rewards.TINY_REWARDS):
+        raise SystemExit(f"error: --quality-metrics {m!r} is not a reward of the {world.kind} world: "
+                         f"{', '.join(rewards.SD3_REWARDS if sd3 else rewards.TINY_REWARDS)}")
 if "quality" in tables and K < 2 and not sd3:
     raise SystemExit("error: the quality table's diversity compares images of one prompt: "
                      "use --images-per-prompt 2 or more")
@@ -175,12 +182,25 @@ for name in set_metrics:
 worlds.encode_once(world, [p for _, prompts, _ in prompt_sets.values() for p in prompts],
                    os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
 
-# GenEval is reported strict (every clause holds; training uses the partial-credit "scores")
-options = {"geneval": dict(field="strict_rewards")}
+# GenEval as GenEval scores it (sd3): the server's `rewards`, GenEval's own correctness (at least the asked count,
+# `exclude` clauses for more), asked for with only_strict False; `strict_rewards` (exact counts for every clause) is
+# the extra column geneval_strict, from the same request. Training uses the partial-credit `scores`. The tiny world
+# has one correctness, its strict rule.
+options = {"geneval": dict(field="rewards" if sd3 else "strict_rewards")}
 if sd3:
     options["deqa"] = dict(scale=cfg.deqa_scale)
-scorers = {m: rewards.get_reward(m, world.kind, **options.get(m, {}))
-           for ms in set_metrics.values() for m in ms if m not in ("ood", "diversity")}
+    if cfg.reward_dtype:
+        options.update({m: dict(dtype=cfg.reward_dtype) for m in ("pickscore", "aesthetic", "hpsv2")})
+    if "geneval" in set_metrics:
+        set_metrics["geneval"].add("geneval_strict")
+DERIVED = ("ood", "diversity", "geneval_strict")  # columns no reward function of their own gives
+# every reward model on this rank's device, as in the training stages (PickScore's CLIP-H on the GPU in float16)
+scorers = {m: rewards.get_reward(m, world.kind, dist.device, **options.get(m, {}))
+           for ms in set_metrics.values() for m in ms if m not in DERIVED}
+# GenEval's categories (sd3 metadata 'tag'): its score is the mean of the category means
+geneval_tags = None
+if sd3 and "geneval" in prompt_sets and all(isinstance(m, dict) and m.get("tag") for m in prompt_sets["geneval"][2]):
+    geneval_tags = [m["tag"] for m in prompt_sets["geneval"][2]]
 
 
 def base_fingerprint(transformer):
@@ -194,16 +214,9 @@ def base_fingerprint(transformer):
 
 
 base_id = base_fingerprint(world.transformer)
-def adapter_id(path):
-    """What an adapter computes: its weights by content (content_sha256) and, beside a PEFT file or in a PEFT
-    folder, its adapter_config.json (rank, alpha, targets)."""
-    file, config = worlds.lora_files(path)
-    weights = runs.content_sha256(file)
-    return weights if config is None else hashlib.sha256((weights + runs.file_sha256(config)).encode()).hexdigest()
-
-
-# a rewritten, equal adapter hits
-model_ids = {label: adapter_id(path) if path else "base" for label, path in models.items()}
+# what each adapter computes (worlds.adapter_sha256: weights by content, with a PEFT adapter_config.json): a
+# rewritten, equal adapter hits the cache; a re-uploaded checkpoint under the same name does not
+model_ids = {label: worlds.adapter_sha256(path) if path else "base" for label, path in models.items()}
 sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale=guidance,
                 shift=world.defaults["shift"], images_per_prompt=K, seed=cfg.seed, noise_level=0.0)
 
@@ -211,7 +224,9 @@ sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale
 def cache_path(label, name):
     """One JSON per (model, prompt set), named by everything its scores depend on."""
     key = dict(sampling, model=model_ids[label], prompts=runs.file_sha256(prompt_sets[name][0]),
-               options=options if name in ("deqa", "pickscore") else {})
+               options=options if name in ("deqa", "pickscore") or (sd3 and name == "geneval") else {})
+    if "ocr" in set_metrics[name] and sd3:  # another OCR engine or model reads other text
+        key["ocr_engine"] = rewards.ocr_engine()
     # index i counts distinct prompts now, lines before: a new name, as line i's scores are not prompt i's
     if merged[name]:
         key["distinct_prompts"] = True
@@ -239,7 +254,7 @@ def seeds_of(i):
 
 # columns of the gathered score tensor of a prompt set: (prompts, K, columns); NaN = not scored
 def columns_of(name):
-    cols = sorted(m for m in set_metrics[name] if m not in ("ood", "diversity"))
+    cols = sorted(m for m in set_metrics[name] if m not in ("ood", "diversity"))  # geneval, geneval_strict, ...
     if "ood" in set_metrics[name]:
         cols += [f"ood_{c}" for c in OOD_CATEGORIES]
     if "diversity" in set_metrics[name]:
@@ -255,7 +270,11 @@ def score_prompts(name, images, units):
     meta = [metadata[i] for i in units for _ in range(K)]
     scores = torch.full((len(units) * K, len(cols)), float("nan"))
     for c, col in enumerate(cols):
-        if col in scorers:
+        if col == "geneval" and "geneval_strict" in cols:  # one request, both correctness fields
+            both = scorers[col].scorer.fields(images, meta, ("rewards", "strict_rewards"))
+            scores[:, c], scores[:, cols.index("geneval_strict")] = (torch.tensor(both[f], dtype=torch.float32)
+                                                                   for f in ("rewards", "strict_rewards"))
+        elif col in scorers:
             scores[:, c] = scorers[col](images, p, meta)
     if "ood" in set_metrics[name]:  # one call per image: the categories are per prompt
         for j in range(len(p)):
@@ -290,7 +309,9 @@ if dist.master:
     os.makedirs(out, exist_ok=True)
     runs.write_json(os.path.join(out, "eval_config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance,
                                                                images_per_prompt=K, world_size=dist.world_size,
-                                                               models=models, model_sha256=model_ids))
+                                                               models=models, model_sha256=model_ids,
+                                                               reward_options=options,
+                                                               **({"ocr_engine": rewards.ocr_engine()} if sd3 else {})))
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | ODE {steps} steps, "
           f"CFG {guidance}, "
           f"shift {world.defaults['shift']} | {K} images/prompt, seeds {cfg.seed} + i * {K} + k | tables {tables}")
@@ -391,12 +412,24 @@ def prompt_means(label, name, col):
     return {i: float(np.mean(v)) for i, v in values.items() if len(v)}
 
 
-def mean_se(values):
-    """Mean and standard error of the mean of per-prompt values (SE None with fewer than 2)."""
+def mean_se(values, groups=None):
+    """Mean and standard error of the mean of per-prompt values (SE None with fewer than 2). With groups (a
+    label per value: GenEval's categories) the mean of the group means, as GenEval's overall score, and its
+    SE over prompts within groups: sqrt(sum_c se_c^2) / C (None if a group has fewer than 2)."""
     values = np.asarray(list(values), np.float64)
     if not len(values):
         return None, None
+    if groups is not None:
+        groups = np.asarray(list(groups))
+        parts = [mean_se(values[groups == g]) for g in dict.fromkeys(groups.tolist())]
+        return float(np.mean([m for m, _ in parts])), combined_se([1 / len(parts)] * len(parts), [se for _, se in parts])
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def task_mean_se(task, by_prompt):
+    """mean_se of a main-table column's {prompt index: value}: GenEval's columns by category (sd3)."""
+    grouped = task.startswith("geneval") and geneval_tags is not None
+    return mean_se(by_prompt.values(), [geneval_tags[i] for i in by_prompt] if grouped else None)
 
 
 def combined_se(coefficients, ses):
@@ -443,15 +476,17 @@ if dist.master:
         units = {"pickscore": rewards.PICKSCORE_SCALE} if sd3 else {}
         # the Average is linear in the four columns: these are its coefficients (for its SE and its paired difference)
         average_coef = [rewards.paper_average(*unit) if sd3 else 1 / 4 for unit in np.eye(4)]
-        # (label, task) -> {prompt: its mean score, in the table's units}
+        # (label, column) -> {prompt: its mean score, in the table's units}; sd3's strict GenEval is an extra column
+        extra = ["geneval_strict"] if sd3 and "geneval" in main_tasks else []
         per_prompt = {(label, t): {i: v * units.get(t, 1) for i, v in prompt_means(label, t, t).items()}
                       for label in models for t in main_tasks}
+        per_prompt.update({(label, c): prompt_means(label, "geneval", c) for label in models for c in extra})
 
         def main_row(row, values_of):
             """Fill row's task columns (the paper's order: geneval, ocr, deqa, pickscore) with the mean +- SE of
-            values_of(task), the task's per-prompt values, and the Average from them."""
-            for t in rewards.TINY_REWARDS:
-                row[t], row[f"{t}_se"] = mean_se(values_of(t)) if t in main_tasks else (None, None)
+            values_of(task), the task's {prompt: value}, and the Average from them."""
+            for t in rewards.TINY_REWARDS + tuple(extra):
+                row[t], row[f"{t}_se"] = task_mean_se(t, values_of(t)) if t in main_tasks + extra else (None, None)
             parts = [row[t] for t in rewards.TINY_REWARDS]
             row["average"] = row["average_se"] = None
             # sd3: mean(GenEval, OCR, DeQA/5, PickScore/26); tiny: every reward is in [0, 1] already
@@ -460,18 +495,23 @@ if dist.master:
                 row["average_se"] = combined_se(average_coef, [row[f"{t}_se"] for t in rewards.TINY_REWARDS])
             return row
 
-        rows = [main_row({"model": label}, lambda t: per_prompt[label, t].values()) for label in models]
+        rows = [dict(main_row({"model": label}, lambda t: per_prompt[label, t]), adapter_sha256=model_ids[label])
+                for label in models]
         main_rows = rows
         avg = "mean(GenEval, OCR, DeQA/5, PickScore/26)" if sd3 else "the plain mean (tiny-world rewards are in [0, 1])"
-        save_table("main", "Main table: each task on its own test split", ["model", *rewards.TINY_REWARDS, "average"],
-                   rows,
+        geneval_note = (" GenEval = GenEval's score: the mean of its category means of GenEval's correctness (at least "
+                        "the asked count), SE over prompts within categories; geneval_strict = every clause with exact "
+                        "counts (not in the Average)." if extra else "")
+        save_table("main", "Main table: each task on its own test split",
+                   ["model", *rewards.TINY_REWARDS, "average", *extra], rows,
                    f"Average = {avg}. Each cell: mean +- its standard error over prompts (the Average's from the four "
-                   f"columns' SEs, independent prompt sets). {setting_note}")
+                   f"columns' SEs, independent prompt sets).{geneval_note} Adapters by sha256 in main.json. "
+                   f"{setting_note}")
 
         # differences against the references (the base, GRPO-Mix), paired: the same prompts and seeds
         def differences(label, ref, t):
             mine, theirs = per_prompt[label, t], per_prompt[ref, t]
-            return [v - theirs[i] for i, v in mine.items() if i in theirs]
+            return {i: v - theirs[i] for i, v in mine.items() if i in theirs}
 
         rows = []  # the Average of the differences is the difference of the Averages (it is linear)
         for ref in (r for r in paired_with if r in models):
@@ -500,7 +540,7 @@ if dist.master:
                     row[t] = (by_label[label][t] - base_row[t]) / g
                     # delta method for a ratio of paired means: SE = std(d_model - share * d_teacher) / (sqrt(n) gain)
                     base, model, teacher = per_prompt["base", t], per_prompt[label, t], per_prompt[gain_of[t], t]
-                    _, se = mean_se((model[i] - base[i]) - row[t] * (teacher[i] - base[i]) for i in base)
+                    _, se = task_mean_se(t, {i: (model[i] - base[i]) - row[t] * (teacher[i] - base[i]) for i in base})
                     row[f"{t}_se"] = se / g if se is not None else None
             rows.append(row)
         save_table("gain", "Share of each teacher's gain over the base on the teacher's task", ["model", *gain_of],

@@ -265,13 +265,16 @@ if cfg.gradient_checkpointing:
 identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
                                        **{f"prompts_{t}": path for t, path in train_files.items()}),
                              paths=("world", "init"))
+if world.kind == "sd3" and "ocr" in {*task_weights, *extra_weights}:  # another OCR engine reads another reward
+    identity["settings"]["ocr_engine"] = rewards.ocr_engine()
 start_epoch, opt_step = (runs.load_train_state(out, params, ema, optimizer, identity, dist=dist) if cfg.resume
                          else (0, 0))
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
     runs.write_json(os.path.join(out, "config.json"),
-                    dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size))
+                    dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size,
+                         **{k: identity["settings"][k] for k in ("ocr_engine",) if k in identity["settings"]}))
     mix_note = f" | mix by {cfg.mix}" + (f": epochs cycle {cycle}" if cfg.mix == "epochs" else "") if mixed else ""
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | "
           f"{'prompts' if cfg.prompts else 'tasks'} {task_weights} extra {extra_weights}" + mix_note)

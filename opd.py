@@ -239,13 +239,18 @@ identity = runs.run_identity(cfg, dict(base=world.source, student=cfg.student, a
                                        **{f"teacher_{t}": teacher_files[t] for t in used},
                                        **{f"prompts_{t}": path for t, path in train_files.items()}),
                              paths=("world", "student", "teachers") + (("mar_teacher",) if anchor_file else ()))
+# each teacher by the whole content of its adapter (a PEFT folder's weights, not input_sha256's sampled bytes): a
+# checkpoint re-uploaded under the same name is another teacher, and a resume with it is refused
+teacher_sha256 = {t: "base" if f == "base" else worlds.adapter_sha256(f) for t, f in teacher_files.items()}
+identity["settings"]["teacher_sha256"] = teacher_sha256
 start_epoch, opt_step = (runs.load_train_state(out, params, ema, optimizer, identity, dist=dist) if cfg.resume
                          else (0, 0))
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
     runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance,
-                                                           teachers=teacher_files, routing=routing,
+                                                           teachers=teacher_files, teacher_sha256=teacher_sha256,
+                                                           routing=routing,
                                                            world_size=dist.world_size))
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | loss {cfg.opd_loss} | "
           f"MAR lambda {cfg.mar_weight} anchor {cfg.mar_teacher}")

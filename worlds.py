@@ -107,6 +107,9 @@ def load_world(name="tiny", device=None, dtype=None):
     return _load_sd3(name, device, dtype)
 
 
+VAE_SLICE = 2  # images per VAE decode call on SD3: the decode's peak memory does not grow with the batch
+
+
 def _load_sd3(path, device, dtype):
     from diffusers import StableDiffusion3Pipeline
 
@@ -144,9 +147,13 @@ def _load_sd3(path, device, dtype):
 
     @torch.no_grad()
     def decode(latents):
-        latents = latents.float() / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        images = pipe.vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+        # in slices of VAE_SLICE images: the float32 VAE's activations at 512 px are ~1 GiB an image, so decoding
+        # a whole sample batch at once (16 in OPD) would set the peak; each slice's images go to the CPU
+        images = []
+        for part in latents.split(VAE_SLICE):
+            part = part.float() / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            images.append((pipe.vae.decode(part, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1).cpu())
+        return torch.cat(images)
 
     world = World("sd3", str(path), pipe.transformer, _cached(encode), decode, latent_shape, device, dtype, d, TASKS,
                   str(path))
@@ -493,6 +500,20 @@ def lora_files(path):
         raise SystemExit(f"error: LoRA file {path} does not exist")
     config = os.path.join(os.path.dirname(os.path.abspath(path)), PEFT_CONFIG)
     return path, config if os.path.isfile(config) else None
+
+
+def adapter_sha256(path):
+    """What a LoRA path (file or PEFT folder) computes, as one sha256: its weights by content
+    (runs.content_sha256: tensors and metadata, not header order) and, where there is one, its
+    adapter_config.json (rank, alpha, targets). Names a teacher in run configs, resume checks and evaluation
+    rows: a checkpoint re-uploaded under the same hub name gets another hash."""
+    import hashlib
+
+    import runs  # lazily: a module of the same floor
+
+    file, config = lora_files(path)
+    weights = runs.content_sha256(file)
+    return weights if config is None else hashlib.sha256((weights + runs.file_sha256(config)).encode()).hexdigest()
 
 
 def is_lora(path):

@@ -90,7 +90,7 @@ def test_main_table_schema_and_outputs(one_process):
     rows = read(out)
     assert [r["model"] for r in rows] == ["base", "lora"]
     for row in rows:
-        assert set(row) == {"model", *COLUMNS, "average", *(f"{c}_se" for c in (*COLUMNS, "average"))}
+        assert set(row) == {"model", "adapter_sha256", *COLUMNS, "average", *(f"{c}_se" for c in (*COLUMNS, "average"))}
         assert all(0 <= row[c] <= 1 for c in (*COLUMNS, "average")), row
         assert row["average"] == pytest.approx(sum(row[c] for c in COLUMNS) / 4)  # tiny world: the plain mean
     for name in ("main.md", "ood.json", "quality.json", "main.png", "grid_base.png", "grid_lora.png", "grid_compare.png"):
