@@ -99,8 +99,8 @@ def test_flow_grpo_folder_runs_as_peft_runs_it(tmp_path):
         assert not any(p.requires_grad for p in params.values())
         with worlds.adapter(t, "geneval"):
             torch.testing.assert_close(velocity(t, x), v_peft, rtol=0, atol=1e-6)
-        with worlds.adapter(t, None):
-            torch.testing.assert_close(velocity(t, x), v_base, rtol=0, atol=0)
+        with worlds.adapter(t, None):  # another instance of the same weights: see below
+            torch.testing.assert_close(velocity(t, x), v_base, rtol=1e-6, atol=1e-6)
 
 
 def _one_line_error(transformer, path, *must_name):
@@ -218,8 +218,10 @@ def test_diffusers_files_load_as_before(tmp_path):
     loaded = worlds.load_lora(t2, path, "b")
     assert t2.peft_config["b"].r == 4
     assert all(torch.equal(loaded[k.replace(".a.", ".b.")], p) for k, p in worlds.lora_parameters(t, "a").items())
+    # Equal weights in another model instance: MKL's AVX2 kernels may round differently with the buffers'
+    # alignment (6e-8 seen, one ulp), so float32's precision, not bit equality; the weights above are equal.
     with worlds.adapter(t2, "b"):
-        torch.testing.assert_close(velocity(t2, x), v_a, rtol=0, atol=0)
+        torch.testing.assert_close(velocity(t2, x), v_a, rtol=1e-6, atol=1e-6)
 
     # is_lora tells a LoRA from a full state dict or nothing (what a stage picks a loader by)
     full = str(tmp_path / "sub" / "full.safetensors")
