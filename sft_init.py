@@ -28,13 +28,8 @@ Guidance. The teachers' samples are CFG-guided, and SD3's loss teaches them to t
 CONDITIONAL velocity (--train-guidance 1, the default), so a student sampled with CFG applies the
 guidance on top of what it learnt. --train-guidance g puts the loss on the GUIDED velocity
 v_u + g (v_c - v_u) instead: its minimiser is the field whose guided ODE transports noise to the
-teachers' samples (one extra unconditional forward per item). Measured on the tiny world's four-run
-base (commit c9e812d), one teacher (its deqa expert), then evaluate.py --tasks deqa --limit 64 on each
-adapter:
-  python sft_init.py --task deqa --teachers deqa=assets/tiny_experts/deqa.safetensors \
-      --prompts-per-task 256 --steps 600 --ema-every 1 [--train-guidance 3] --out ...
-deqa: base 0.785, teacher 0.880, plain student 0.839, guided (g = 3) student 0.817; so the default
-stays SD3's plain loss.
+teachers' samples (one extra unconditional forward per item). On the tiny world the plain loss's student
+scored higher (docs/NOTES.md, "SFT on the guided velocity"), so the default stays SD3's plain loss.
 
 Outputs in --out: adapter.safetensors (the EMA LoRA, diffusers-loadable: opd.py --student), config.json,
 log.jsonl, checkpoints/ (exact resume: rerun the same command), cache/ (teacher samples; --cache to
@@ -154,7 +149,7 @@ identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
                              paths=("world", "teachers", "init"))
 state = runs.load_checkpoint(out) if cfg.resume else None
 if state is not None:
-    runs.check_resume(out, state, identity, "steps", state["step"])
+    runs.check_resume(out, state, identity, "steps", state["epoch"])
 
 
 # -----------------------------------------------------------------------------
@@ -301,18 +296,11 @@ if dist.master:
     if cfg.steps < cfg.ema_every:
         print(f"warning: {cfg.steps} steps < --ema-every {cfg.ema_every}: the saved EMA adapter equals the initial one")
 
-start_step = 0
-if state is not None:
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state["params"][k])
-    ema = {k: v.float() for k, v in state["ema"].items()}
-    optimizer.load_state_dict(state["optimizer"])
-    start_step = state["step"]
-    if dist.master:
-        print(f"resumed from {out} at step {start_step}")
-# a node-local --out fails here
-runs.agree_across_ranks(dist, f"{out} (the resumed step and weights)", [start_step], params)
+# the checkpoint's "epoch" and "opt_step" are both the optimizer step here
+start_step, _ = (runs.load_train_state(out, params, ema, optimizer, identity, "steps", dist) if cfg.resume
+                 else (0, 0))
+if start_step and dist.master:
+    print(f"resumed from {out} at step {start_step}")
 
 
 def draw(step, positions):
@@ -336,19 +324,19 @@ def draw(step, positions):
     return torch.tensor(ids), torch.stack(sigmas), torch.stack(noises), torch.tensor(drops, dtype=torch.bool)
 
 
-def flow_loss(ids, sigma, noise, drop, base_reg):
+def flow_loss(x0, prompts, sigma, noise, drop, base_reg):
     """Per-item losses (n,) of SD3's rectified-flow objective on the guided velocity, and the
     base-regulariser term (n,):
         x_t = (1 - sigma) x_0 + sigma noise,   v* = noise - x_0,   v^g = v_u + g (v_c - v_u),
         L = mean_dims ||v^g_theta(x_t, sigma, c) - v*||^2  +  lambda mean_dims ||v^g_theta - v^g_base||^2
     g = --train-guidance (1: one conditional forward, SD3's loss). Dropped items see the empty prompt
-    (their guided velocity is the unconditional one whatever g)."""
-    x0 = x0_all[ids].to(world.device)
+    (their guided velocity is the unconditional one whatever g). x0 (n, C, h, w): the items' cached samples."""
+    x0 = x0.to(world.device)
     noise = noise.to(world.device)
     s = sigma.to(world.device).view(-1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     target = noise - x0
-    embeds, pooled = world.encode_prompts(["" if d else prompts_all[i] for i, d in zip(ids.tolist(), drop.tolist())])
+    embeds, pooled = world.encode_prompts(["" if d else p for p, d in zip(prompts, drop.tolist())])
     v = sde.predict_velocity(world, x_t, sigma, embeds, pooled, cfg.train_guidance, null)
     loss = ((v - target) ** 2).mean(dim=(1, 2, 3))
     reg = torch.zeros_like(loss)
@@ -365,17 +353,17 @@ probe = draw(0, range(cfg.probe)) if cfg.probe else None
 
 
 @torch.no_grad()
-def probe_loss():
+def probe_loss(probe):
     """Flow loss of the current (raw, not EMA) student on the fixed probe items, and of predicting v = 0
     (the scale: 1 - probe / zero is the fraction of the target's energy the student explains)."""
     ids, sigma, noise, drop = probe
-    losses = torch.cat([flow_loss(*(x[c] for x in (ids, sigma, noise, drop)), 0.0)[0].cpu()
-                        for c in torch.arange(len(ids)).split(cfg.train_batch)])
+    losses = torch.cat([flow_loss(x0_all[ids[c]], [prompts_all[i] for i in ids[c].tolist()], sigma[c], noise[c],
+                                  drop[c], 0.0)[0].cpu() for c in torch.arange(len(ids)).split(cfg.train_batch)])
     zero = ((noise - x0_all[ids]) ** 2).mean(dim=(1, 2, 3))
     return losses.mean().item(), zero.mean().item()
 
 
-def save_outputs(step):
+def save_outputs(step, ema):
     """The EMA adapter that later stages use, then the exact-resume checkpoint (last, as in
     grpo_expert.py: a kill between the two redoes both), each written atomically (master only)."""
     if not dist.master:
@@ -383,8 +371,7 @@ def save_outputs(step):
     # save_lora wants peft's state-dict keys, which lack the adapter name that named_parameters() has
     worlds.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"),
                   state_dict={k.replace(".student.", "."): v for k, v in ema.items()})
-    runs.save_checkpoint(out, step, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
-                                        optimizer=optimizer.state_dict(), step=step, identity=json.dumps(identity)))
+    runs.save_train_state(out, step, params, ema, optimizer, step, identity)
 
 
 # -----------------------------------------------------------------------------
@@ -398,7 +385,7 @@ def save_outputs(step):
 
 track = runs.open_tracker(cfg.tracker, out, vars(cfg), dist)
 if dist.master and probe is not None and start_step == 0:
-    p, zero = probe_loss()
+    p, zero = probe_loss(probe)
     runs.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=0, probe_loss=p, probe_zero=zero), echo=False)
     track(dict(step=0, probe_loss=p, probe_zero=zero))
     tqdm.write(f"step 0: probe loss {p:.6f} (v = 0 would give {zero:.4f})")
@@ -417,7 +404,8 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
     with timer("training"):
         losses, regs = [], []
         for mb in torch.arange(n_local).split(cfg.train_batch):
-            loss, reg = flow_loss(ids[mb], sigma[mb], noise[mb], drop[mb], cfg.base_reg)
+            loss, reg = flow_loss(x0_all[ids[mb]], [prompts_all[i] for i in ids[mb].tolist()], sigma[mb], noise[mb],
+                                  drop[mb], cfg.base_reg)
             ((loss + cfg.base_reg * reg).sum() / cfg.batch).backward()
             losses.append(loss.detach())
             regs.append(reg.detach())
@@ -444,12 +432,12 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
         stats = dict(loss=[], reg=[], grad_norm=[])
     if dist.master:
         if probe is not None and ((step + 1) % cfg.probe_every == 0 or step + 1 == cfg.steps):
-            record["probe_loss"], record["probe_zero"] = probe_loss()
+            record["probe_loss"], record["probe_zero"] = probe_loss(probe)
         if record:
             runs.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=step + 1, **record), echo=False)
             track(dict(step=step + 1, **record))
             tqdm.write(f"step {step + 1}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
     if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-        save_outputs(step + 1)
+        save_outputs(step + 1, ema)
 
 runs.end_distributed(dist)
