@@ -130,10 +130,19 @@ def all_reduce_sum(params, dist):
         offset += g.numel()
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def barrier(dist):
+    """Wait for every rank (nothing to wait for in one process)."""
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+
+
+def from_master(obj, dist):
+    """Rank 0's obj on every rank (the others' obj is ignored)."""
+    if dist.world_size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def atomic_write(path, data):
@@ -486,6 +495,46 @@ def plot_curves(run_dirs, path, metrics=None):
     plt.close(fig)
     atomic_write(path, buf.getvalue())
     return metrics
+
+
+def plot_bars(rows, columns, norm, title, path):
+    """A table's rows ({"model": label, column: value}) as grouped bars, one group per column, each value divided
+    by norm.get(column, 1); a missing value (None) drawn as 0. One PNG written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 0.4 * len(rows), 3.5))
+    width = 0.8 / len(rows)
+    for r, row in enumerate(rows):
+        heights = [(row[m] or 0) / norm.get(m, 1) for m in columns]
+        ax.bar(np.arange(len(columns)) + (r - (len(rows) - 1) / 2) * width, heights, width, label=row["model"])
+    ax.set_xticks(range(len(columns)), [m + (f" / {norm[m]:g}" if m in norm else "") for m in columns])
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=min(4, len(rows)))
+    ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def markdown_table(title, columns, rows, note="", signed=False):
+    """A Markdown table of rows ({column: value}); a cell whose row also holds '<column>_se' is written
+    'mean +- se', a None as '-', a string as it is; signed: numbers with their sign (differences)."""
+    def cell(r, c):
+        if isinstance(r[c], str):
+            return r[c]
+        se = r.get(f"{c}_se")
+        value = "-" if r[c] is None else f"{r[c]:+.3f}" if signed else f"{r[c]:.3f}"
+        return value + (f" +- {se:.3f}" if se is not None and r[c] is not None else "")
+    lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
+    return "\n".join(lines + (["", note] if note else [])) + "\n"
 
 
 def save_grid(images, path, nrow=8, scale=1):

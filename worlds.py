@@ -10,6 +10,7 @@ transformer. Shared by the stage scripts (the middle floor: it imports tiny_worl
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -322,6 +323,32 @@ def read_prompts(path):
     if not prompts:
         raise SystemExit(f"error: prompt file {path} has no prompts")
     return prompts, metadata
+
+
+def read_test_prompts(path, limit=0):
+    """A test file's distinct prompts: (prompts, metadata, how many duplicate lines were merged). One prompt
+    written on 4 lines (GenEval's test file) is one prompt: K images, not 4K, and one unit of the standard
+    errors, not 4 (4 correlated copies would understate them up to 2x); the same text with other metadata asks
+    another question (other GenEval clauses) and is kept apart. limit > 0 keeps that many, evenly spread over
+    the file: files are often grouped by category (GenEval's, the tiny OOD set), and a prefix would test only
+    the first."""
+    lines = list(zip(*read_prompts(path)))  # (prompt, metadata) per line
+    distinct = {}  # (prompt, metadata as JSON) -> (prompt, metadata), in order of first appearance
+    for prompt, meta in lines:
+        distinct.setdefault((prompt, json.dumps(meta, sort_keys=True)), (prompt, meta))
+    prompts, metadata = [p for p, _ in distinct.values()], [m for _, m in distinct.values()]
+    n = min(limit, len(prompts)) if limit > 0 else len(prompts)
+    keep = np.linspace(0, len(prompts) - 1, n).round().astype(int).tolist() if n else []
+    return [prompts[i] for i in keep], [metadata[i] for i in keep], len(lines) - len(prompts)
+
+
+def base_fingerprint(world):
+    """A cheap identity of a world's base weights: its name and the first 4096 values of every 8th tensor."""
+    h = hashlib.sha256(world.name.encode())
+    for i, (n, p) in enumerate(world.transformer.state_dict().items()):
+        if i % 8 == 0 and "lora_" not in n:
+            h.update(n.encode() + p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 # Where each SD3 prompt file comes from, for the missing-file error (prompts/sd3/README.md has the details).
