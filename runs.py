@@ -84,10 +84,9 @@ def dist_timeout_minutes():
 def end_distributed(dist):
     """The last line of a torchrun process: wait for every rank (the master's last writes included), tear the
     process group down, and exit at once, without the interpreter's and C++'s exit-time destructors. With
-    gloo, a rank that returns normally from here aborts in static destruction in about 1 run in 10
-    ('terminate called without an active exception', SIGABRT, after Python has finalised; measured: 1 of 8
-    and 1 of 10 two-launcher opd.py runs, and once in CI), so that torchrun reports a failed run whose
-    outputs are complete. A single process returns."""
+    gloo, a rank that returns normally from here can abort in static destruction ('terminate called without
+    an active exception', SIGABRT, after Python has finalised; docs/FAILURES.md), so that torchrun reports a
+    failed run whose outputs are complete. A single process returns."""
     if dist.world_size == 1:
         return
     torch.distributed.barrier()

@@ -158,7 +158,7 @@ def encode_once(world, prompts, cache_dir, batch=64):
     three text encoders: T5-XXL alone holds ~9.5 GB of GPU memory in bf16, and every prompt is known
     before training. The tiny world's encoder is a small table: nothing to do.
 
-    At scale (issue #26): one SD3 prompt embedding is 205 x 4096 bf16, 1.68 MB, so Flow-GRPO's 25,432
+    At scale: one SD3 prompt embedding is 205 x 4096 bf16, 1.68 MB, so Flow-GRPO's 25,432
     PickScore prompts are ~43 GB. So under torchrun each rank encodes only its own contiguous share of
     the sorted prompts and streams it, batch by batch, into its own shard file (memory does not grow
     with the number of prompts); rank 0 then writes index.json, the cache's commit point. Every rank
@@ -647,8 +647,8 @@ def adapter(transformer, name):
 
     A switch sets the active adapter and the disabled flag on each LoRA layer, which is all that peft's
     forward reads. peft's own set_adapter / enable_adapters scan every module and flip requires_grad on
-    every LoRA weight (which then had to be restored): measured on the tiny world, that was a third of an
-    OPD epoch (issue #16). Here requires_grad is never touched: the trained adapter stays trainable and
+    every LoRA weight (which then had to be restored), a large share of an OPD epoch's time (docs/PERFORMANCE.md).
+    Here requires_grad is never touched: the trained adapter stays trainable and
     frozen teachers stay frozen."""
     layers = _lora_layers(transformer)
     if name is not None and name not in (getattr(transformer, "peft_config", None) or {}):
