@@ -43,7 +43,7 @@ WANTED = [
     ("shapely", "shapely", False), ("pyclipper", "pyclipper", False), ("omegaconf", "omegaconf", False),
     ("antlr4", "antlr4-python3-runtime", False), ("colorlog", "colorlog", False), ("six", "six", False),
     ("flatbuffers", "flatbuffers", False), ("google.protobuf", "protobuf", False),
-    ("scipy", "scipy", False),  # rewards.levenshtein imports tiny_world, which imports scipy
+    ("scipy", "scipy", False),  # the tiny world's image maths (tiny_world imports it where used)
 ]
 
 
