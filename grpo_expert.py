@@ -87,7 +87,7 @@ SETTINGS = dict(
     ema_decay=(0.9, "EMA decay of the saved weights, after Flow-GRPO's warm-up min((1 + s) / (10 + s), decay)"),
     ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
     threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared between local ranks)"),
-    gradient_checkpointing=(False, "recompute each block's activations in the backward pass: less memory, same gradients"),
+    gradient_checkpointing=(False, "recompute block activations in the backward pass: less memory, same gradients"),
     seed=(0, "seed of prompt draws and sampling noise (per sample: seed, epoch, index)"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),

@@ -45,19 +45,14 @@ import worlds
 # settings
 
 SETTINGS = dict(
-    adapters=("", "comma-separated expert LoRAs: files (worlds.save_lora, diffusers) or PEFT adapter folders; "
-                  "required"),
-    weights=("", "comma-separated lambda_k, one per adapter; empty = 1/K each for task-arithmetic and "
-                 "lora-mean (the mean), 1 each for ties (TIES already averages the agreeing entries)"),
+    adapters=("", "comma-separated expert LoRAs: files (worlds.save_lora, diffusers) or PEFT folders; required"),
+    weights=("", "comma-separated lambda_k, one per adapter; empty = 1/K each (ties: 1 each, it averages already)"),
     method=("task-arithmetic", "task-arithmetic (sum_k lambda_k dW_k) | lora-mean (official: mean A, mean B) | ties"),
-    rank=(0, "output rank: 0 = exact (task-arithmetic: sum_k r_k; lora-mean: r; ties: min(out, in)); "
-             ">0 = best rank-R approximation of each module's merged dW (truncated SVD), written at rank R"),
-    alpha=(0.0, "output lora_alpha, so scale alpha / r: 0 = scale 1 (alpha = r; lora-mean: the first adapter's alpha); "
-                "e.g. --rank 32 --alpha 64 = the SFT student's rank and scale. The factors absorb the change of scale"),
+    rank=(0, "output rank: 0 = exact (sum_k r_k; lora-mean r; ties min(out, in)); R > 0 = truncated SVD at rank R"),
+    alpha=(0.0, "output lora_alpha (scale alpha / r): 0 = scale 1 (lora-mean: the first adapter's alpha)"),
     density=(0.2, "ties only: fraction of each task vector's entries kept, by magnitude, per module (trim)"),
     out=("", "output LoRA file, must end in .safetensors; required"),
-    fold_into=("", "also write base + dW as a full transformer state dict; base = a world for worlds.load_world "
-                   "('tiny', an SD3 folder or hub id) or a transformer state-dict .safetensors file; empty = no"),
+    fold_into=("", "also write base + dW as a full state dict; base: a world ('tiny', an SD3 folder) or .safetensors"),
     device=("cpu", "where the merge maths runs (float64): cpu or cuda"),
 )
 METHODS = ("task-arithmetic", "lora-mean", "ties")

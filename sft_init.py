@@ -54,17 +54,13 @@ import worlds
 
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
-    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped "
-                  "experts; file 'base' = the base model, with --best-of N: rejection-sampling fine-tuning)"),
-    task=("geneval:1,ocr:1,deqa:1,pickscore:1", "tasks to distil with their odds in a training batch (each batch "
-                                                "item's task is drawn with these odds)"),
+    teachers=("", "task=file pairs 'geneval=a.safetensors,...' ('' = the tiny world's experts; 'base' = the base)"),
+    task=("geneval:1,ocr:1,deqa:1,pickscore:1", "tasks to distil, with the odds of a batch item's task"),
     out=(None, str, "output folder (default results/<world>/runs/sft-init)"),
-    cache=(None, str, "teacher-sample cache folder (default <out>/cache); share it between runs with the same "
-                      "teachers"),
+    cache=(None, str, "teacher-sample cache folder (default <out>/cache; runs with the same teachers can share it)"),
     init=("", "start the student from this LoRA file instead of a fresh adapter"),
     # 1. teacher samples
-    prompts_per_task=(256, "cached samples per task; item k uses training prompt k of a seeded shuffle (cycling, "
-                           "with new seeds, past the file's end)"),
+    prompts_per_task=(256, "cached samples per task; item k uses training prompt k of a seeded shuffle (cycling)"),
     best_of=(1, "N: sample N images per item with the teacher and keep the highest-reward one (1 = no selection)"),
     sample_steps=(None, int, "sampling steps for the teacher (default: the world's eval steps, 20 tiny / 40 SD3)"),
     sample_noise_level=(0.0, "0 = ODE sampling (the teachers' evaluation setting); > 0 = SDE with this noise level a"),
@@ -73,8 +69,7 @@ SETTINGS = dict(
     shard_size=(64, "cached items per shard file (the unit of resumable generation)"),
     # 2. SFT
     steps=(1000, "optimizer steps"),
-    train_guidance=(1.0, "CFG scale g of the trained velocity v_u + g (v_c - v_u): 1 = SD3's plain conditional "
-                         "loss; the sampling scale = guidance-aware SFT (see the docstring)"),
+    train_guidance=(1.0, "CFG scale g of the trained velocity v_u + g (v_c - v_u): 1 = SD3's plain conditional loss"),
     batch=(32, "items per optimizer step, over all ranks"),
     train_batch=(32, "items per training forward, per rank"),
     lr=(3e-4, "AdamW learning rate"),
@@ -82,26 +77,21 @@ SETTINGS = dict(
     grad_clip=(1.0, "gradient-norm clip"),
     logit_mean=(0.0, "mean of the logit-normal timestep density (SD3: 0)"),
     logit_std=(1.0, "std of the logit-normal timestep density (SD3: 1)"),
-    cond_dropout=(0.0, "probability of training an item on the empty prompt (0: the LoRA leaves the base's "
-                       "unconditional alone, see section 2)"),
+    cond_dropout=(0.0, "probability of training an item on the empty prompt (see the training loop's comment)"),
     base_reg=(0.0, "lambda of the regulariser lambda * ||v_theta - v_base||^2 at the same x_t (0 = off)"),
     lora_rank=(32, "LoRA rank r"),
     lora_alpha=(64, "LoRA alpha (scale alpha / r)"),
     ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is saved)"),
     ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
-    probe=(16, "probe items: the first N positions of step 0's batch (fixed items, sigma, noise) whose flow loss is "
-               "logged (0 = off)"),
+    probe=(16, "probe items: the first N positions of step 0's batch, whose flow loss is logged (0 = off)"),
     probe_every=(50, "probe loss every N steps (and at step 0)"),
     log_every=(10, "log.jsonl record every N steps"),
-    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local "
-                "ranks)"),
-    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less "
-                                   "memory (SD3.5-M on 40-80 GB cards), the same gradients"),
+    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared between local ranks)"),
+    gradient_checkpointing=(False, "recompute block activations in the backward pass: less memory, same gradients"),
     seed=(0, "seed of prompt choice, sampling noise, batches, sigmas and training noise"),
     save_every=(100, "checkpoint every N steps (and at the end)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
-    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no "
-                 "network); '' = log.jsonl only"),
+    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only); '' = log.jsonl only"),
 )
 cfg = runs.parse_settings(__doc__, SETTINGS)
 
