@@ -67,6 +67,7 @@ SETTINGS = dict(
     batch_size=(32, "images per sampling forward, per rank"),
     chunk_prompts=(16, "prompts per rank between cache writes (what an interruption can lose)"),
     grid_prompts=(2, "prompts per main-table task in the sample grids (image k = 0 of each)"),
+    reward_dtype=("", "precision of the CLIP scorers (PickScore, aesthetic, HPS-v2.1) on CUDA: '' = float16, 'float32'"),
     deqa_scale=(1.0, "sd3 only: multiply the DeQA server's answers (5 for yifan123/reward-server's [0.2, 1])"),
     threads=(0, "CPU only: torch threads per rank (0 = OMP_NUM_THREADS if set, else cores / ranks)"),
     out=(None, str, "folder of the tables and plots (default results/<world kind>)"),
@@ -76,7 +77,7 @@ cfg = runs.parse_settings(__doc__, SETTINGS)
 
 OOD_CATEGORIES = ("colour", "shape", "spatial", "numeracy")  # tiny_world's held-out compositions
 QUALITY_SETS = ("deqa", "pickscore")  # the quality table's common prompts: these tasks' test splits
-NOT_WIRED = "ImageReward, HPS-v2.1 and the QwenVL judge of the paper's quality table are not wired in"
+NOT_WIRED = "The QwenVL judge of the paper's quality table is not wired in"
 
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, models, prompt sets and what each set is scored with
@@ -97,6 +98,10 @@ for t in (t for t in main_tasks if t not in world.tasks):
     raise SystemExit(f"error: --tasks {t!r} is not a task of the {world.kind} world {world.tasks}")
 quality_metrics = [m.strip() for m in (cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore"))
                    .split(",")]
+for m in quality_metrics:  # one line at set-up, not a traceback after sampling
+    if m not in (rewards.SD3_REWARDS if sd3 else rewards.TINY_REWARDS):
+        raise SystemExit(f"error: --quality-metrics {m!r} is not a reward of the {world.kind} world: "
+                         f"{', '.join(rewards.SD3_REWARDS if sd3 else rewards.TINY_REWARDS)}")
 if "quality" in tables and K < 2 and not sd3:
     raise SystemExit("error: the quality table's diversity compares images of one prompt: use --images-per-prompt 2+")
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind)
@@ -142,23 +147,29 @@ for name in set_metrics:
 worlds.encode_once(world, [p for _, prompts, _ in prompt_sets.values() for p in prompts],
                    os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
 
-# GenEval is reported strict (every clause holds; training uses the partial-credit "scores")
-options = {"geneval": dict(field="strict_rewards")}
+# GenEval as GenEval scores it (sd3): the server's `rewards`, GenEval's own correctness (at least the asked count,
+# `exclude` clauses for more), asked for with only_strict False; `strict_rewards` (exact counts for every clause) is
+# the extra column geneval_strict, from the same request. Training uses the partial-credit `scores`. The tiny world
+# has one correctness, its strict rule.
+options = {"geneval": dict(field="rewards" if sd3 else "strict_rewards")}
 if sd3:
     options["deqa"] = dict(scale=cfg.deqa_scale)
-scorers = {m: rewards.get_reward(m, world.kind, **options.get(m, {}))
-           for ms in set_metrics.values() for m in ms if m not in ("ood", "diversity")}
+    if cfg.reward_dtype:
+        options.update({m: dict(dtype=cfg.reward_dtype) for m in ("pickscore", "aesthetic", "hpsv2")})
+    if "geneval" in set_metrics:
+        set_metrics["geneval"].add("geneval_strict")
+DERIVED = ("ood", "diversity", "geneval_strict")  # columns no reward function of their own gives
+# every reward model on this rank's device, as in the training stages (PickScore's CLIP-H on the GPU in float16)
+scorers = {m: rewards.get_reward(m, world.kind, dist.device, **options.get(m, {}))
+           for ms in set_metrics.values() for m in ms if m not in DERIVED}
+# GenEval's categories (sd3 metadata 'tag'): its score is the mean of the category means
+geneval_tags = None
+if sd3 and "geneval" in prompt_sets and all(isinstance(m, dict) and m.get("tag") for m in prompt_sets["geneval"][2]):
+    geneval_tags = [m["tag"] for m in prompt_sets["geneval"][2]]
 
 
-def adapter_id(path):
-    """What an adapter computes: its weights by content (content_sha256) and, beside a PEFT file or in a PEFT
-    folder, its adapter_config.json (rank, alpha, targets)."""
-    file, config = worlds.lora_files(path)
-    weights = runs.content_sha256(file)
-    return weights if config is None else hashlib.sha256((weights + runs.file_sha256(config)).encode()).hexdigest()
-
-
-model_ids = {label: adapter_id(path) if path else "base" for label, path in models.items()}  # equal rewrites hit
+# what each adapter computes (weights by content, with a PEFT adapter_config.json): equal rewrites hit the cache
+model_ids = {label: worlds.adapter_sha256(path) if path else "base" for label, path in models.items()}
 base_id = worlds.base_fingerprint(world)  # a rebuilt tiny base, or another SD3 folder, reuses no cached score
 sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale=guidance,
                 shift=world.defaults["shift"], images_per_prompt=K, seed=cfg.seed, noise_level=0.0)
@@ -167,7 +178,9 @@ sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale
 def cache_path(label, name):
     """One JSON per (model, prompt set), named by everything its scores depend on."""
     key = dict(sampling, model=model_ids[label], prompts=runs.file_sha256(prompt_sets[name][0]),
-               options=options if name in ("deqa", "pickscore") else {})
+               options=options if name in ("deqa", "pickscore") or (sd3 and name == "geneval") else {})
+    if "ocr" in set_metrics[name] and sd3:  # another OCR engine or model reads other text
+        key["ocr_engine"] = rewards.ocr_engine()
     # index i counts distinct prompts now, lines before: a new name, as line i's scores are not prompt i's
     if merged[name]:
         key["distinct_prompts"] = True
@@ -195,7 +208,7 @@ def seeds_of(i):
 
 # columns of the gathered score tensor of a prompt set: (prompts, K, columns); NaN = not scored
 def columns_of(name):
-    cols = sorted(m for m in set_metrics[name] if m not in ("ood", "diversity"))
+    cols = sorted(m for m in set_metrics[name] if m not in ("ood", "diversity"))  # geneval, geneval_strict, ...
     if "ood" in set_metrics[name]:
         cols += [f"ood_{c}" for c in OOD_CATEGORIES]
     if "diversity" in set_metrics[name]:
@@ -211,7 +224,11 @@ def score_prompts(name, images, units):
     meta = [metadata[i] for i in units for _ in range(K)]
     scores = torch.full((len(units) * K, len(cols)), float("nan"))
     for c, col in enumerate(cols):
-        if col in scorers:
+        if col == "geneval" and "geneval_strict" in cols:  # one request, both correctness fields
+            both = scorers[col].scorer.fields(images, meta, ("rewards", "strict_rewards"))
+            scores[:, c], scores[:, cols.index("geneval_strict")] = (torch.tensor(both[f], dtype=torch.float32)
+                                                                   for f in ("rewards", "strict_rewards"))
+        elif col in scorers:
             scores[:, c] = scorers[col](images, p, meta)
     if "ood" in set_metrics[name]:  # one call per image: the categories are per prompt
         for j in range(len(p)):
@@ -232,7 +249,9 @@ if dist.master:
     os.makedirs(out, exist_ok=True)
     runs.write_json(os.path.join(out, "eval_config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance,
                                                                images_per_prompt=K, world_size=dist.world_size,
-                                                               models=models, model_sha256=model_ids))
+                                                               models=models, model_sha256=model_ids,
+                                                               reward_options=options,
+                                                               **({"ocr_engine": rewards.ocr_engine()} if sd3 else {})))
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | ODE {steps} steps, CFG "
           f"{guidance}, shift {world.defaults['shift']} | {K} images/prompt, seeds {cfg.seed} + i * {K} + k | {tables}")
     for name, (path, prompts, _) in prompt_sets.items():
@@ -257,7 +276,7 @@ for label, path in models.items():
                           if not has_scores(cached.get(str(i)), prompts[i], set_metrics[name])]
     # the master's cache alone decides (it alone writes it): ranks reading a node-local --cache could disagree
     # on the work, so on how many collective calls follow, and hang
-    todo = runs.from_master(todo, dist)
+    todo = runs.from_master(dist, todo)
     grid_key = [sampling, model_ids[label], grid_units, [prompt_sets[t][1][i] for t, i in grid_units]]
     grid_digest = hashlib.sha256(json.dumps(grid_key).encode()).hexdigest()[:12]
     grid_file = os.path.join(cache_dir, f"{label}-grid-{grid_digest}.safetensors")
@@ -282,12 +301,13 @@ for label, path in models.items():
                 n_local = math.ceil(len(units) / dist.world_size)
                 mine = units[dist.rank::dist.world_size]  # strided: ranks get near-equal shares
                 scores = torch.full((n_local, K, len(columns_of(name))), float("nan"))
-                if mine:
-                    batch_prompts = [prompts[i] for i in mine for _ in range(K)]
-                    seeds = [s for i in mine for s in seeds_of(i)]
-                    images = sde.sample(world, batch_prompts, steps, guidance, noise_level=0, seeds=seeds,
-                                        batch_size=cfg.batch_size)["images"]  # (len(mine) * K, 3, H, W) in [0, 1]
-                    scores[: len(mine)] = score_prompts(name, images, mine)
+                with runs.all_or_none(dist):  # a scorer that fails on one rank stops every rank, with its message
+                    if mine:
+                        batch_prompts = [prompts[i] for i in mine for _ in range(K)]
+                        seeds = [s for i in mine for s in seeds_of(i)]
+                        images = sde.sample(world, batch_prompts, steps, guidance, noise_level=0, seeds=seeds,
+                                            batch_size=cfg.batch_size)["images"]  # (len(mine) * K, 3, H, W) in [0, 1]
+                        scores[: len(mine)] = score_prompts(name, images, mine)
                 ids = torch.tensor(mine + [-1] * (n_local - len(mine)))  # -1 = padding row
                 all_scores = runs.gather_cat(scores.to(dist.device), dist).cpu()  # (n_local * world_size, K, columns)
                 all_ids = runs.gather_cat(ids.to(dist.device), dist).cpu()
@@ -330,12 +350,25 @@ def prompt_means(label, name, col):
     return {i: float(np.mean(v)) for i, v in values.items() if len(v)}
 
 
-def mean_se(values):
-    """Mean and standard error of the mean of per-prompt values (SE None with fewer than 2)."""
+def mean_se(values, groups=None):
+    """Mean and standard error of the mean of per-prompt values (SE None with fewer than 2). With groups (a
+    label per value: GenEval's categories) the mean of the group means, as GenEval's overall score, and its
+    SE over prompts within groups: sqrt(sum_c se_c^2) / C (None if a group has fewer than 2)."""
     values = np.asarray(list(values), np.float64)
     if not len(values):
         return None, None
+    if groups is not None:
+        groups = np.asarray(list(groups))
+        parts = [mean_se(values[groups == g]) for g in dict.fromkeys(groups.tolist())]
+        return float(np.mean([m for m, _ in parts])), combined_se([1 / len(parts)] * len(parts), [se for _, se in parts])
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def task_mean_se(task, by_prompt, tags=None):
+    """mean_se of a main-table column's {prompt index: value}; GenEval's columns by category where tags gives
+    each GenEval prompt's category (sd3 metadata 'tag')."""
+    grouped = task.startswith("geneval") and tags is not None
+    return mean_se(by_prompt.values(), [tags[i] for i in by_prompt] if grouped else None)
 
 
 def combined_se(coefficients, ses):
@@ -343,13 +376,13 @@ def combined_se(coefficients, ses):
     return None if None in ses else float(math.sqrt(sum((c * se) ** 2 for c, se in zip(coefficients, ses))))
 
 
-def main_row(row, values_of, tasks, sd3):
-    """Fill row's task columns (the paper's order: geneval, ocr, deqa, pickscore) with the mean +- SE of
-    values_of(task), the task's per-prompt values, and the Average from them: on sd3 mean(GenEval, OCR,
-    DeQA/5, PickScore/26), in the tiny world (every reward in [0, 1]) the plain mean."""
+def main_row(row, values_of, tasks, sd3, tags=None, extra=()):
+    """Fill row's task columns (the paper's order: geneval, ocr, deqa, pickscore, then `extra` columns) with the
+    mean +- SE of values_of(column), the column's {prompt index: value}, and the Average from the four: on sd3
+    mean(GenEval, OCR, DeQA/5, PickScore/26), in the tiny world (every reward in [0, 1]) the plain mean."""
     coef = [rewards.paper_average(*unit) if sd3 else 1 / 4 for unit in np.eye(4)]  # the Average is linear
-    for t in rewards.TINY_REWARDS:
-        row[t], row[f"{t}_se"] = mean_se(values_of(t)) if t in tasks else (None, None)
+    for t in rewards.TINY_REWARDS + tuple(extra):
+        row[t], row[f"{t}_se"] = task_mean_se(t, values_of(t), tags) if t in (*tasks, *extra) else (None, None)
     parts = [row[t] for t in rewards.TINY_REWARDS]
     row["average"] = row["average_se"] = None
     if None not in parts:
@@ -358,24 +391,25 @@ def main_row(row, values_of, tasks, sd3):
     return row
 
 
-def main_rows(per_prompt, models, tasks, sd3):
-    """The main table. per_prompt[(label, task)] = {prompt index: the prompt's mean score, in the table's units}."""
-    return [main_row({"model": label}, lambda t: per_prompt[label, t].values(), tasks, sd3) for label in models]
+def main_rows(per_prompt, models, tasks, sd3, tags=None, extra=()):
+    """The main table. per_prompt[(label, column)] = {prompt index: the prompt's mean score, in the table's units};
+    tags: each GenEval prompt's category (its column is then the mean of the category means, as GenEval's)."""
+    return [main_row({"model": label}, lambda t: per_prompt[label, t], tasks, sd3, tags, extra) for label in models]
 
 
-def paired_rows(per_prompt, models, references, tasks, sd3):
+def paired_rows(per_prompt, models, references, tasks, sd3, tags=None, extra=()):
     """Each model minus each reference, per task: the mean over the prompts both hold of the per-prompt difference
     (same prompts, same seeds) +- its paired SE. The Average of the differences is the difference of the Averages."""
     rows = []
     for ref in (r for r in references if r in models):
         for label in (m for m in models if m != ref):
-            rows.append(main_row({"model": label, "minus": ref}, lambda t: [
-                v - per_prompt[ref, t][i] for i, v in per_prompt[label, t].items() if i in per_prompt[ref, t]],
-                tasks, sd3))
+            rows.append(main_row({"model": label, "minus": ref}, lambda t: {
+                i: v - per_prompt[ref, t][i] for i, v in per_prompt[label, t].items() if i in per_prompt[ref, t]},
+                tasks, sd3, tags, extra))
     return rows
 
 
-def gain_rows(rows_of_main, per_prompt, models, gain_of):
+def gain_rows(rows_of_main, per_prompt, models, gain_of, tags=None):
     """Each model's share of each teacher's gain over the base on the teacher's task (the paper: OPD keeps >= 90%):
     (model - base) / (teacher - base) from the main table's rows, +- its SE over prompts by the delta method
     (paired). Returns (rows, {task: the teacher's gain}); a teacher that does not beat the base shares None."""
@@ -391,7 +425,7 @@ def gain_rows(rows_of_main, per_prompt, models, gain_of):
                 row[t] = (by_label[label][t] - base_row[t]) / g
                 # SE of a ratio of paired means: std(d_model - share * d_teacher) / (sqrt(n) gain)
                 base, model, teacher = per_prompt["base", t], per_prompt[label, t], per_prompt[gain_of[t], t]
-                _, se = mean_se((model[i] - base[i]) - row[t] * (teacher[i] - base[i]) for i in base)
+                _, se = task_mean_se(t, {i: (model[i] - base[i]) - row[t] * (teacher[i] - base[i]) for i in base}, tags)
                 row[f"{t}_se"] = se / g if se is not None else None
         rows.append(row)
     return rows, gains
@@ -440,14 +474,22 @@ if dist.master:
 
     if "main" in tables:
         units = {"pickscore": rewards.PICKSCORE_SCALE} if sd3 else {}  # sd3's reward is logit / 26; the table's, logit
+        extra = ["geneval_strict"] if sd3 and "geneval" in main_tasks else []  # sd3's strict GenEval: an extra column
         per_prompt = {(label, t): {i: v * units.get(t, 1) for i, v in prompt_means(label, t, t).items()}
                       for label in models for t in main_tasks}
-        main = main_rows(per_prompt, models, main_tasks, sd3)
+        per_prompt.update({(label, c): prompt_means(label, "geneval", c) for label in models for c in extra})
+        main = [dict(row, adapter_sha256=model_ids[row["model"]])
+                for row in main_rows(per_prompt, models, main_tasks, sd3, geneval_tags, extra)]
         avg = "mean(GenEval, OCR, DeQA/5, PickScore/26)" if sd3 else "the plain mean (tiny-world rewards are in [0, 1])"
-        save_table("main", "Main table: each task on its own test split", ["model", *rewards.TINY_REWARDS, "average"],
-                   main, f"Average = {avg}. Each cell: mean +- its standard error over prompts (the Average's from the "
-                   f"four columns' SEs, independent prompt sets). {setting_note}")
-        paired = paired_rows(per_prompt, models, paired_with, main_tasks, sd3)
+        geneval_note = (" GenEval = GenEval's score: the mean of its category means of GenEval's correctness (at least "
+                        "the asked count), SE over prompts within categories; geneval_strict = every clause with exact "
+                        "counts (not in the Average)." if extra else "")
+        save_table("main", "Main table: each task on its own test split",
+                   ["model", *rewards.TINY_REWARDS, "average", *extra], main,
+                   f"Average = {avg}. Each cell: mean +- its standard error over prompts (the Average's from the four "
+                   f"columns' SEs, independent prompt sets).{geneval_note} Adapters by sha256 in main.json. "
+                   f"{setting_note}")
+        paired = paired_rows(per_prompt, models, paired_with, main_tasks, sd3, geneval_tags, extra)
         if paired:
             save_table("paired", "Paired differences: each model minus a reference, on the same prompts and seeds",
                        ["model", "minus", *rewards.TINY_REWARDS, "average"], paired,
@@ -456,7 +498,7 @@ if dist.master:
                        f"(README). {setting_note}", signed=True)
 
     if gain_of:
-        rows, gains = gain_rows(main, per_prompt, models, gain_of)
+        rows, gains = gain_rows(main, per_prompt, models, gain_of, geneval_tags)
         save_table("gain", "Share of each teacher's gain over the base on the teacher's task", ["model", *gain_of],
                    rows, "(model - base) / (teacher - base) on each task's main-table column, +- its SE over prompts "
                    "(delta method, paired); teachers: "

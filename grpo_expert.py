@@ -165,6 +165,7 @@ ema = {k: p.detach().clone().float() for k, p in params.items()}
 # every reward model on this rank's device (PickScore's CLIP-H on the GPU, as Flow-GRPO scores)
 task_reward = {} if cfg.prompts else {t: rewards.get_reward(t, world.kind, dist.device) for t in task_weights}
 extra_reward = rewards.combined_reward(cfg.reward, world.kind, dist.device) if extra_weights else None
+runs.agree(dist, rewards.load_scorers, *task_reward.values(), extra_reward)  # on this thread, before the loop
 
 
 def sample_reward(task):
@@ -190,13 +191,16 @@ if cfg.gradient_checkpointing:
 identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
                                        **{f"prompts_{t}": path for t, path in train_files.items()}),
                              paths=("world", "init"))
+if world.kind == "sd3" and "ocr" in {*task_weights, *extra_weights}:  # another OCR engine reads another reward
+    identity["settings"]["ocr_engine"] = rewards.ocr_engine()
 start_epoch, opt_step = (runs.load_train_state(out, params, ema, optimizer, identity, dist=dist) if cfg.resume
                          else (0, 0))
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
     runs.write_json(os.path.join(out, "config.json"),
-                    dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size))
+                    dict(vars(cfg), steps=steps, guidance_scale=guidance, beta=beta, world_size=dist.world_size,
+                         **{k: identity["settings"][k] for k in ("ocr_engine",) if k in identity["settings"]}))
     mix_note = f" | mix by {cfg.mix}" + (f": epochs cycle {cycle}" if cfg.mix == "epochs" else "") if mixed else ""
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | "
           f"{'prompts' if cfg.prompts else 'tasks'} {task_weights} extra {extra_weights}" + mix_note)
@@ -265,7 +269,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
 
     # 2. Scalar rewards: the prompt's task reward (+ the extra weighted terms); what is left of the scoring
     with timer("reward"):
-        reward = scorer.result()  # (n_local,)
+        reward = runs.agree(dist, scorer.result)  # (n_local,); a reward that failed on one rank stops every rank
         # every rank needs every reward: a group's images may live on several ranks
         all_reward = runs.gather_cat(reward.to(dist.device), dist).cpu()
         all_task = runs.gather_cat(torch.tensor([list(task_weights).index(t) for t in tasks], device=dist.device),
@@ -298,7 +302,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
             chunks = runs.optimizer_chunks(kept, cfg.updates_per_epoch, sde.sample_seed(cfg.seed, epoch, -1 - inner))
             for chunk in (chunks if len(kept) else []):  # each rank's share of a chunk is within one sample of equal
                 optimizer.zero_grad(set_to_none=True)
-                # this rank's summed loss of the step, for the divergence guard (no sync until it is read)
+                # the step's summed loss, for the divergence guard (no sync until it is read): every rank decides
+                # on the sum over ranks, so that a non-finite loss on one rank stops every rank at the same step
                 step_loss = torch.zeros((), device=dist.device)
                 # global count: every rank divides by it, so the summed gradient is the global mean
                 n_chunk = len(chunk)
@@ -323,7 +328,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                         stats["clipfrac"].append(((ratio.detach() - 1).abs() > cfg.clip_range).float().mean())
                     if "ratio_first" not in stats:  # on-policy check: before the first update the ratio is exactly 1
                         stats["ratio_first"] = torch.cat(stats["ratio"]).mean()
-                runs.all_reduce_sum(param_list, dist)
+                step_loss = runs.all_reduce_sum(param_list, dist, step_loss)  # the loss summed over ranks, as the grads
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 where = f"grpo_expert.py epoch {epoch + 1} optimizer step {opt_step + 1}"
                 runs.assert_finite(torch.stack([grad_norm.float(), step_loss.float()]), "the gradient norm or the loss",

@@ -198,6 +198,7 @@ worlds.encode_once(world, [p for prompts, _ in train_prompts.values() for p in p
 if cfg.gradient_checkpointing:
     world.transformer.enable_gradient_checkpointing()
 task_reward = {t: rewards.get_reward(t, world.kind, dist.device) for t in task_weights} if cfg.score else {}
+runs.agree(dist, rewards.load_scorers, *task_reward.values())  # on this thread, before the loop
 scorer = rewards.BatchScorer(task_reward)  # scores batch k on its own thread while batch k+1 samples
 N = cfg.prompts_per_epoch * cfg.group_size
 first, n_local = runs.shard(N, dist)
@@ -209,13 +210,18 @@ identity = runs.run_identity(cfg, dict(base=world.source, student=cfg.student, a
                                        **{f"teacher_{t}": teacher_files[t] for t in used},
                                        **{f"prompts_{t}": path for t, path in train_files.items()}),
                              paths=("world", "student", "teachers") + (("mar_teacher",) if anchor_file else ()))
+# each teacher by the whole content of its adapter (a PEFT folder's weights, not input_sha256's sampled bytes): a
+# checkpoint re-uploaded under the same name is another teacher, and a resume with it is refused
+teacher_sha256 = {t: "base" if f == "base" else worlds.adapter_sha256(f) for t, f in teacher_files.items()}
+identity["settings"]["teacher_sha256"] = teacher_sha256
 start_epoch, opt_step = (runs.load_train_state(out, params, ema, optimizer, identity, dist=dist) if cfg.resume
                          else (0, 0))
 
 if dist.master:
     os.makedirs(out, exist_ok=True)
     runs.write_json(os.path.join(out, "config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance,
-                                                           teachers=teacher_files, routing=routing,
+                                                           teachers=teacher_files, teacher_sha256=teacher_sha256,
+                                                           routing=routing,
                                                            world_size=dist.world_size))
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | loss {cfg.opd_loss} | "
           f"MAR lambda {cfg.mar_weight} anchor {cfg.mar_teacher}")
@@ -322,7 +328,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
 
     # 3. Rewards on the side: how well the student does each task (logged, never trained on)
     with timer("reward"):
-        scores = scorer.result() if cfg.score else torch.full((n_local,), float("nan"))
+        scores = runs.agree(dist, scorer.result) if cfg.score else torch.full((n_local,), float("nan"))
 
     # The official code's two departures, off by default (docs/DEPARTURES.md, "Which OPD loss"): it trains only
     # the samples whose group's task rewards differ (--skip-zero-advantage), and weights each step's KL and
@@ -340,7 +346,9 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
             chunks = runs.optimizer_chunks(trained, cfg.updates_per_epoch, sde.sample_seed(cfg.seed, epoch, -1 - inner))
             for chunk in (chunks if len(trained) else []):  # each rank's share of a chunk is within one sample of equal
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = torch.zeros((), device=dist.device)  # for the divergence guard (no sync until read)
+                # the step's summed loss for the divergence guard (no sync until read), summed over ranks below so
+                # that a non-finite loss on one rank stops every rank at the same step
+                step_loss = torch.zeros((), device=dist.device)
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
                 for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     for i, (s, s_next) in enumerate(sigma):
@@ -362,7 +370,7 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                         calls["training"] += len(mb)
                         if inner == 0:
                             kl_sample[mb] += kl.detach() / S
-                runs.all_reduce_sum(param_list, dist)
+                step_loss = runs.all_reduce_sum(param_list, dist, step_loss)  # the loss summed over ranks, as the grads
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 where = f"opd.py epoch {epoch + 1} optimizer step {opt_step + 1}"
                 runs.assert_finite(torch.stack([grad_norm.float(), step_loss.float()]), "the gradient norm or the loss",

@@ -9,9 +9,11 @@ Reward functions for Flow-OPD: one registry for the two worlds the code runs in.
 
 World "tiny": geneval/ocr/deqa/pickscore are the synthetic scorers of tiny_world.py (CPU tests and
 the tiny end-to-end runs). World "sd3": the real scorers Flow-GRPO trains and evaluates with:
-  ocr        rapidocr 3 (PP-OCR ONNX models shipped in the wheel, so it runs offline) + Flow-GRPO's rule
+  ocr        Flow-GRPO's rule on PaddleOCR 2.9.1's English text where installed, else rapidocr (ONNX, offline:
+             English models from FLOWOPD_OCR_MODELS, or the wheel's bundled ones)
   pickscore  PickScore_v1 (a CLIP-H fine-tune): logit_scale * cos(image, text) / 26
   aesthetic  LAION improved-aesthetic-predictor MLP on CLIP ViT-L/14 image embeddings (evaluation only)
+  imagereward, hpsv2   ImageReward-v1.0 and HPS-v2.1 (evaluation only; optional packages image-reward, hpsv2)
   geneval    HTTP client of the GenEval reward server (yifan123/reward-server, app_geneval.py)
   deqa       HTTP client of the DeQA-Score reward server (yifan123/reward-server, app_deqa.py)
 Model-backed scorers load on their first call and are cached (one model per name, device and options),
@@ -30,16 +32,23 @@ ignore the device.
 Environment (each also an option of get_reward, which wins):
   FLOWOPD_PICKSCORE_MODEL, FLOWOPD_PICKSCORE_PROCESSOR   local folders for PickScore (offline clusters)
   FLOWOPD_AESTHETIC_CLIP, FLOWOPD_AESTHETIC_MLP          CLIP ViT-L/14 folder, the predictor's .pth
-  FLOWOPD_OCR_THREADS        onnxruntime threads per process (default: cores // LOCAL_WORLD_SIZE)
+  FLOWOPD_IMAGEREWARD_DIR    a folder with ImageReward.pt and med_config.json (hf download THUDM/ImageReward)
+  FLOWOPD_HPSV2_CHECKPOINT   HPS_v2.1_compressed.pt (hf download xswu/HPSv2)
+  FLOWOPD_OCR_THREADS        OCR threads per process (default: cores // LOCAL_WORLD_SIZE)
+  FLOWOPD_OCR_ENGINE         paddleocr (Flow-GRPO's), rapidocr, or auto (default: paddleocr where installed)
+  FLOWOPD_OCR_MODELS         rapidocr: a folder of English det/rec ONNX models + character list (else bundled)
   FLOWOPD_GENEVAL_URL, FLOWOPD_DEQA_URL, FLOWOPD_REWARD_TIMEOUT (seconds a server may take per batch)
 
-Optional dependencies: rapidocr + onnxruntime for ocr; transformers for pickscore/aesthetic.
+Optional dependencies: paddleocr or rapidocr + onnxruntime for ocr; transformers for pickscore/aesthetic;
+image-reward for imagereward, hpsv2 for hpsv2.
 """
 
 import concurrent.futures
 import io
 import os
 import pickle
+import queue
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,7 +60,7 @@ import torch
 # names and constants
 
 TINY_REWARDS = ("geneval", "ocr", "deqa", "pickscore")  # == tiny_world.TASKS
-SD3_REWARDS = ("geneval", "ocr", "deqa", "pickscore", "aesthetic")
+SD3_REWARDS = ("geneval", "ocr", "deqa", "pickscore", "aesthetic", "imagereward", "hpsv2")
 PICKSCORE_SCALE = 26.0  # Flow-GRPO divides PickScore (~ 18-24) by 26 to bring it near [0, 1]
 DEQA_MAX = 5.0          # DeQA-Score is a 1-5 mean-opinion score; the paper's Average divides by 5
 OCR_MIN_SIDE = 256      # PP-OCR's detector misses text on small images: upsample below this ...
@@ -164,28 +173,101 @@ def _ocr_threads(threads=None):
     return min(threads, _available_cores())
 
 
+OCR_ENGINES = {  # engine -> (the version this code is written for, the line that installs it)
+    "paddleocr": ("2.9.1", "pip install paddlepaddle==2.6.2 paddleocr==2.9.1  (Flow-GRPO's engine; paddlepaddle-gpu on GPUs)"),
+    "rapidocr": ("3.10.0", "pip install rapidocr==3.10.0 onnxruntime"),
+}
+
+
+def _installed(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _ocr_model_files(folder):
+    """rapidocr's English models in a local folder: one *det*.onnx, one *rec*.onnx and the recogniser's
+    character list (*.txt); one error line otherwise."""
+    folder = os.path.expanduser(os.fspath(folder))
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    det = [n for n in names if n.endswith(".onnx") and "det" in n]
+    rec = [n for n in names if n.endswith(".onnx") and "rec" in n]
+    keys = [n for n in names if n.endswith(".txt")]
+    if len(det) != 1 or len(rec) != 1 or len(keys) != 1:
+        raise SystemExit(f"error: ocr reward: FLOWOPD_OCR_MODELS / models={folder} must be a folder with one *det*.onnx, "
+                         f"one *rec*.onnx and one character list *.txt (English PP-OCR models converted to ONNX, e.g. "
+                         f"en_PP-OCRv3_det_infer.onnx, en_PP-OCRv4_rec_infer.onnx, en_dict.txt); found {names}")
+    return {k: os.path.join(folder, v[0]) for k, v in (("det", det), ("rec", rec), ("keys", keys))}
+
+
+def ocr_engine(engine=None, models=None):
+    """Which OCR engine the ocr reward reads with, its version and its models, without loading anything:
+    {"engine", "version", "models"}. engine: 'paddleocr' (Flow-GRPO's: PaddleOCR 2.9.1, English, no angle
+    classifier), 'rapidocr' (ONNX, offline), or 'auto' = paddleocr where it is installed, else rapidocr;
+    default FLOWOPD_OCR_ENGINE, else auto. models (rapidocr): a folder of English models, default
+    FLOWOPD_OCR_MODELS; without one, the wheel's bundled models (Chinese PP-OCRv6 small in 3.10: the tiny
+    world's and the CPU tests' engine). Recorded in run configs and evaluation caches."""
+    engine = engine or os.environ.get("FLOWOPD_OCR_ENGINE") or "auto"
+    if engine == "auto":
+        engine = "paddleocr" if _installed("paddleocr") else "rapidocr"
+    if engine not in OCR_ENGINES:
+        raise SystemExit(f"error: ocr reward: engine {engine!r} (FLOWOPD_OCR_ENGINE or engine=) must be auto, "
+                         f"{' or '.join(OCR_ENGINES)}")
+    if not _installed(engine):
+        raise SystemExit(f"error: ocr reward: engine {engine} is not installed: {OCR_ENGINES[engine][1]}")
+    import importlib.metadata
+
+    version = importlib.metadata.version(engine)
+    if engine == "paddleocr":
+        return dict(engine=engine, version=version, models="PaddleOCR lang=en, use_angle_cls=False")
+    models = models or os.environ.get("FLOWOPD_OCR_MODELS")
+    files = _ocr_model_files(models) if models else None
+    described = ("bundled (Chinese PP-OCRv6 small in 3.10)" if files is None else
+                 ", ".join(f"{k}={os.path.basename(v)}" for k, v in files.items()))
+    return dict(engine=engine, version=version, models=described, files=files)
+
+
 class _OcrScorer:
-    """rapidocr 3 on the CPU. threads: onnxruntime's intra-op threads (see _ocr_threads)."""
+    """Flow-GRPO's OCR rule on the text an OCR engine reads (see ocr_engine): PaddleOCR 2.9.1 in English
+    with no angle classifier where it is installed, else rapidocr (English models from a local folder, or
+    its bundled ones). threads: the CPU threads of either engine (see _ocr_threads)."""
 
-    ENV = ("FLOWOPD_OCR_THREADS", "LOCAL_WORLD_SIZE")  # read when built: part of the cache key
+    ENV = ("FLOWOPD_OCR_THREADS", "LOCAL_WORLD_SIZE", "FLOWOPD_OCR_ENGINE", "FLOWOPD_OCR_MODELS")  # part of the cache key
 
-    def __init__(self, text_score=0.5, threads=None):
-        self.text_score = text_score  # rapidocr's (and PaddleOCR's) confidence cut for a text line
+    def __init__(self, text_score=0.5, threads=None, engine=None, models=None):
+        self.text_score = text_score  # rapidocr's (and PaddleOCR's drop_score) confidence cut for a text line
         self.threads = _ocr_threads(threads)
+        self.info = ocr_engine(engine, models)
         self.engine = None
 
     def _load(self):
-        try:
-            from rapidocr import RapidOCR
-        except ImportError:
-            raise ImportError("ocr reward needs rapidocr 3 and onnxruntime: "
-                              "pip install 'rapidocr>=3,<4' onnxruntime") from None
+        if self.info["engine"] == "paddleocr":
+            from paddleocr import PaddleOCR
+
+            # Flow-GRPO's flow_grpo/ocr.py: English, no angle classifier, on the CPU, quiet
+            self.engine = PaddleOCR(use_angle_cls=False, lang="en", use_gpu=False, show_log=False,
+                                    drop_score=self.text_score, cpu_threads=self.threads)
+
+            def read(image):  # [[box, (text, confidence)], ...] per image
+                result = self.engine.ocr(image, cls=False)
+                lines = result[0] if result and result[0] else []
+                return [line[1][0] for line in lines if line[1][1] > 0]
+
+            self.read = read
+            return
+        from rapidocr import RapidOCR
+
         # no angle classifier, as Flow-GRPO's PaddleOCR(use_angle_cls=False); quiet logger. onnxruntime's
         # default sequential executor runs one node at a time, so its inter-op pool would only sit idle.
         params = {"Global.log_level": "critical", "Global.use_cls": False, "Global.text_score": self.text_score,
                   "EngineConfig.onnxruntime.intra_op_num_threads": self.threads,
                   "EngineConfig.onnxruntime.inter_op_num_threads": 1}
+        files = self.info["files"]
+        if files:  # English recognition, as Flow-GRPO's lang="en"
+            params.update({"Det.model_path": files["det"], "Rec.model_path": files["rec"],
+                           "Rec.rec_keys_path": files["keys"], "Det.lang_type": "en", "Rec.lang_type": "en"})
         self.engine = RapidOCR(params=params)
+        self.read = lambda image: list(self.engine(image).txts or [])
 
     def __call__(self, images, prompts, metadata):
         if self.engine is None:
@@ -200,8 +282,7 @@ class _OcrScorer:
             if min(h, w) < OCR_MIN_SIDE:
                 s = OCR_UPSAMPLE_TO / min(h, w)
                 image = np.asarray(Image.fromarray(image).resize((round(w * s), round(h * s)), Image.BICUBIC))
-            result = self.engine(image)
-            text = "".join(result.txts) if result.txts else ""  # all lines, reading order
+            text = "".join(self.read(image))  # all lines, reading order
             scores.append(ocr_reward_from_text(text, prompt))
         return scores
 
@@ -329,6 +410,104 @@ class _Aesthetic:
         embed = _embedding(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
         embed = embed / embed.norm(dim=-1, keepdim=True)  # the predictor was trained on unit embeddings
         return self.mlp(embed).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# The paper's other quality scorers (evaluation only, optional packages): ImageReward and HPS-v2.1.
+# Both are checked when built (the package, and the local weights where a folder or file is named), so a table
+# that asks for one without it stops at set-up with one line, before any image is sampled.
+
+
+def _require(module, reward, install):
+    if not _installed(module):
+        raise SystemExit(f"error: {reward} reward: package {module} is not installed: {install}")
+
+
+class _ImageReward:
+    """ImageReward-v1.0 (THUDM, a BLIP fine-tune on human preference; image-reward's RM.load and score).
+
+    folder: a local folder with ImageReward.pt and med_config.json (its download_root), else
+    FLOWOPD_IMAGEREWARD_DIR, else the package downloads both to ~/.cache/ImageReward. BLIP's text side
+    also reads bert-base-uncased's tokenizer from the Hugging Face cache. Runs in float32 on `device`."""
+
+    ENV = ("FLOWOPD_IMAGEREWARD_DIR",)  # read when built: part of the cache key
+    INSTALL = "pip install image-reward  (ImageReward-v1.0; weights: hf download THUDM/ImageReward --local-dir DIR)"
+
+    def __init__(self, folder=None, device="cpu", dtype=None):
+        _require("ImageReward", "imagereward", self.INSTALL)
+        self.folder = folder or os.environ.get("FLOWOPD_IMAGEREWARD_DIR")
+        if self.folder is not None:
+            self.folder = os.path.expanduser(os.fspath(self.folder))
+            missing = [n for n in ("ImageReward.pt", "med_config.json") if not os.path.isfile(os.path.join(self.folder, n))]
+            if missing:
+                raise SystemExit(f"error: imagereward reward: FLOWOPD_IMAGEREWARD_DIR / folder={self.folder} lacks "
+                                 f"{', '.join(missing)}: hf download THUDM/ImageReward --local-dir {self.folder}")
+        self.device = torch.device(device)
+        self.model = None
+
+    def _load(self):
+        import ImageReward as RM
+
+        name = os.path.join(self.folder, "ImageReward.pt") if self.folder else "ImageReward-v1.0"
+        self.model = RM.load(name, device=str(self.device), download_root=self.folder).eval()
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata):
+        if self.model is None:
+            self._load()
+        # one image per call, as Flow-GRPO's scorer (inference_rank(prompt, [image])): ImageReward pads per prompt
+        return [float(self.model.score(prompt, image)) for prompt, image in zip(prompts, _to_pil(images))]
+
+
+class _HPSv2:
+    """HPS-v2.1 (tgxs002/HPSv2: an OpenCLIP ViT-H-14 fine-tune): the cosine of image and prompt features,
+    as the package's img_score.
+
+    checkpoint: HPS_v2.1_compressed.pt, else FLOWOPD_HPSV2_CHECKPOINT, else the package's download from
+    xswu/HPSv2. The ViT-H-14 is built without pretrained weights (the checkpoint holds them all), so
+    nothing else is fetched. device: where it runs; autocast float16 on CUDA (the package's 'amp')
+    unless dtype is float32."""
+
+    ENV = ("FLOWOPD_HPSV2_CHECKPOINT",)  # read when built: part of the cache key
+    INSTALL = "pip install hpsv2  (HPS-v2.1; weights: hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir DIR)"
+
+    def __init__(self, checkpoint=None, device="cpu", dtype=None):
+        _require("hpsv2", "hpsv2", self.INSTALL)
+        self.checkpoint = checkpoint or os.environ.get("FLOWOPD_HPSV2_CHECKPOINT")
+        if self.checkpoint is not None:
+            self.checkpoint = os.path.expanduser(os.fspath(self.checkpoint))
+            if not os.path.isfile(self.checkpoint):
+                raise SystemExit(f"error: hpsv2 reward: FLOWOPD_HPSV2_CHECKPOINT / checkpoint={self.checkpoint} is no "
+                                 "file: hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir DIR")
+        self.device = torch.device(device)
+        self.dtype = _torch_dtype(dtype, self.device)
+        self.model = None
+
+    def _load(self):
+        from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
+
+        path = self.checkpoint
+        if path is None:
+            import huggingface_hub
+
+            path = huggingface_hub.hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt")
+        model, _, self.preprocess = create_model_and_transforms("ViT-H-14", None, precision="fp32", device="cpu",
+                                                                jit=False, output_dict=True)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+        self.model = model.eval().to(self.device)
+        self.tokenizer = get_tokenizer("ViT-H-14")
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata):
+        if self.model is None:
+            self._load()
+        pixels = torch.stack([self.preprocess(image) for image in _to_pil(images)]).to(self.device)
+        text = self.tokenizer(list(prompts)).to(self.device)
+        amp = self.device.type == "cuda" and self.dtype == torch.float16
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            out = self.model(pixels, text)
+        # the features come normalised (OpenCLIP's output_dict); the diagonal: each image against its own prompt
+        return (out["image_features"].float() * out["text_features"].float()).sum(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -475,15 +654,22 @@ class _GenEval(_RemoteScorer):
             raise ValueError(f"geneval field must be one of {self.FIELDS}, got {field!r}")
         self.field = field
 
-    def __call__(self, images, prompts, metadata):
+    def fields(self, images, metadata, names):
+        """{name: list of per-image values} of several reply fields, from one request per batch (evaluate.py's
+        GenEval correctness and strict correctness)."""
         if metadata is None or len(metadata) != len(images):
             raise ValueError("geneval reward needs one GenEval metadata dict per image (tag, include, ...)")
-        scores = []
+        out = {name: [] for name in names}
         for s in self.batches(len(images)):
             payload = {"images": _jpeg_bytes(images[s]), "meta_datas": list(metadata[s]),
-                       "only_strict": self.field != "rewards"}
-            scores += list(self.post(payload)[self.field])
-        return scores
+                       "only_strict": "rewards" not in names}
+            reply = self.post(payload)
+            for name in names:
+                out[name] += [float(x) for x in reply[name]]
+        return out
+
+    def __call__(self, images, prompts, metadata):
+        return self.fields(images, metadata, (self.field,))[self.field]
 
 
 class _DeQA(_RemoteScorer):
@@ -509,6 +695,8 @@ _SD3_SCORERS = {
     "ocr": _OcrScorer,
     "pickscore": _PickScore,
     "aesthetic": _Aesthetic,
+    "imagereward": _ImageReward,
+    "hpsv2": _HPSv2,
     "geneval": _GenEval,
     "deqa": _DeQA,
 }
@@ -529,7 +717,7 @@ def _tiny_scorer(name, field="scores"):
     return score
 
 
-_ON_DEVICE = ("pickscore", "aesthetic")  # the sd3 scorers that take a device; OCR and the HTTP clients ignore it
+_ON_DEVICE = ("pickscore", "aesthetic", "imagereward", "hpsv2")  # the sd3 scorers that take a device; OCR and the HTTP clients ignore it
 
 
 def get_reward(name: str, world: str = "sd3", device=None, **options):
@@ -602,6 +790,7 @@ def combined_reward(spec: str, world: str = "sd3", device=None, **options):
         total = sum(weights[name] * parts[name] for name in parts)
         return total, parts
 
+    reward.scorers = [getattr(fn, "scorer", None) for fn in fns.values()]  # for load_scorers; a plain function has none
     return reward
 
 
@@ -625,14 +814,39 @@ def score_by_task(reward_fns, images, prompts, metadata, tasks):
 # -----------------------------------------------------------------------------
 # scoring in the background: Flow-GRPO scores batch k while it samples batch k+1
 
-_WORKER = None  # the one thread every BatchScorer shares, started on first use
+_WORKER = None  # the queue of the one thread every BatchScorer shares, started on first use
 
 
 def _worker():
+    """A daemon thread, not a ThreadPoolExecutor's: the interpreter joins an executor's threads at exit, so a
+    run stopping on an error would first wait for an in-flight reward-server request (up to its timeout)."""
     global _WORKER
     if _WORKER is None:
-        _WORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
+        jobs = queue.SimpleQueue()
+
+        def serve():
+            while True:
+                future, fn, args = jobs.get()
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as e:  # SystemExit included: raised again by result() on the caller's thread
+                        future.set_exception(e)
+
+        threading.Thread(target=serve, name="rewards", daemon=True).start()
+        _WORKER = jobs
     return _WORKER
+
+
+def load_scorers(*reward_fns):
+    """Load the models behind these reward functions (get_reward's or combined_reward's; None is skipped) now, on
+    the calling thread: a stage calls it before its loop, so that no from_pretrained runs on the scoring thread
+    while the main thread samples (what a concurrent load changes in process-wide state is then no question)."""
+    for fn in reward_fns:
+        for scorer in getattr(fn, "scorers", [getattr(fn, "scorer", None)]):
+            # the lazy scorers mark "not loaded yet" with engine / model None (OCR / the CLIP scorers)
+            if hasattr(scorer, "_load") and any(getattr(scorer, a, "") is None for a in ("engine", "model")):
+                scorer._load()
 
 
 class BatchScorer:
@@ -660,7 +874,8 @@ class BatchScorer:
             raise ValueError("BatchScorer: pass tasks with a {task: reward fn} dict, and only then")
         # copies: the caller may reuse its lists for the next batch
         metadata, tasks = [None if xs is None else list(xs) for xs in (metadata, tasks)]
-        future = _worker().submit(self._score, images, list(prompts), metadata, tasks)
+        future = concurrent.futures.Future()
+        _worker().put((future, self._score, (images, list(prompts), metadata, tasks)))
         self.futures.append(future)
         return future
 

@@ -14,6 +14,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from types import SimpleNamespace
 
 import numpy as np
@@ -62,9 +63,12 @@ def setup_distributed():
         # restart keeps each round's keys apart.
         store, _, _ = next(torch.distributed.rendezvous("env://"))
         store = torch.distributed.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        # device_id binds the NCCL communicator to this rank's GPU now, instead of NCCL guessing it at the first
+        # collective (where a wrong guess surfaces late, as a hang or a misleading error)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                              world_size=world_size,
-                                             timeout=datetime.timedelta(minutes=dist_timeout_minutes()))
+                                             timeout=datetime.timedelta(minutes=dist_timeout_minutes()),
+                                             device_id=device if device.type == "cuda" else None)
     return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device, master=rank == 0)
 
 
@@ -96,6 +100,108 @@ def end_distributed(dist):
     os._exit(0)
 
 
+MESSAGE_BYTES = 1024  # of a failing rank's one line, sent to every rank
+
+
+@contextlib.contextmanager
+def all_or_none(dist):
+    """`with runs.all_or_none(dist): <work one rank may fail alone>`: the block's failure on any rank becomes the
+    same stop on every rank, within seconds. At the end of the block every rank all-gathers a flag and its
+    message (one collective of MESSAGE_BYTES a rank); where some rank failed, every rank prints
+    `error: rank R of W failed: <R's message>` and exits with status 1 at once (os._exit: no wait for
+    background threads, such as a scoring thread still inside a reward-server request).
+    Without it, under NCCL the healthy ranks wait in their next collective for the process-group timeout
+    (FLOWOPD_DIST_TIMEOUT, 120 minutes) and their logs do not say why. The block must make no collective
+    call itself (a rank that failed before it would leave the others inside it). One process: the
+    exception is raised as it is."""
+    if dist.world_size == 1:
+        yield
+        return
+    failure = ""
+    try:
+        yield
+    except (Exception, SystemExit) as e:
+        if isinstance(e, SystemExit) and isinstance(e.code, str):
+            failure = e.code.strip().splitlines()[0] if e.code.strip() else "exited"
+            failure = failure[len("error: "):] if failure.startswith("error: ") else failure
+        else:  # a bug or a library's error: its traceback on the failing rank, its last line on every rank
+            traceback.print_exc()
+            failure = (f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                       if not isinstance(e, SystemExit) else f"exit status {e.code}")
+        failure = failure or type(e).__name__
+    stop_unless_all_fine(dist, failure)
+
+
+def agree(dist, fn, *args, **kwargs):
+    """fn(*args, **kwargs) under all_or_none: its result, once every rank knows that every rank got one."""
+    with all_or_none(dist):
+        return fn(*args, **kwargs)
+
+
+def stop_unless_all_fine(dist, failure=""):
+    """Every rank passes its failure ('' = fine). If any rank failed, every rank prints the first failing
+    rank's message and exits with status 1; else returns. One all-gather of (flag, message): the flag is
+    what a MIN all-reduce would give, and the message comes in the same call."""
+    mine = torch.zeros(1 + MESSAGE_BYTES, dtype=torch.uint8)
+    data = failure.encode()[:MESSAGE_BYTES]
+    mine[0] = 1 if failure else 0
+    if data:
+        mine[1: 1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    every = gather_cat(mine[None].to(dist.device), dist).cpu()  # (world_size, 1 + MESSAGE_BYTES)
+    failed = every[:, 0].nonzero().flatten().tolist()
+    if not failed:
+        return
+    message = bytes(every[failed[0], 1:].tolist()).rstrip(b"\0").decode(errors="replace")
+    more = f" (and {len(failed) - 1} other ranks)" if len(failed) > 1 else ""
+    sys.stdout.flush()
+    start = "\n" if dist.master else ""  # the master's progress bar holds its line open
+    print(f"{start}error: rank {failed[0]} of {dist.world_size} failed{more}: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def fs_wait_seconds():
+    """How long a rank waits for a file that another node wrote to appear on its own: FLOWOPD_FS_WAIT seconds,
+    default 90 (NFS caches a folder's attributes for up to 60 s by default, acdirmax)."""
+    value = os.environ.get("FLOWOPD_FS_WAIT", "90")
+    try:
+        seconds = float(value)
+        assert seconds >= 0
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: FLOWOPD_FS_WAIT={value!r}: expected a number of seconds >= 0") from None
+    return seconds
+
+
+def wait_readable(paths, what, hint):
+    """Wait until this rank can open every file in `paths` (written by any rank), polling once a second for up to
+    fs_wait_seconds(); else one error line naming the first missing file. Opening, not stat: NFS revalidates a
+    file's attributes on open (close-to-open consistency), so a retry sees a file the attribute cache hid.
+    Local: call it inside all_or_none, so that every rank learns that one rank cannot read."""
+    deadline = time.monotonic() + fs_wait_seconds()
+    while True:
+        missing = []
+        for p in paths:
+            try:
+                with open(p, "rb"):
+                    pass
+            except OSError:
+                missing.append(p)
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if missing:
+        raise SystemExit(f"error: {what}: {missing[0]} ({len(missing)} of {len(paths)} files) cannot be read on this "
+                         f"rank after {fs_wait_seconds():g} s (FLOWOPD_FS_WAIT): {hint}")
+
+
+def from_master(dist, obj):
+    """Rank 0's obj on every rank (the others' obj is ignored)."""
+    if dist.world_size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, device=dist.device)
+    return box[0]
+
+
 def set_threads(threads, dist):
     """CPU torch threads per process: --threads, else OMP_NUM_THREADS where it is set (torchrun sets 1 for
     several processes a node; the test suite sets 1 when it runs tests side by side), else the cores
@@ -113,35 +219,52 @@ def gather_cat(tensor, dist):
     return torch.cat(parts)
 
 
-def all_reduce_sum(params, dist):
-    """Sum the gradients of `params` over ranks. Each rank back-propagates sum(its samples' losses) / N,
+BUCKET_ELEMENTS = 2**25  # 128 MB of float32 gradients per collective
+
+
+def all_reduce_sum(params, dist, extra=None):
+    """Sum the gradients of `params` over ranks, in place. Each rank back-propagates sum(its samples' losses) / N,
     N the GLOBAL number of samples, so the sum over ranks is exactly the global mean whatever the world
     size (DDP's hooks assume one forward per step; LoRA training switches adapters between forwards, so
-    this is written out). One flat buffer, one collective."""
+    this is written out). `extra` (a tensor of this rank's sums, e.g. its step loss) travels in the last
+    bucket and comes back summed over ranks, so that the divergence guard decides on the same numbers on
+    every rank; returned (extra itself with one process).
+    Buckets of BUCKET_ELEMENTS: a full fine-tune's ~2.5 B gradients then need no full-size flat copy
+    (10 GB of float32 plus a clone per parameter); a gradient that fills a bucket alone is reduced where it is."""
     if dist.world_size == 1:
+        return extra
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    tensors = [p.grad for p in params]
+    if extra is not None:
+        extra = extra.detach().to(dist.device, torch.float32).clone()  # its own buffer: summed in place
+        tensors.append(extra)
+    bucket, size = [], 0
+    for k, t in enumerate(tensors):
+        if bucket and (size + t.numel() > BUCKET_ELEMENTS or t.dtype != bucket[0].dtype):
+            _reduce_bucket(bucket)
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    _reduce_bucket(bucket)
+    return extra
+
+
+def _reduce_bucket(tensors):
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        torch.distributed.all_reduce(tensors[0])
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     torch.distributed.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def barrier(dist):
     """Wait for every rank (nothing to wait for in one process)."""
     if dist.world_size > 1:
         torch.distributed.barrier()
-
-
-def from_master(obj, dist):
-    """Rank 0's obj on every rank (the others' obj is ignored)."""
-    if dist.world_size == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def atomic_write(path, data):
@@ -165,9 +288,12 @@ def write_json(path, obj):
 
 
 def save_tensors(path, tensors, metadata=None):
-    """safetensors file, written atomically."""
+    """safetensors file, written atomically. At most one metadata key: safetensors writes several in an
+    order seeded afresh for every file, and the same state must be the same bytes (worlds.sorted_header)."""
     from safetensors.torch import save
 
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError(f"save_tensors: one metadata key at most (got {sorted(metadata)}): pack them in one JSON")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, save(tensors, metadata=metadata))
 
@@ -241,10 +367,12 @@ def load_train_state(run_dir, params, ema, optimizer, identity=None, length="epo
     """Restore what save_train_state wrote (in place) after check_resume has compared its identity with
     this run's identity; returns (epoch, opt_step), (0, 0) when there is no checkpoint. Under torchrun
     every rank loads on its own, then all ranks compare what they hold (agree_across_ranks)."""
-    state = load_checkpoint(run_dir)
+    with all_or_none(dist) if dist is not None else contextlib.nullcontext():  # a changed run on one node: all stop
+        state = load_checkpoint(run_dir)
+        if state is not None:
+            check_resume(run_dir, state, identity, length, state["epoch"])
     done = (0, 0)
     if state is not None:
-        check_resume(run_dir, state, identity, length, state["epoch"])
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(state["params"][k])

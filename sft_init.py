@@ -137,9 +137,10 @@ identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
                                        **{f"teacher_{t}": teacher_files[t] for t in task_weights},
                                        **{f"prompts_{t}": path for t, path in train_files.items()}),
                              paths=("world", "teachers", "init"))
-state = runs.load_checkpoint(out) if cfg.resume else None
-if state is not None:
-    runs.check_resume(out, state, identity, "steps", state["epoch"])
+with runs.all_or_none(dist):  # a changed run on one node stops every rank, not that node alone
+    state = runs.load_checkpoint(out) if cfg.resume else None
+    if state is not None:
+        runs.check_resume(out, state, identity, "steps", state["epoch"])
 
 
 # -----------------------------------------------------------------------------
@@ -184,10 +185,9 @@ def shard_is_complete(s):
     return info["key"] == keys[s["task"]] and info["prompts"] == items[s["task"]][0][s["lo"]: s["hi"]]
 
 
-complete = [shard_is_complete(s) for s in shards]
+# rank 0's cache alone decides (as evaluate.py's): ranks that read their own could disagree on the work
+complete = runs.from_master(dist, [shard_is_complete(s) for s in shards] if dist.master else None)
 todo = [s for s, done in zip(shards, complete) if not done]
-if dist.world_size > 1:  # every rank must see the same to-do list before any rank writes a shard
-    torch.distributed.barrier()
 if dist.master:
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | tasks {task_weights} | teachers "
           + ", ".join(f"{t}={teacher_files[t]}" for t in task_weights))
@@ -199,41 +199,44 @@ if dist.master:
 # Shards are dealt round-robin to the ranks; every rank writes its own shards (atomic files) and waits.
 mine = todo[dist.rank:: dist.world_size]
 loaded_teachers = []
-for s in tqdm(mine, desc="teacher samples", disable=not dist.master):
-    t = s["task"]
-    name = None if teacher_files[t] == "base" else f"teacher_{t}"  # None: adapters disabled, the base samples
-    if name is not None and name not in loaded_teachers:
-        worlds.load_lora(transformer, teacher_files[t], name, trainable=False)
-        loaded_teachers.append(name)
-    prompts, metadata, ids = (x[s["lo"]: s["hi"]] for x in items[t])
-    n = len(ids)
-    # best-of-N: candidates are laid out item-major, (n * N,), candidate c of item k at k * N + c
-    cand_prompts = [p for p in prompts for _ in range(cfg.best_of)]
-    cand_meta = [m for m in metadata for _ in range(cfg.best_of)]
-    seeds = [sde.sample_seed(cfg.seed, world.tasks.index(t), k, c) for k in ids for c in range(cfg.best_of)]
-    transformer.eval()
-    with worlds.adapter(transformer, name):
-        traj = sde.sample(world, cand_prompts, sample_steps, guidance, cfg.sample_noise_level, seeds=seeds,
-                          batch_size=cfg.sample_batch)
-    reward = (rewards.get_reward(t, world.kind, dist.device)(traj["images"], cand_prompts, cand_meta)
-              .view(n, cfg.best_of))  # (n, N)
-    best = reward.argmax(dim=1)  # the first of equal rewards
-    x0 = traj["latents"][:, -1].view(n, cfg.best_of, *world.latent_shape)[torch.arange(n), best]  # (n, C, h, w)
-    info = dict(key=keys[t], prompts=prompts, metadata=metadata, ids=ids,
-                seeds=[seeds[k * cfg.best_of + int(best[k])] for k in range(n)],
-                reward_mean_of_candidates=reward.mean().item())
-    runs.save_tensors(os.path.join(cache_dir, s["file"]), dict(x0=x0, reward=reward[torch.arange(n), best]),
-                     metadata={"info": json.dumps(info)})
-    if s["lo"] == 0 and dist.master:
-        images = world.decode(x0[:16])
-        runs.save_grid(images, os.path.join(cache_dir, f"samples_{t}.png"), nrow=8,
-                       scale=max(1, 128 // images.shape[-1]))
-if loaded_teachers:  # the teachers are done: only the base and the student remain on the transformer
-    with warnings.catch_warnings():  # peft notes which adapter it makes active; the student is set below
-        warnings.simplefilter("ignore")
-        transformer.delete_adapters(loaded_teachers)
-if dist.world_size > 1:
-    torch.distributed.barrier()
+# Every rank learns whether every rank wrote its shards and can read every shard (a node-local --out, or NFS
+# attribute caching: a shard written on another node may look missing for a while).
+with runs.all_or_none(dist):
+    for s in tqdm(mine, desc="teacher samples", disable=not dist.master):
+        t = s["task"]
+        name = None if teacher_files[t] == "base" else f"teacher_{t}"  # None: adapters disabled, the base samples
+        if name is not None and name not in loaded_teachers:
+            worlds.load_lora(transformer, teacher_files[t], name, trainable=False)
+            loaded_teachers.append(name)
+        prompts, metadata, ids = (x[s["lo"]: s["hi"]] for x in items[t])
+        n = len(ids)
+        # best-of-N: candidates are laid out item-major, (n * N,), candidate c of item k at k * N + c
+        cand_prompts = [p for p in prompts for _ in range(cfg.best_of)]
+        cand_meta = [m for m in metadata for _ in range(cfg.best_of)]
+        seeds = [sde.sample_seed(cfg.seed, world.tasks.index(t), k, c) for k in ids for c in range(cfg.best_of)]
+        transformer.eval()
+        with worlds.adapter(transformer, name):
+            traj = sde.sample(world, cand_prompts, sample_steps, guidance, cfg.sample_noise_level, seeds=seeds,
+                              batch_size=cfg.sample_batch)
+        reward = (rewards.get_reward(t, world.kind, dist.device)(traj["images"], cand_prompts, cand_meta)
+                  .view(n, cfg.best_of))  # (n, N)
+        best = reward.argmax(dim=1)  # the first of equal rewards
+        x0 = traj["latents"][:, -1].view(n, cfg.best_of, *world.latent_shape)[torch.arange(n), best]  # (n, C, h, w)
+        info = dict(key=keys[t], prompts=prompts, metadata=metadata, ids=ids,
+                    seeds=[seeds[k * cfg.best_of + int(best[k])] for k in range(n)],
+                    reward_mean_of_candidates=reward.mean().item())
+        runs.save_tensors(os.path.join(cache_dir, s["file"]), dict(x0=x0, reward=reward[torch.arange(n), best]),
+                         metadata={"info": json.dumps(info)})
+        if s["lo"] == 0 and dist.master:
+            images = world.decode(x0[:16])
+            runs.save_grid(images, os.path.join(cache_dir, f"samples_{t}.png"), nrow=8,
+                           scale=max(1, 128 // images.shape[-1]))
+    if loaded_teachers:  # the teachers are done: only the base and the student remain on the transformer
+        with warnings.catch_warnings():  # peft notes which adapter it makes active; the student is set below
+            warnings.simplefilter("ignore")
+            transformer.delete_adapters(loaded_teachers)
+    runs.wait_readable([os.path.join(cache_dir, s["file"]) for s in shards], f"sft_init.py cache {cache_dir}",
+                       "put --out (or --cache) on a filesystem that every node shares")
 
 # The whole cache in memory, items in shard order: global item ids 0..M-1; task_ranges[t] = (first id, count).
 x0_all, reward_all, prompts_all, meta_all, task_ranges = [], [], [], [], {}
@@ -401,11 +404,14 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
             regs.append(reg.detach())
 
     # 3. Summed gradients over ranks, clip, AdamW, EMA
-    runs.all_reduce_sum(param_list, dist)
+    # the loss summed over ranks travels with the gradients: every rank takes the same decision at the same step
+    loss_sum = runs.all_reduce_sum(param_list, dist, torch.cat(losses).sum())
     grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
     runs.assert_finite(grad_norm, "the gradient norm", f"sft_init.py step {step + 1}")  # the same on every rank
-    runs.assert_finite(torch.cat(losses), "the loss", f"sft_init.py step {step + 1}",
-                       label=lambda i: f"item {int(ids[i])}, prompt {prompts_all[int(ids[i])]!r}")
+    one = dist.world_size == 1  # one process names the item; under torchrun every rank reads the same sum
+    runs.assert_finite(torch.cat(losses) if one else loss_sum, "the loss", f"sft_init.py step {step + 1}",
+                       label=lambda i: f"item {int(ids[i])}, prompt {prompts_all[int(ids[i])]!r}" if one
+                       else "summed over ranks")
     optimizer.step()
     if (step + 1) % cfg.ema_every == 0:
         runs.ema_update(ema, params, cfg.ema_decay, step=step + 1)

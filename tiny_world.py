@@ -495,14 +495,26 @@ def render(prompt, rng, mode=None):
     mode: None (crisp), "small" (a big subject drawn at an ordinary object's size, off-centre), "faint" (a sign's glyph blended 35-55% from the sign's colour toward white: plainly
     visible, but not white, as low-contrast text defeats a real OCR engine) or "washed" (each object's colour
     blended 55-70% toward the background: no detector finds an object of the named colour)."""
+    return render_at(prompt, rng, mode)
+
+
+MODE_RANGES = {"faint": (0.35, 0.55), "washed": (0.55, 0.70), "small": (5.0, 6.5)}  # render's strength draws, v3
+# faint: the share of the way from the sign's colour to white the glyph's ink goes (1 = crisp white);
+# washed: the share of the way each object's paint goes toward the background's mean (0 = crisp);
+# small: the radius in pixels of a "big" subject (crisp: 10-12.5, centred)
+
+
+def render_at(prompt, rng, mode=None, strength=None):
+    """render() with a mode's strength fixed (issue #38, the v4 design sweep): strength None draws it from
+    MODE_RANGES, as render always has (the same rng draws, so the same bytes)."""
     spec = parse(prompt)
     while True:  # retry the rare layouts where objects do not fit
-        img = _draw(spec, rng, mode)
+        img = _draw(spec, rng, mode, strength)
         if img is not None:
             return (img * 255).round().astype(np.uint8)
 
 
-def _draw(spec, rng, mode=None):
+def _draw(spec, rng, mode=None, strength=None):
     img = _background(rng, spec["background"])
     if spec["kind"] == "ocr":  # the glyph on the 4-px token grid, the sign 4 px around it
         w, h = len(spec["text"]) * (3 * GLYPH_SCALE + GLYPH_GAP) - GLYPH_GAP, 5 * GLYPH_SCALE
@@ -512,7 +524,7 @@ def _draw(spec, rng, mode=None):
         img[y0 - 4:y0 + h + 4, x0 - 4:x0 + w + 4] = sign
         ink = np.array(COLOURS["white"], np.float32)
         if mode == "faint":
-            ink = sign + rng.uniform(0.35, 0.55) * (ink - sign)
+            ink = sign + (rng.uniform(*MODE_RANGES["faint"]) if strength is None else strength) * (ink - sign)
         for k, ch in enumerate(spec["text"]):
             glyph = np.kron(np.array(TEMPLATES[GLYPHS.index(ch)]), np.ones((GLYPH_SCALE, GLYPH_SCALE)))
             xs = x0 + k * (3 * GLYPH_SCALE + GLYPH_GAP)
@@ -523,7 +535,7 @@ def _draw(spec, rng, mode=None):
         o, r = objs[0], rng.uniform(10, 12.5)
         c = IMAGE_SIZE / 2 + rng.uniform(-1.5, 1.5, size=2)
         if mode == "small":
-            r = rng.uniform(5.0, 6.5)
+            r = rng.uniform(*MODE_RANGES["small"]) if strength is None else strength
             c = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
         img[_shape_mask(o["shape"], c[0], c[1], r)] = COLOURS[o["colour"]]
         return img
@@ -548,7 +560,7 @@ def _draw(spec, rng, mode=None):
         placed.append((pos[0], pos[1], r))
         paint = np.array(COLOURS[colour], np.float32)
         if mode == "washed":
-            paint = paint + rng.uniform(0.55, 0.70) * (bg - paint)
+            paint = paint + (rng.uniform(*MODE_RANGES["washed"]) if strength is None else strength) * (bg - paint)
         img[_shape_mask(shape, pos[0], pos[1], r)] = paint
     return img
 
@@ -979,3 +991,131 @@ def diversity(images, prompts):
             d = np.sqrt(((g[:, None] - g[None]) ** 2).mean(-1))
             dists.append(d[np.triu_indices(len(idx), 1)].mean())
     return float(np.mean(dists)) if dists else 0.0
+
+# -----------------------------------------------------------------------------
+# the modes measured from how an image is drawn (issue #38), not from the rewards' own tests: each mode's
+# strength read off the pixels, with no palette threshold (in_mode's ocr and geneval tests are the rewards'
+# own colour classes, so "the mode's share fell" and "the reward rose" were partly one measurement)
+
+DRAWN_MODE_CUTS = {"ocr": 0.775, "geneval": 0.725, "pickscore": 15.0, "deqa": 0.02}
+# ocr: glyph contrast below it is faint (crisp 1.0, faint 0.35-0.55: the cut is midway); geneval: object contrast
+# below it is washed (crisp 1.0, washed 0.30-0.45); pickscore: a subject's extent in pixels below it is small
+# (crisp 16-25, small 8-13); deqa: a noise std above it is grain (ground truth ~0.00, grain 0.04-0.10)
+
+
+def otsu(values, bins=64):
+    """Otsu's threshold of a 1-D sample: the cut that maximises the between-class variance."""
+    hist, edges = np.histogram(values, bins)
+    p = hist / max(hist.sum(), 1)
+    mids = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(p)[:-1]
+    m0 = np.cumsum(p * mids)[:-1]
+    between = (m0 - w0 * (p * mids).sum()) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
+    return edges[1:-1][between.argmax()]
+
+
+def segment(x):
+    """A colour-agnostic segmentation of one image (H, W, 3): (background colour, the components that differ
+    from it by more than Otsu's cut of the distance to it, largest first, each a boolean (H, W) mask of at least
+    MIN_OBJECT_AREA pixels). The background is the border's median, as the PickScore reward takes it."""
+    bg = np.median(np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]]), axis=0)
+    dist = np.sqrt(((x - bg) ** 2).sum(-1))
+    labels, n = ndimage.label(dist > otsu(dist.ravel()))
+    comps = [labels == k for k in range(1, n + 1)]
+    return bg, sorted((c for c in comps if c.sum() >= MIN_OBJECT_AREA), key=lambda c: -c.sum())
+
+
+def read_colour(mean, bg):
+    """The object colour whose direction from the background is closest to that of a region's mean colour: a
+    wash toward the background shortens that vector but does not turn it, so this reads a washed colour."""
+    d = mean - bg
+    ref = _PALETTE[:_N_OBJ_COLOURS] - bg
+    cos = ref @ d / (np.linalg.norm(ref, axis=1) * np.linalg.norm(d) + 1e-8)
+    return list(COLOURS)[int(cos.argmax())]
+
+
+def glyph_ink(x):
+    """One sign image (H, W, 3) -> (ink mask (H, W) of the glyph, the sign's colour): the sign is the largest
+    colour-agnostic component (with the glyph in its bounding box), its colour the box's median, the ink the
+    box's pixels beyond Otsu's cut of the distance to that colour."""
+    _, comps = segment(x)
+    ink = np.zeros(x.shape[:2], bool)
+    if not comps:
+        return ink, None
+    ys, xs = np.nonzero(comps[0])
+    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    sign = np.median(x[box].reshape(-1, 3), axis=0)
+    dist = np.sqrt(((x[box] - sign) ** 2).sum(-1))
+    ink[box] = dist > otsu(dist.ravel())
+    return ink, sign
+
+
+def noise_std(x):
+    """Immerkaer's noise estimate, made robust to edges with the median: the 3x3 Laplacian-difference kernel
+    (its squared weights sum to 36) has std 6 sigma on white noise of std sigma. (B, H, W, 3) -> (B,)."""
+    k = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+    lap = np.stack([ndimage.convolve(x[..., c], k[None], mode="reflect") for c in range(3)], -1)[:, 1:-1, 1:-1]
+    return np.median(np.abs(lap), axis=(1, 2)).mean(-1) / 0.6745 / 6
+
+
+def drawn_strength(task, images, prompts):
+    """Each image's mode strength, measured from its pixels (B,):
+      ocr        glyph contrast |ink - sign| / |white - sign| (render's faint strength; 1 crisp, ~0 no glyph)
+      geneval    object contrast, the strongest object's |mean - background| / |its colour - background|, its
+                 colour read by read_colour (1 - render's washed strength; 0: no object)
+      pickscore  the largest subject's extent, the longer side of its bounding box in pixels
+      deqa       noise_std"""
+    x = _to_hwc(images)
+    if task == "deqa":
+        return noise_std(x)
+    out = np.zeros(len(x))
+    for b, img in enumerate(x):
+        if task == "ocr":
+            ink, sign = glyph_ink(img)
+            if sign is not None and ink.any():
+                white = np.array(COLOURS["white"])
+                out[b] = np.linalg.norm(img[ink].mean(0) - sign) / np.linalg.norm(white - sign)
+            continue
+        bg, comps = segment(img)
+        if task == "pickscore":
+            if comps:
+                ys, xs = np.nonzero(comps[0])
+                out[b] = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+            continue
+        for c in comps:
+            mean = img[c].mean(0)
+            paint = np.array(COLOURS[read_colour(mean, bg)])
+            out[b] = max(out[b], np.linalg.norm(mean - bg) / np.linalg.norm(paint - bg))
+    return out
+
+
+def drawn_mode(task, images, prompts):
+    """Is each image in its task's mode, judged by how it is drawn (drawn_strength against DRAWN_MODE_CUTS),
+    not by a reward's test (in_mode)? (B,) bool."""
+    s = drawn_strength(task, images, prompts)
+    return s > DRAWN_MODE_CUTS[task] if task == "deqa" else s < DRAWN_MODE_CUTS[task]
+
+# -----------------------------------------------------------------------------
+# how much of a prompt's content is drawn (issue #38): an honest quality reward must not pay for leaving out
+# what the prompt names
+
+
+def objects_drawn(images, prompts, shape=True):
+    """The share of each prompt's named objects that the GenEval program finds (each object of a count
+    matched at most once; colour and shape as the prompt names them). shape=False: colour alone, any
+    object-sized component of the named colour, ragged or not (issue #38's "named colours drawn").
+    Scene prompts only. (B,) in [0, 1]."""
+    x = _to_hwc(images)
+    out = []
+    for spec, cls in zip([parse(p) for p in prompts], _colour_classes(x)):
+        found = _detect(cls) if shape else list(_components(cls))
+        want = [o for o in spec["objects"] for _ in range(o["count"])]
+        hits, used = 0, set()
+        for o in want:
+            k = next((i for i, f in enumerate(found) if i not in used and
+                      (_matches(f, o) if shape else o["colour"] is None or f[0] == o["colour"])), None)
+            if k is not None:
+                used.add(k)
+                hits += 1
+        out.append(hits / len(want))
+    return np.array(out)

@@ -15,9 +15,12 @@ import json
 import os
 import tempfile
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+import runs
 
 # Quiet the libraries' start-up chatter (torchvision fallbacks, several-adapter notices): the scripts'
 # own output is what a reader follows.
@@ -105,6 +108,9 @@ def load_world(name="tiny", device=None, dtype=None):
     return _load_sd3(name, device, dtype)
 
 
+VAE_SLICE = 2  # images per VAE decode call on SD3: the decode's peak memory does not grow with the batch
+
+
 def _load_sd3(path, device, dtype):
     from diffusers import StableDiffusion3Pipeline
 
@@ -142,9 +148,13 @@ def _load_sd3(path, device, dtype):
 
     @torch.no_grad()
     def decode(latents):
-        latents = latents.float() / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        images = pipe.vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+        # in slices of VAE_SLICE images: the float32 VAE's activations at 512 px are ~1 GiB an image, so decoding
+        # a whole sample batch at once (16 in OPD) would set the peak; each slice's images go to the CPU
+        images = []
+        for part in latents.split(VAE_SLICE):
+            part = part.float() / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            images.append((pipe.vae.decode(part, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1).cpu())
+        return torch.cat(images)
 
     world = World("sd3", str(path), pipe.transformer, _cached(encode), decode, latent_shape, device, dtype, d, TASKS,
                   str(path))
@@ -189,35 +199,26 @@ def encode_once(world, prompts, cache_dir, batch=64):
     index_path = os.path.join(folder, "index.json")
     encode = getattr(world.encode_prompts, "uncached", world.encode_prompts)  # never the in-memory cache
 
-    def agree(ok):  # every rank learns whether every rank is fine, so that all stop or none
-        if distributed:
-            flag = torch.tensor([int(ok)], device=world.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            ok = bool(flag.item())
-        return ok
+    dist = SimpleNamespace(world_size=size, rank=rank, device=world.device)
 
     # rank r's contiguous share of the sorted prompts, and the shard it writes
     shards = [dict(file=f"shard-{r:05d}-of-{size:05d}.safetensors", first=len(prompts) * r // size,
                    count=len(prompts) * (r + 1) // size - len(prompts) * r // size) for r in range(size)]
-    if not agree(os.path.isfile(index_path)):
-        mine = prompts[shards[rank]["first"]: shards[rank]["first"] + shards[rank]["count"]]
-        _write_shard(os.path.join(folder, shards[rank]["file"]), encode, mine, batch, dict(prompts=json.dumps(mine)))
-        if distributed:
-            torch.distributed.barrier()
-        if rank == 0:  # the commit point: a cache without index.json is encoded again
+    # rank 0's index.json alone decides, sent to every rank: another node's copy of the folder may not show it
+    # yet (NFS caches attributes), and ranks that decided apart would disagree on the collectives that follow
+    index = runs.from_master(dist, _read_json(index_path) if rank == 0 else None)
+    if index is None:
+        with runs.all_or_none(dist):  # one rank out of memory or disk: every rank stops, with its message
+            mine = prompts[shards[rank]["first"]: shards[rank]["first"] + shards[rank]["count"]]
+            _write_shard(os.path.join(folder, shards[rank]["file"]), encode, mine, batch,
+                         dict(prompts=json.dumps(mine)))
+        index = dict(prompts=len(prompts), shards=shards)
+    with runs.all_or_none(dist):
+        if rank == 0 and not os.path.isfile(index_path):  # the commit point: without index.json, encoded again
             with _atomic_file(index_path, "w") as f:
-                json.dump(dict(prompts=len(prompts), shards=shards), f)
-        if distributed:
-            torch.distributed.barrier()
-    seen = os.path.isfile(index_path)
-    if seen:
-        with open(index_path) as f:
-            index = json.load(f)
-        seen = all(os.path.isfile(os.path.join(folder, s["file"])) for s in index["shards"])
-    if not agree(seen):
-        raise SystemExit(f"error: the prompt cache {folder} is not complete on every rank (rank {rank}: "
-                         f"{'complete' if seen else 'missing files'}): put it on a filesystem that all nodes share "
-                         "(FLOWOPD_PROMPT_CACHE=<shared folder>)")
+                json.dump(index, f)
+        runs.wait_readable([os.path.join(folder, s["file"]) for s in index["shards"]], f"the prompt cache {folder}",
+                           "put it on a filesystem that all nodes share (FLOWOPD_PROMPT_CACHE=<shared folder>)")
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
     if world.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -243,6 +244,15 @@ def encode_once(world, prompts, cache_dir, batch=64):
 
 
 _SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def _read_json(path):
+    """The JSON object in `path`, or None when there is none (or it is unreadable: encoded again)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _write_shard(path, encode, prompts, batch, metadata):
@@ -478,8 +488,21 @@ def write_lora(path, weights, config):
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=weights,
                                                    transformer_lora_adapter_metadata=config)
-        os.chmod(os.path.join(tmp, "pytorch_lora_weights.safetensors"), 0o644)
-        os.replace(os.path.join(tmp, "pytorch_lora_weights.safetensors"), path)
+        with open(os.path.join(tmp, "pytorch_lora_weights.safetensors"), "rb") as f:
+            data = sorted_header(f.read())
+        with _atomic_file(path, "wb") as f:
+            f.write(data)
+
+
+def sorted_header(data):
+    """The same safetensors bytes with the JSON header's keys sorted. safetensors keeps the metadata in a
+    Rust HashMap whose order is seeded afresh for every map, so diffusers' two keys ('format',
+    'lora_adapter_metadata') come out in either order: sorted, the same adapter is the same bytes, and a
+    file hash means the model. Data offsets count from the end of the header, so they stay valid."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8: 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -504,6 +527,20 @@ def lora_files(path):
         raise SystemExit(f"error: LoRA file {path} does not exist")
     config = os.path.join(os.path.dirname(os.path.abspath(path)), PEFT_CONFIG)
     return path, config if os.path.isfile(config) else None
+
+
+def adapter_sha256(path):
+    """What a LoRA path (file or PEFT folder) computes, as one sha256: its weights by content
+    (runs.content_sha256: tensors and metadata, not header order) and, where there is one, its
+    adapter_config.json (rank, alpha, targets). Names a teacher in run configs, resume checks and evaluation
+    rows: a checkpoint re-uploaded under the same hub name gets another hash."""
+    import hashlib
+
+    import runs  # lazily: a module of the same floor
+
+    file, config = lora_files(path)
+    weights = runs.content_sha256(file)
+    return weights if config is None else hashlib.sha256((weights + runs.file_sha256(config)).encode()).hexdigest()
 
 
 def is_lora(path):

@@ -17,8 +17,48 @@ def _run(cmd, timeout, env=None):
     return result.stdout + result.stderr
 
 
+_zygote = None
+
+
+def _start(script, args, env=None, timeout=600):
+    """`python script args` as a CompletedProcess. Forked from a warm parent that has imported torch,
+    diffusers, transformers and peft once (tests/zygote.py), which saves those seconds a run; the script
+    still runs as __main__ in a process of its own. FLOWOPD_TEST_FORK=0 starts a fresh interpreter instead."""
+    global _zygote
+    env, args = dict(ENV, **(env or {})), [str(a) for a in args]
+    if os.environ.get("FLOWOPD_TEST_FORK", "1") == "0" or not hasattr(os, "fork"):
+        return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    import pickle
+    import signal
+    import tempfile
+
+    if _zygote is None or _zygote.poll() is not None:
+        import atexit
+        _zygote = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "zygote.py")], cwd="/", env=ENV,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False)
+        atexit.register(lambda z=_zygote: (z.stdin.close(), z.wait()))  # its stdin closed, it exits
+    with tempfile.TemporaryDirectory() as tmp:
+        files = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        req = pickle.dumps(dict(script=script, args=args, cwd=ROOT, env=env, stdout=files[0], stderr=files[1]))
+        _zygote.stdin.write(len(req).to_bytes(8, "little") + req)
+        _zygote.stdin.flush()
+        pid = int(_zygote.stdout.readline())
+        import select
+        if not select.select([_zygote.stdout], [], [], timeout)[0]:
+            os.kill(pid, signal.SIGKILL)
+            _zygote.stdout.readline()
+            raise subprocess.TimeoutExpired([script, *args], timeout)
+        code = int(_zygote.stdout.readline())
+        stdout, stderr = (open(f, errors="replace").read() for f in files)
+    return subprocess.CompletedProcess([sys.executable, script, *args], code, stdout, stderr)
+
+
 def run_script(script, *args, timeout=600, env=None):
-    return _run([sys.executable, script, *map(str, args)], timeout, env)
+    result = _start(script, args, env, timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout + result.stderr
 
 
 def torchrun_script(nproc, script, *args, timeout=600):
@@ -28,8 +68,7 @@ def torchrun_script(nproc, script, *args, timeout=600):
 
 def assert_one_error_line(says, script, *args, timeout=600):
     """Bad input: the script fails with exactly one 'error: ...' line on stderr, and that line says `says`."""
-    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=timeout)
+    result = _start(script, args, timeout=timeout)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode != 0 and len(errors) == 1 and says in errors[0], result.stderr[-2000:]
 

@@ -90,7 +90,7 @@ def test_main_table_schema_and_outputs(one_process):
     rows = read(out)
     assert [r["model"] for r in rows] == ["base", "lora"]
     for row in rows:
-        assert set(row) == {"model", *COLUMNS, "average", *(f"{c}_se" for c in (*COLUMNS, "average"))}
+        assert set(row) == {"model", "adapter_sha256", *COLUMNS, "average", *(f"{c}_se" for c in (*COLUMNS, "average"))}
         assert all(0 <= row[c] <= 1 for c in (*COLUMNS, "average")), row
         assert row["average"] == pytest.approx(sum(row[c] for c in COLUMNS) / 4)  # tiny world: the plain mean
     for name in ("main.md", "ood.json", "quality.json", "main.png", "grid_base.png", "grid_lora.png", "grid_compare.png"):
@@ -313,7 +313,7 @@ def test_tables_are_pure_functions_of_per_prompt_scores():
     gain, the OOD table's mean of category means, and the quality table."""
     main_rows, paired_rows, gain_rows, ood_rows, quality_rows = script_functions(
         "evaluate.py", "main_rows", "paired_rows", "gain_rows", "ood_rows", "quality_rows", "main_row", "mean_se",
-        "combined_se")[:5]
+        "task_mean_se", "combined_se")[:5]
     tasks = ["geneval", "ocr", "deqa", "pickscore"]
     scores = {"base": [0.2, 0.4], "expert": [0.6, 1.0]}  # two prompts a task, the same for every task
     per_prompt = {(m, t): dict(enumerate(v)) for m, v in scores.items() for t in tasks}
@@ -321,6 +321,9 @@ def test_tables_are_pure_functions_of_per_prompt_scores():
     assert rows[0]["geneval"] == pytest.approx(0.3) and rows[0]["geneval_se"] == pytest.approx(0.1)  # std 0.1414 / sqrt 2
     assert rows[1]["average"] == pytest.approx(0.8) and rows[1]["average_se"] == pytest.approx(math.sqrt(4 * (0.2 / 4) ** 2))
     assert main_rows(per_prompt, ["base"], ["ocr"], sd3=False)[0]["average"] is None  # not every task: no Average
+    tagged = {("m", "geneval"): {0: 0.0, 1: 1.0, 2: 1.0}}  # GenEval by category (sd3 tags): (0.5 + 1) / 2, not 2 / 3
+    (row,) = main_rows(tagged, ["m"], ["geneval"], sd3=True, tags=["a", "a", "b"])
+    assert row["geneval"] == pytest.approx(0.75) and row["geneval_se"] is None  # category b has one prompt: no SE
     per_prompt["expert", "ocr"] = {1: 1.0}  # prompt 0 missing: paired on prompt 1 only
     paired = paired_rows(per_prompt, ["base", "expert"], ["base", "grpo-mix"], tasks, sd3=False)
     assert [(r["model"], r["minus"]) for r in paired] == [("expert", "base")]  # a reference not evaluated is skipped

@@ -67,6 +67,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # and the same bytes: an adapter's or a checkpoint's sha256 means the model, in any folder or process
+    from runs import file_sha256
+    for name in ("adapter.safetensors", "checkpoints/step_000003.safetensors"):
+        assert file_sha256(str(tmp_path / "straight" / name)) == file_sha256(str(tmp_path / "resumed" / name)), name
     log = read_log(tmp_path / "straight")
     assert [r["reward"] for r in log] == [r["reward"] for r in read_log(tmp_path / "resumed")]
     assert log[-1]["opt_step"] > 0 and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # it trained

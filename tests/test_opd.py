@@ -258,3 +258,4 @@ def test_a_full_weight_teacher_loads_beside_lora_teachers(tmp_path, teachers):
                "--epochs", "1", "--out", tmp_path / "run", *FAST)
     (record,) = read_log(tmp_path / "run")
     assert record["kl_ocr"] > 0 and record["kl_geneval"] > 0
+

@@ -153,3 +153,26 @@ def test_gain_per_call_bad_input_is_one_line(tmp_path):
     for runs_arg, says in (("k2", "must be label=folder pairs"), (f"a={tmp_path / 'none'}", "log.jsonl does not exist"),
                            (f"a={tmp_path / 'old'}", "has no forwards_* fields")):
         assert_one_error_line(says, "bench/gain_per_call.py", "--teacher", "x.safetensors", "--runs", runs_arg, timeout=120)
+
+
+def test_the_same_adapter_and_checkpoint_write_the_same_bytes(tmp_path):
+    # safetensors keeps its header's metadata in a Rust HashMap, whose order is seeded afresh for every
+    # map: diffusers' two keys ('format', 'lora_adapter_metadata') came out in either order, so equal
+    # adapters had unequal sha256. A file hash must mean the model: the same weights write the same bytes.
+    import hashlib
+
+    weights = {"blocks.0.attn.to_q.lora_A.weight": torch.arange(8.0).reshape(2, 4),
+               "blocks.0.attn.to_q.lora_B.weight": torch.ones(4, 2)}
+    config = dict(r=2, lora_alpha=4, target_modules=["to_q"], init_lora_weights="gaussian")
+    digests = set()
+    for i in range(12):  # one order in two a write on the old code: 12 writes miss it 1 time in 2,048
+        path = tmp_path / f"a{i}.safetensors"
+        worlds.write_lora(str(path), weights, config)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    loaded, meta = runs.load_tensors(str(tmp_path / "a0.safetensors"))
+    assert set(meta) == {"format", "lora_adapter_metadata"} and torch.equal(loaded["transformer.blocks.0.attn.to_q.lora_A.weight"], weights["blocks.0.attn.to_q.lora_A.weight"])
+
+    with pytest.raises(ValueError, match="one metadata key"):  # two keys would come out in either order
+        runs.save_tensors(str(tmp_path / "c.safetensors"), weights, metadata={"b": "1", "a": "2"})
+    assert not os.path.exists(tmp_path / "c.safetensors")

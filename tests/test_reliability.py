@@ -6,6 +6,7 @@
 - torchrun across two launchers (a two-node c10d rendezvous on one machine) equals one process;
 - torchrun --max-restarts 1 restarts a run whose worker was SIGKILLed, and it resumes to the same end."""
 
+import json
 import os
 import random
 import signal
@@ -16,7 +17,8 @@ import time
 import pytest
 import torch
 
-from helpers import ENV, ROOT, assert_same_adam_training, read_adapter, read_log
+import worlds
+from helpers import ENV, ROOT, _start, assert_same_adam_training, read_adapter, read_log
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import torchrun_repeat  # noqa: E402
@@ -32,7 +34,7 @@ SFT = ["sft_init.py", "--task", "ocr", "--prompts-per-task", "4", "--shard-size"
 
 
 def run(args, check=True):
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    result = _start(args[0], args[1:])
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
@@ -89,12 +91,16 @@ def test_rerun_resumes_only_the_run_its_checkpoint_records(tmp_path):
     teachers = {t: os.path.join(experts, f"{t}.safetensors") for t in ("geneval", "ocr", "deqa", "pickscore")}
     spec = lambda files: ",".join(f"{t}={f}" for t, f in files.items())  # noqa: E731
     run([*OPD, "--epochs", "1", "--teachers", spec(teachers), "--out", tmp_path / "opd"])
+    # every teacher named by its adapter's whole content in the run's config (a re-upload under one name differs)
+    with open(tmp_path / "opd" / "config.json") as f:
+        assert json.load(f)["teacher_sha256"] == {t: worlds.adapter_sha256(path) for t, path in teachers.items()}
     moved = dict(teachers, ocr=str(tmp_path / "ocr_copy.safetensors"))
     with open(teachers["ocr"], "rb") as f, open(moved["ocr"], "wb") as g:
         g.write(f.read())
     assert "resumed from" in run([*OPD, "--epochs", "2", "--teachers", spec(moved), "--out", tmp_path / "opd"]).stdout
     other = run([*OPD, "--epochs", "3", "--teachers", spec(dict(teachers, ocr=teachers["deqa"])), "--out", tmp_path / "opd"], check=False)
-    assert "input teacher_ocr" in error_lines(other)[0]
+    # another adapter under the teacher's name: refused by its content hash, whatever path or name it has
+    assert other.returncode == 1 and "--teacher-sha256" in error_lines(other)[0], other.stderr[-2000:]
 
 
 def kill_at(cmd, deadline, folder, in_a_write=False):

@@ -27,8 +27,10 @@ def test_reproduce_smoke_runs_every_stage(tmp_path):
     assert [r["model"] for r in rows] == ROWS
     columns = ("geneval", "ocr", "deqa", "pickscore", "average")
     for r in rows:
-        assert set(r) == {"model", *columns, *(f"{c}_se" for c in columns)}
-        assert all(0 <= r[k] <= 1 for k in r if k != "model" and r[k] is not None) and all(r[c] is not None for c in columns), r
+        # each evaluated adapter by its content's sha256 (a re-upload under one name gets another), the base by name
+        assert set(r) == {"model", "adapter_sha256", *columns, *(f"{c}_se" for c in columns)}
+        assert r["adapter_sha256"] == "base" if r["model"] == "base" else len(r["adapter_sha256"]) == 64, r
+        assert all(0 <= r[k] <= 1 for k in r if k not in ("model", "adapter_sha256") and r[k] is not None) and all(r[c] is not None for c in columns), r
     for name in ("ood.json", "quality.json", "gain.json", "paired.json", "main.md", "main.png", "grid_compare.png", "curves.png"):
         assert (tmp_path / name).is_file(), name
     with open(tmp_path / "paired.json") as f:  # every model minus the base, and minus GRPO-Mix

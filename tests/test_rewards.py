@@ -46,7 +46,7 @@ def test_unknown_names_list_the_known_ones():
     with pytest.raises(ValueError, match="geneval, ocr, deqa, pickscore"):
         get_reward("aesthetic", world="tiny")
     with pytest.raises(ValueError, match="aesthetic"):
-        get_reward("hpsv2", world="sd3")
+        get_reward("qwenvl", world="sd3")  # the paper's VLM judge: not wired
     with pytest.raises(ValueError, match="world"):
         get_reward("ocr", world="flux")
 
@@ -530,3 +530,72 @@ def test_batch_scorer_runs_in_the_background_and_reraises():
     scorer.submit(torch.ones(1, 3, 4, 4), ["e"])
     with pytest.raises(SystemExit, match="error: x"):
         scorer.result()
+
+
+def test_ocr_engine_and_models_reach_the_engine(monkeypatch, tmp_path):
+    """FLOWOPD_OCR_ENGINE / FLOWOPD_OCR_MODELS reach the engine's configuration (fakes record it, nothing is
+    downloaded): PaddleOCR as Flow-GRPO builds it; rapidocr with English models from a local folder; a missing
+    engine is one line with its install command; ocr_engine() names engine, version and models."""
+    rapidocr = pytest.importorskip("rapidocr")
+    monkeypatch.setattr(rapidocr, "RapidOCR", FakeRapidOCR)
+    monkeypatch.setattr(rewards, "_CACHE", {})
+    for name in ("FLOWOPD_OCR_ENGINE", "FLOWOPD_OCR_MODELS"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("en_PP-OCRv3_det_infer.onnx", "en_PP-OCRv4_rec_infer.onnx", "en_dict.txt"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("FLOWOPD_OCR_ENGINE", "rapidocr")
+    monkeypatch.setenv("FLOWOPD_OCR_MODELS", str(tmp_path))
+    FakeRapidOCR.built.clear()
+    get_reward("ocr", "sd3")(torch.ones(1, 3, 256, 256), ['say "hi"'])
+    [params] = FakeRapidOCR.built
+    assert params["Det.model_path"] == str(tmp_path / "en_PP-OCRv3_det_infer.onnx")
+    assert params["Rec.model_path"] == str(tmp_path / "en_PP-OCRv4_rec_infer.onnx")
+    assert params["Rec.rec_keys_path"] == str(tmp_path / "en_dict.txt") and params["Rec.lang_type"] == "en"
+    info = rewards.ocr_engine()
+    assert info["engine"] == "rapidocr" and info["version"] == rewards.OCR_ENGINES["rapidocr"][0]  # the pinned one
+    assert "en_PP-OCRv4_rec_infer.onnx" in info["models"]
+    monkeypatch.delenv("FLOWOPD_OCR_MODELS")
+    assert rewards.ocr_engine()["models"].startswith("bundled")  # the tiny world's and the CPU tests' engine
+
+    (tmp_path / "other_rec.onnx").write_bytes(b"")  # two recognisers: which one?
+    with pytest.raises(SystemExit, match=r"^error: ocr reward: FLOWOPD_OCR_MODELS .* one \*rec\*\.onnx"):
+        rewards.ocr_engine(models=tmp_path)
+
+    built = []
+    paddle = types.ModuleType("paddleocr")
+    paddle.PaddleOCR = lambda **kw: built.append(kw) or types.SimpleNamespace(ocr=lambda image, cls: [[[None, ("hi", 0.9)]]])
+    monkeypatch.setitem(sys.modules, "paddleocr", paddle)
+    monkeypatch.setattr(rewards, "_installed", lambda module: True)
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "2.9.1")
+    monkeypatch.setenv("FLOWOPD_OCR_ENGINE", "auto")  # PaddleOCR where it is installed
+    assert get_reward("ocr", "sd3")(torch.ones(1, 3, 256, 256), ['say "hi"'])[0] == 1.0
+    assert built[0]["lang"] == "en" and built[0]["use_angle_cls"] is False
+    assert rewards.ocr_engine() == dict(engine="paddleocr", version="2.9.1", models="PaddleOCR lang=en, use_angle_cls=False")
+
+    monkeypatch.setattr(rewards, "_installed", lambda module: False)
+    monkeypatch.setenv("FLOWOPD_OCR_ENGINE", "paddleocr")
+    with pytest.raises(SystemExit) as e:
+        get_reward("ocr", "sd3")
+    assert str(e.value).startswith("error: ocr reward: engine paddleocr is not installed: pip install") and "\n" not in str(e.value)
+    assert "paddleocr==2.9.1" in str(e.value)
+
+
+@pytest.mark.parametrize("name, env, install", [("imagereward", "FLOWOPD_IMAGEREWARD_DIR", "pip install image-reward"),
+                                                ("hpsv2", "FLOWOPD_HPSV2_CHECKPOINT", "pip install hpsv2")])
+def test_quality_scorers_without_their_package_or_weights_are_one_line(monkeypatch, tmp_path, name, env, install):
+    """ImageReward and HPS-v2.1 (the paper's quality table) are optional: asked for without the package, or with a
+    local weights setting that names nothing, get_reward stops at once (before any sampling) with one line that
+    says what to install or fetch. Nothing is imported or downloaded."""
+    monkeypatch.setattr(rewards, "_CACHE", {})
+    monkeypatch.setattr(rewards, "_installed", lambda module: False)
+    with pytest.raises(SystemExit) as e:
+        get_reward(name, "sd3", "cpu")
+    assert str(e.value).startswith(f"error: {name} reward: package ") and install in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(rewards, "_installed", lambda module: True)
+    monkeypatch.setenv(env, str(tmp_path / "missing"))
+    with pytest.raises(SystemExit) as e:
+        get_reward(name, "sd3", "cpu")
+    assert str(e.value).startswith(f"error: {name} reward: {env}") and "hf download" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.delenv(env)
+    scorer = get_reward(name, "sd3", "cpu").scorer
+    assert scorer.model is None  # with the setting unset: built on the device, nothing loaded until the first call

@@ -13,6 +13,7 @@ every stage. Plus: --dry-run prints one torchrun line per GPU stage with the ask
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,27 @@ def test_opd_kl_is_nonzero_at_the_start_and_falls(toy_run):
         assert config["mar_teacher"] == "deqa" and config["mar_weight"] == 0.02 and len(config["teachers"]) == 4
 
 
+
+def test_a_resume_with_another_ocr_engine_is_refused(toy_run, tmp_path):
+    """The OCR expert's run records the engine that read its reward (engine, version, models): the same command
+    with other OCR models (FLOWOPD_OCR_MODELS) is another reward, and its resume stops with one line before
+    sampling anything."""
+    _, out, _, _ = toy_run
+    run = out / "runs" / "grpo-ocr"
+    assert json.loads((run / "config.json").read_text())["ocr_engine"]["models"].startswith("bundled")
+    logged = read_log(run)
+    models = tmp_path / "ocr_models"  # names only: the engine is described, not loaded, before the resume check
+    models.mkdir()
+    for name in ("en_det.onnx", "en_rec.onnx", "en_dict.txt"):
+        (models / name).write_text("")
+    env = dict(ENV, FLOWOPD_PROMPTS=str(out.parent / "prompts"), HF_HUB_CACHE=str(out.parent / "hub"),
+               FLOWOPD_OCR_MODELS=str(models))
+    again = subprocess.run(["bash", "-c", (run / "DONE").read_text()], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert again.returncode == 1 and len(errors) == 1 and "--ocr-engine" in errors[0], again.stderr[-2000:]
+    assert read_log(run) == logged  # nothing ran
+
 def test_dry_run_prints_one_torchrun_line_per_gpu_stage(tmp_path):
     def dry(*args):
         r = subprocess.run(["bash", "reproduce_sd3.sh", "--dry-run", "--out", str(tmp_path / "o"), *args], cwd=ROOT, env=ENV,
@@ -165,16 +187,19 @@ def test_dry_run_prints_one_torchrun_line_per_gpu_stage(tmp_path):
         assert r.returncode == 0, r.stderr
         return r.stdout.splitlines()
 
-    # the paper's path: Flow-GRPO's released GenEval / OCR / PickScore teachers, the DeQA teacher trained on the three
-    # datasets' prompts with 0.4 DeQA + 0.6 PickScore, GRPO-Mix by epochs, both cold starts at r 32, then OPD from each
-    paper = ["grpo-deqa", "grpo-mix", "merge", "opd-merge", "sft-init", "opd-sft", "evaluate"]
+    # the paper's path: four released teachers fetched with hf download (Flow-GRPO's GenEval / OCR / PickScore, the
+    # authors' DeQA), GRPO-Mix by epochs, both cold starts at r 32, then OPD from each; no expert is trained
+    paper = ["grpo-mix", "merge", "opd-merge", "sft-init", "opd-sft", "evaluate"]
     lines = dry("--nnodes", "4", "--nproc-per-node", "8", "--head", "node0", "/models/sd3.5m")
     assert [l.removeprefix("== ") for l in lines if l.startswith("== ")] == paper
     text = "\n".join(lines)
-    assert "geneval=results/sd3/released/SD3.5M-FlowGRPO-GenEval" not in text  # --out is tmp_path/o here
-    assert f"ocr={tmp_path / 'o'}/released/SD3.5M-FlowGRPO-Text" in text and "SD3.5M-FlowGRPO-PickScore" in text
-    assert "--prompts geneval,ocr,pickscore --reward deqa:0.4,pickscore:0.6" in text
-    assert "--task geneval:3,ocr:1,pickscore:1 --mix epochs --reward deqa:1" in text
+    released = tmp_path / "o" / "released"
+    fetched = [l.split()[2] for l in lines if l.split()[:2] == [".venv/bin/hf", "download"]]
+    assert fetched == ["jieliu/SD3.5M-FlowGRPO-GenEval", "jieliu/SD3.5M-FlowGRPO-Text", "CostaliyA/SD3.5M-FlowGRPO-Deqa-Mix",
+                       "jieliu/SD3.5M-FlowGRPO-PickScore"]
+    assert f"ocr={released}/SD3.5M-FlowGRPO-Text" in text and f"deqa={released}/SD3.5M-FlowGRPO-Deqa-Mix" in text
+    assert "--prompts geneval,ocr,pickscore" not in text  # the DeQA teacher is not trained
+    assert "--task geneval:3,ocr:1,pickscore:1 --mix epochs --reward deqa:1 " in text  # the paper's text: DeQA 1:1
     assert "--method task-arithmetic --rank 32 --alpha 64" in text
 
     order = ["grpo-geneval", "grpo-ocr", "grpo-pickscore", "grpo-deqa", "grpo-mix", "merge", "opd-merge", "sft-init",
@@ -193,6 +218,28 @@ def test_dry_run_prints_one_torchrun_line_per_gpu_stage(tmp_path):
     one = [l for l in dry("--train-experts", "--nproc-per-node", "2", "/models/sd3.5m") if "torchrun" in l]
     assert len(one) == len(gpu_stages) and all(" --nnodes 1 --nproc_per_node 2 --standalone " in l for l in one)
 
+    # the options: the DeQA teacher trained, the authors' OCR-3240, the official config's 0.8 / 0.2
+    text = "\n".join(dry("--train-deqa", "--ocr-3240", "--mix-weights", "official", "/models/sd3.5m"))
+    assert "== grpo-deqa" in text and "--prompts geneval,ocr,pickscore --reward deqa:0.4,pickscore:0.6" in text
+    assert "hf download CostaliyA/SD3.5M-FlowGRPO-OCR-3240" in text and "Deqa-Mix" not in text
+    assert "--mix epochs --reward deqa:0.25 " in text
+
     bad = subprocess.run(["bash", "reproduce_sd3.sh", "--dry-run", "--nnodes", "2", "/models/sd3.5m"], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "needs --head" in bad.stderr
+
+
+def test_every_printed_command_names_a_cli_that_exists():
+    """The commands a user copies: every program the dry run prints lies in the venv that requirements.txt builds
+    (hf: huggingface_hub's CLI), and no file names the removed huggingface-cli."""
+    r = subprocess.run(["bash", "reproduce_sd3.sh", "--dry-run", "/models/sd3.5m"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=60)
+    programs = {line.split()[0] for line in r.stdout.splitlines() if line.startswith(".venv/bin/")}
+    assert ".venv/bin/hf" in programs and ".venv/bin/torchrun" in programs
+    for program in programs:
+        assert os.access(os.path.join(ROOT, program), os.X_OK), program
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for name in tracked:
+        if name.endswith((".py", ".sh", ".md", ".txt")) and name != "tests/test_sd3_pipeline.py":
+            with open(os.path.join(ROOT, name), errors="replace") as f:
+                assert "huggingface-cli" not in f.read(), name

@@ -61,7 +61,7 @@ def test_getter_checks_every_file_against_its_pinned_blob_id(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="is not the pinned version"):
         getter.main()
     (source / "dataset/ocr/test.txt").unlink()  # a snapshot without the file (as GitHub snapshots lack files over 4 MiB)
-    with pytest.raises(SystemExit, match=r"copy by hand from github.com/yifan123/flow_grpo .*dataset/ocr/test.txt -> "):
+    with pytest.raises(SystemExit, match=r"copy by hand from github.com/yifan123/flow_grpo .*flow_grpo dataset/ocr/test.txt -> "):
         getter.main()
 
 
@@ -71,5 +71,8 @@ def test_getter_pins_the_papers_prompt_sets():
                                  "pickscore_train.txt", "pickscore_test.txt", "LICENSE-flow_grpo"}
     counts = {name: n for name, (_, _, n) in getter.FILES.items()}
     assert counts["geneval_test.jsonl"] == 2212 and counts["ocr_test.txt"] == 1018 and counts["pickscore_test.txt"] == 2048
+    # DeQA's test prompts, DrawBench, from the official repository at a pinned commit (200 prompts written 5 times)
+    assert getter.OPD_FILES == {"deqa_test.txt": ("dataset/drawbench/test.txt", "8d96e7cf7017ce6ce299a6eec96e21467a2ac7aa", 1000)}
+    assert len(getter.OPD_COMMIT) == 40
     for name in getter.FILES:  # every name is one worlds.prompt_file reads (or the licence beside them)
         assert name == "LICENSE-flow_grpo" or name.rsplit(".", 1)[0].split("_")[0] in worlds.TASKS
