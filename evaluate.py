@@ -1,35 +1,25 @@
 """
 evaluate.py: the paper's tables from any set of checkpoints (Flow-OPD, arXiv 2605.08063, section 5).
 
-Every model is the one shared base with (or without) a LoRA adapter, sampled as the paper evaluates:
-the deterministic ODE (noise level 0) with the world's evaluation steps and CFG (40 steps, 4.5 on
-SD3.5-M), and the same prompts and seeds for every model, so differences are the models':
-    seed of image k of prompt i = seed + i * images_per_prompt + k
-Tables (printed as Markdown, saved as JSON + Markdown under --out):
+Every model is the one shared base with (or without) a LoRA adapter, sampled as the paper evaluates: the
+deterministic ODE (noise level 0) with the world's evaluation steps and CFG (40 steps, 4.5 on SD3.5-M), and
+the same prompts and seeds for every model (image k of prompt i: seed + i * images_per_prompt + k).
+Tables (Markdown and JSON under --out):
   main     each task on its own test split with its own reward, and the paper's Average: on SD3
-           mean(GenEval, OCR, DeQA / 5, PickScore / 26) (rewards.paper_average: DeQA is a 1-5 MOS,
-           PickScore ~ 18-24 and Flow-GRPO divides it by 26); in the tiny world every reward is
-           already in [0, 1] and the Average is the plain mean.
-  ood      held-out compositions, T2I-CompBench-style categories (tiny world: prompts/tiny/ood_test.txt;
-           SD3 needs T2I-CompBench's own evaluators, which are not shipped: the table says so).
-  quality  quality rewards on a common prompt set (the deqa + pickscore test prompts) and, in the tiny
-           world, within-prompt diversity (needs images_per_prompt >= 2).
-  paired   each model minus each reference of --paired-with (the base, GRPO-Mix) per task: the mean over
-           prompts of the per-prompt difference (same prompts, same seeds) with its paired standard error.
-  gain     with --gain-of: each model's share of each teacher's gain over the base on the teacher's task,
-           (model - base) / (teacher - base) from the main table (the paper: OPD keeps >= 90% of it).
-Every cell carries its standard error over prompts (JSON: '<column>_se'; Markdown: 'mean +- se'): a
-prompt's K images are averaged first, as prompts are what is drawn and what two models are paired on.
-A prompt is a distinct (text, metadata) pair: a file that writes a prompt on several lines (Flow-GRPO's
-GenEval test file: 553 prompts, each 4 times, 2,212 lines) is read as its distinct prompts in order of
-first appearance, each sampled K times (GenEval's protocol: 4 images per prompt) and counted once.
-Plus grid_<model>.png (the first prompts of every task, same seeds for all models), grid_compare.png
-(one row per model) and main.png (the main table as bars: the seesaw at a glance).
-
-Resumable: every prompt's per-image scores are cached in --cache, one JSON per (model, prompt set),
-named by a hash of the model file's sha256, the base weights and the sampling settings (a changed
-checkpoint is re-evaluated; an entry is reused only if its prompt is the same). An
-interrupted run continues; a rerun with everything cached samples nothing.
+           mean(GenEval, OCR, DeQA / 5, PickScore / 26) (rewards.paper_average); in the tiny world every
+           reward is in [0, 1] and the Average is the plain mean.
+  ood      held-out compositions, T2I-CompBench-style categories (tiny world only: SD3 needs
+           T2I-CompBench's own evaluators, which are not shipped).
+  quality  quality rewards on the deqa + pickscore test prompts and, in the tiny world, within-prompt diversity.
+  paired   each model minus each reference of --paired-with, per task, on the same prompts and seeds.
+  gain     with --gain-of: each model's share (model - base) / (teacher - base) of each teacher's gain.
+Every cell carries its standard error over prompts (JSON '<column>_se', Markdown 'mean +- se'): a prompt's
+K images are averaged first, as prompts are what is drawn and what two models are paired on. A prompt is a
+distinct (text, metadata) pair: a file that writes a prompt on several lines (Flow-GRPO's GenEval test file:
+553 prompts, each 4 times) is read as its distinct prompts, each sampled K times and counted once.
+Plus grid_<model>.png, grid_compare.png (one row per model) and main.png (the main table as bars).
+Resumable: every prompt's per-image scores are cached in --cache, one JSON per (model, prompt set), named by
+a hash of the model's weights, the base and the sampling settings; a rerun with everything cached samples nothing.
 
 Commands:
   # CPU, tiny world (2 cores: a few minutes with --limit 16)
@@ -40,12 +30,10 @@ Commands:
   # N GPUs on one node: prompts are split over ranks, identical numbers to 1 process
   torchrun --standalone --nproc_per_node 8 evaluate.py --world /models/stable-diffusion-3.5-medium --models ...
   # 4 nodes x 8 GPUs
-  torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $MASTER:29500 evaluate.py \
-      --world ... --models ...
+  torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $MASTER:29500 evaluate.py ...
 """
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -68,28 +56,20 @@ SETTINGS = dict(
     models=("base", "comma-separated 'base' (no adapter) and label=path/to/adapter.safetensors entries"),
     tables=("main,ood,quality", "which tables to make: main, ood, quality"),
     tasks=("", "tasks of the main table (default: all of the world's; e.g. 'ocr,pickscore' without reward servers)"),
-    gain_of=("", "task=label pairs naming each task's teacher among --models ('deqa=grpo-deqa,...'): adds the gain "
-                 "table, each model's share (model - base) / (teacher - base) of the teacher's gain on its task (needs "
-                 "base and the main table)"),
-    paired_with=("base,grpo-mix", "labels of --models that every other model is compared with, paired (same prompts "
-                                  "and seeds): the paired table (labels not among --models are skipped)"),
-    quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore'; sd3 "
-                         "also imagereward, hpsv2: optional packages, see rewards.py)"),
+    gain_of=("", "task=label pairs naming each task's teacher among --models ('deqa=grpo-deqa,...'): the gain table"),
+    paired_with=("base,grpo-mix", "labels of --models every other model is compared with, paired"),
+    quality_metrics=("", "rewards of the quality table (default: tiny 'deqa,pickscore', sd3 'aesthetic,pickscore')"),
     images_per_prompt=(None, int, "images per distinct prompt (default: tiny 2; sd3 4, GenEval's protocol)"),
-    limit=(0, "evaluate K distinct prompts of each prompt file, evenly spread over it so every category is represented "
-              "(0 = all)"),
+    limit=(0, "evaluate K distinct prompts of each prompt file, evenly spread over it (0 = all)"),
     steps=(None, int, "ODE steps (default: the world's eval_steps; 40 on SD3)"),
     guidance_scale=(None, float, "CFG scale (default: the world's; 4.5 on SD3)"),
     seed=(0, "base seed: image k of prompt i starts from noise seeded seed + i * images_per_prompt + k"),
     batch_size=(32, "images per sampling forward, per rank"),
     chunk_prompts=(16, "prompts per rank between cache writes (what an interruption can lose)"),
     grid_prompts=(2, "prompts per main-table task in the sample grids (image k = 0 of each)"),
-    reward_dtype=("", "precision of the CLIP scorers (PickScore, aesthetic, HPS-v2.1) on CUDA: '' = float16, 'float32' = Flow-GRPO's "
-                      "(scores that match CPU values to float32 rounding, at twice the memory)"),
-    deqa_scale=(1.0, "sd3 only: multiply the DeQA server's answers (5 against yifan123/reward-server, which answers "
-                     "in [0.2, 1])"),
-    threads=(0, "CPU only: torch threads per rank (0 = OMP_NUM_THREADS if set, else cores / ranks; 1 when the cores "
-                "are shared with other work)"),
+    reward_dtype=("", "precision of the CLIP scorers (PickScore, aesthetic, HPS-v2.1) on CUDA: '' = float16, 'float32'"),
+    deqa_scale=(1.0, "sd3 only: multiply the DeQA server's answers (5 for yifan123/reward-server's [0.2, 1])"),
+    threads=(0, "CPU only: torch threads per rank (0 = OMP_NUM_THREADS if set, else cores / ranks)"),
     out=(None, str, "folder of the tables and plots (default results/<world kind>)"),
     cache=(None, str, "folder of the per-image score cache (default <out>/eval_cache)"),
 )
@@ -111,13 +91,11 @@ steps = cfg.steps or world.defaults["eval_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
 K = cfg.images_per_prompt or (4 if sd3 else 2)
 tables = [t.strip() for t in cfg.tables.split(",") if t.strip()]
-for t in tables:
-    if t not in ("main", "ood", "quality"):
-        raise SystemExit(f"error: unknown table {t!r}: main, ood or quality")
+for t in (t for t in tables if t not in ("main", "ood", "quality")):
+    raise SystemExit(f"error: unknown table {t!r}: main, ood or quality")
 main_tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or list(world.tasks)
-for t in main_tasks:
-    if t not in world.tasks:
-        raise SystemExit(f"error: --tasks {t!r} is not a task of the {world.kind} world {world.tasks}")
+for t in (t for t in main_tasks if t not in world.tasks):
+    raise SystemExit(f"error: --tasks {t!r} is not a task of the {world.kind} world {world.tasks}")
 quality_metrics = [m.strip() for m in (cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore"))
                    .split(",")]
 for m in quality_metrics:  # one line at set-up, not a traceback after sampling
@@ -125,8 +103,7 @@ for m in quality_metrics:  # one line at set-up, not a traceback after sampling
         raise SystemExit(f"error: --quality-metrics {m!r} is not a reward of the {world.kind} world: "
                          f"{', '.join(rewards.SD3_REWARDS if sd3 else rewards.TINY_REWARDS)}")
 if "quality" in tables and K < 2 and not sd3:
-    raise SystemExit("error: the quality table's diversity compares images of one prompt: "
-                     "use --images-per-prompt 2 or more")
+    raise SystemExit("error: the quality table's diversity compares images of one prompt: use --images-per-prompt 2+")
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind)
 cache_dir = cfg.cache or os.path.join(out, "eval_cache")
 
@@ -138,8 +115,7 @@ for entry in (e.strip() for e in cfg.models.split(",") if e.strip()):
     if sep and not os.path.exists(path):
         raise SystemExit(f"error: --models {label}: LoRA file or PEFT folder {path} does not exist")
     if label in models or not re.fullmatch(r"[\w.+-]+", label):
-        raise SystemExit(f"error: --models label {label!r} is repeated or has characters other than letters, digits, "
-                         f"_ . + -")
+        raise SystemExit(f"error: --models label {label!r} is repeated or not made of letters, digits, _ . + -")
     models[label] = path or None
 gain_of = {}  # task -> label of its teacher among the models
 for part in (p.strip() for p in cfg.gain_of.split(",") if p.strip()):
@@ -166,19 +142,8 @@ prompt_sets = {}  # set -> (file, prompts, metadata): --limit distinct prompts e
 merged = {}  # set -> how many duplicate lines were merged into the line of their first appearance
 for name in set_metrics:
     path = worlds.prompt_file(world, name, "test")
-    # one prompt written on 4 lines (GenEval's test file) is one prompt: K images, not 4K, and one unit of
-    # the SEs, not 4 (4 correlated copies would understate them up to 2x). Same text with other metadata
-    # asks another question (other GenEval clauses): kept apart.
-    lines = list(zip(*worlds.read_prompts(path)))  # (prompt, metadata) per line
-    distinct = {}  # (prompt, metadata as JSON) -> (prompt, metadata), in order of first appearance
-    for prompt, meta in lines:
-        distinct.setdefault((prompt, json.dumps(meta, sort_keys=True)), (prompt, meta))
-    prompts, metadata = [p for p, _ in distinct.values()], [m for _, m in distinct.values()]
-    merged[name] = len(lines) - len(prompts)
-    n = min(cfg.limit, len(prompts)) if cfg.limit > 0 else len(prompts)
-    # files are often grouped by category (GenEval's, our OOD set): a prefix would test only the first
-    keep = np.linspace(0, len(prompts) - 1, n).round().astype(int).tolist() if n else []
-    prompt_sets[name] = (path, [prompts[i] for i in keep], [metadata[i] for i in keep])
+    prompts, metadata, merged[name] = worlds.read_test_prompts(path, cfg.limit)
+    prompt_sets[name] = (path, prompts, metadata)
 worlds.encode_once(world, [p for _, prompts, _ in prompt_sets.values() for p in prompts],
                    os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
 
@@ -203,20 +168,9 @@ if sd3 and "geneval" in prompt_sets and all(isinstance(m, dict) and m.get("tag")
     geneval_tags = [m["tag"] for m in prompt_sets["geneval"][2]]
 
 
-def base_fingerprint(transformer):
-    """A cheap identity of the base weights (the first 4096 values of every 8th tensor): a rebuilt
-    tiny base, or another SD3 folder, must not reuse cached scores."""
-    h = hashlib.sha256(world.name.encode())
-    for i, (n, p) in enumerate(transformer.state_dict().items()):
-        if i % 8 == 0 and "lora_" not in n:
-            h.update(n.encode() + p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-base_id = base_fingerprint(world.transformer)
-# what each adapter computes (worlds.adapter_sha256: weights by content, with a PEFT adapter_config.json): a
-# rewritten, equal adapter hits the cache; a re-uploaded checkpoint under the same name does not
+# what each adapter computes (weights by content, with a PEFT adapter_config.json): equal rewrites hit the cache
 model_ids = {label: worlds.adapter_sha256(path) if path else "base" for label, path in models.items()}
+base_id = worlds.base_fingerprint(world)  # a rebuilt tiny base, or another SD3 folder, reuses no cached score
 sampling = dict(world=world.name, base=base_id[:16], steps=steps, guidance_scale=guidance,
                 shift=world.defaults["shift"], images_per_prompt=K, seed=cfg.seed, noise_level=0.0)
 
@@ -289,20 +243,6 @@ def score_prompts(name, images, units):
     return scores
 
 
-def barrier():
-    if dist.world_size > 1:
-        torch.distributed.barrier()
-
-
-def from_master(obj):
-    """Rank 0's obj on every rank (the others' obj is ignored)."""
-    if dist.world_size == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 grid_sets = [t for t in main_tasks if t in prompt_sets] or list(prompt_sets)
 grid_units = [(t, i) for t in grid_sets for i in range(min(cfg.grid_prompts, len(prompt_sets[t][1])))]
 if dist.master:
@@ -312,9 +252,8 @@ if dist.master:
                                                                models=models, model_sha256=model_ids,
                                                                reward_options=options,
                                                                **({"ocr_engine": rewards.ocr_engine()} if sd3 else {})))
-    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | ODE {steps} steps, "
-          f"CFG {guidance}, "
-          f"shift {world.defaults['shift']} | {K} images/prompt, seeds {cfg.seed} + i * {K} + k | tables {tables}")
+    print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | ODE {steps} steps, CFG "
+          f"{guidance}, shift {world.defaults['shift']} | {K} images/prompt, seeds {cfg.seed} + i * {K} + k | {tables}")
     for name, (path, prompts, _) in prompt_sets.items():
         dups = f", {merged[name]} duplicate lines merged" if merged[name] else ""
         print(f"  set {name:10s} {len(prompts):5d} prompts x {K} = {len(prompts) * K:6d} images, "
@@ -335,9 +274,9 @@ for label, path in models.items():
             cached = read_cache(cache_path(label, name))
             todo[name] = [i for i in range(len(prompts))
                           if not has_scores(cached.get(str(i)), prompts[i], set_metrics[name])]
-    # the master's cache alone decides: ranks that read their own (a node-local --cache) could disagree on the
-    # work, so on how many collective calls follow, and hang. The master is also the only rank that writes it.
-    todo = from_master(todo)
+    # the master's cache alone decides (it alone writes it): ranks reading a node-local --cache could disagree
+    # on the work, so on how many collective calls follow, and hang
+    todo = runs.from_master(dist, todo)
     grid_key = [sampling, model_ids[label], grid_units, [prompt_sets[t][1][i] for t, i in grid_units]]
     grid_digest = hashlib.sha256(json.dumps(grid_key).encode()).hexdigest()[:12]
     grid_file = os.path.join(cache_dir, f"{label}-grid-{grid_digest}.safetensors")
@@ -397,16 +336,15 @@ for label, path in models.items():
         transformer.delete_adapters(adapter_name)
     if dist.master:
         grids[label] = runs.load_tensors(grid_file)[0]["images"]
-    barrier()
+    runs.barrier(dist)
 
 # -----------------------------------------------------------------------------
 # Tables (master): means over the cached per-image scores of the prompts evaluated now
 
 
 def prompt_means(label, name, col):
-    """{prompt index: mean of the column over that prompt's K images} for the set's --limit prompts that
-    have the column (an OOD prompt scores only its own category). Means and their standard errors are
-    taken over prompts: the unit that is drawn, and the one two models are paired on (same seeds)."""
+    """{prompt index: mean of the column over that prompt's K images} for the set's prompts that have the column
+    (an OOD prompt scores only its own category): the unit that is drawn, and that two models are paired on."""
     cached = read_cache(cache_path(label, name))
     values = {i: np.atleast_1d(cached[str(i)].get(col, [])) for i in range(len(prompt_sets[name][1]))}
     return {i: float(np.mean(v)) for i, v in values.items() if len(v)}
@@ -426,170 +364,168 @@ def mean_se(values, groups=None):
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
 
 
-def task_mean_se(task, by_prompt):
-    """mean_se of a main-table column's {prompt index: value}: GenEval's columns by category (sd3)."""
-    grouped = task.startswith("geneval") and geneval_tags is not None
-    return mean_se(by_prompt.values(), [geneval_tags[i] for i in by_prompt] if grouped else None)
+def task_mean_se(task, by_prompt, tags=None):
+    """mean_se of a main-table column's {prompt index: value}; GenEval's columns by category where tags gives
+    each GenEval prompt's category (sd3 metadata 'tag')."""
+    grouped = task.startswith("geneval") and tags is not None
+    return mean_se(by_prompt.values(), [tags[i] for i in by_prompt] if grouped else None)
 
 
 def combined_se(coefficients, ses):
     """SE of sum_i c_i x_i for independent x_i (different prompt sets) with SEs ses; None if any is None."""
-    if any(se is None for se in ses):
-        return None
-    return float(math.sqrt(sum((c * se) ** 2 for c, se in zip(coefficients, ses))))
+    return None if None in ses else float(math.sqrt(sum((c * se) ** 2 for c, se in zip(coefficients, ses))))
 
 
-def fmt(x, digits=3):
-    return "-" if x is None else f"{x:.{digits}f}"
+def main_row(row, values_of, tasks, sd3, tags=None, extra=()):
+    """Fill row's task columns (the paper's order: geneval, ocr, deqa, pickscore, then `extra` columns) with the
+    mean +- SE of values_of(column), the column's {prompt index: value}, and the Average from the four: on sd3
+    mean(GenEval, OCR, DeQA/5, PickScore/26), in the tiny world (every reward in [0, 1]) the plain mean."""
+    coef = [rewards.paper_average(*unit) if sd3 else 1 / 4 for unit in np.eye(4)]  # the Average is linear
+    for t in rewards.TINY_REWARDS + tuple(extra):
+        row[t], row[f"{t}_se"] = task_mean_se(t, values_of(t), tags) if t in (*tasks, *extra) else (None, None)
+    parts = [row[t] for t in rewards.TINY_REWARDS]
+    row["average"] = row["average_se"] = None
+    if None not in parts:
+        row["average"] = rewards.paper_average(*parts) if sd3 else float(np.mean(parts))
+        row["average_se"] = combined_se(coef, [row[f"{t}_se"] for t in rewards.TINY_REWARDS])
+    return row
 
 
-def markdown(title, columns, rows, note="", signed=False):
-    """A Markdown table; a cell whose row also holds '<column>_se' is written 'mean +- se'."""
-    def cell(r, c):
-        if isinstance(r[c], str):
-            return r[c]
-        se = r.get(f"{c}_se")
-        value = "-" if r[c] is None else f"{r[c]:+.3f}" if signed else fmt(r[c])
-        return value + (f" +- {se:.3f}" if se is not None and r[c] is not None else "")
-    lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
-    return "\n".join(lines + (["", note] if note else [])) + "\n"
+def main_rows(per_prompt, models, tasks, sd3, tags=None, extra=()):
+    """The main table. per_prompt[(label, column)] = {prompt index: the prompt's mean score, in the table's units};
+    tags: each GenEval prompt's category (its column is then the mean of the category means, as GenEval's)."""
+    return [main_row({"model": label}, lambda t: per_prompt[label, t], tasks, sd3, tags, extra) for label in models]
+
+
+def paired_rows(per_prompt, models, references, tasks, sd3, tags=None, extra=()):
+    """Each model minus each reference, per task: the mean over the prompts both hold of the per-prompt difference
+    (same prompts, same seeds) +- its paired SE. The Average of the differences is the difference of the Averages."""
+    rows = []
+    for ref in (r for r in references if r in models):
+        for label in (m for m in models if m != ref):
+            rows.append(main_row({"model": label, "minus": ref}, lambda t: {
+                i: v - per_prompt[ref, t][i] for i, v in per_prompt[label, t].items() if i in per_prompt[ref, t]},
+                tasks, sd3, tags, extra))
+    return rows
+
+
+def gain_rows(rows_of_main, per_prompt, models, gain_of, tags=None):
+    """Each model's share of each teacher's gain over the base on the teacher's task (the paper: OPD keeps >= 90%):
+    (model - base) / (teacher - base) from the main table's rows, +- its SE over prompts by the delta method
+    (paired). Returns (rows, {task: the teacher's gain}); a teacher that does not beat the base shares None."""
+    by_label = {row["model"]: row for row in rows_of_main}
+    base_row = by_label["base"]
+    gains = {t: by_label[teacher][t] - base_row[t] for t, teacher in gain_of.items()}
+    rows = []
+    for label in (m for m in models if m != "base"):
+        row = {"model": label}
+        for t, g in gains.items():
+            row[t] = row[f"{t}_se"] = None
+            if g > 0:
+                row[t] = (by_label[label][t] - base_row[t]) / g
+                # SE of a ratio of paired means: std(d_model - share * d_teacher) / (sqrt(n) gain)
+                base, model, teacher = per_prompt["base", t], per_prompt[label, t], per_prompt[gain_of[t], t]
+                _, se = task_mean_se(t, {i: (model[i] - base[i]) - row[t] * (teacher[i] - base[i]) for i in base}, tags)
+                row[f"{t}_se"] = se / g if se is not None else None
+        rows.append(row)
+    return rows, gains
+
+
+def ood_rows(per_prompt, models):
+    """The OOD table: per category, the mean over its prompts (per_prompt[(label, category)] = {prompt: mean});
+    overall = the mean of the category means."""
+    rows = []
+    for label in models:
+        row = {"model": label}
+        for c in OOD_CATEGORIES:
+            row[c], row[f"{c}_se"] = mean_se(per_prompt[label, c].values())
+        present = [c for c in OOD_CATEGORIES if row[c] is not None]
+        row["overall"] = float(np.mean([row[c] for c in present])) if present else None
+        row["overall_se"] = (combined_se([1 / len(present)] * len(present), [row[f"{c}_se"] for c in present])
+                             if present else None)
+        rows.append(row)
+    return rows
+
+
+def quality_rows(values, models, metrics):
+    """The quality table: values[(label, metric)] = per-prompt values pooled over the quality prompt sets."""
+    rows = []
+    for label in models:
+        row = {"model": label}
+        for m in metrics:
+            row[m], row[f"{m}_se"] = mean_se(values[label, m])
+        rows.append(row)
+    return rows
 
 
 def save_table(name, title, columns, rows, note="", signed=False):
     runs.write_json(os.path.join(out, f"{name}.json"), dict(rows=rows, **({"note": note} if note else {}),
                                                            settings=sampling,
                                                            prompts={s: len(prompt_sets[s][1]) for s in prompt_sets}))
-    text = markdown(title, columns, rows, note, signed)
+    text = runs.markdown_table(title, columns, rows, note, signed)
     runs.atomic_write(os.path.join(out, f"{name}.md"), text)
     print("\n" + text)
 
 
 if dist.master:
-    n_prompts = ", ".join(f"{s} {len(prompt_sets[s][1])}"
-                          + (f" ({merged[s]} duplicate lines merged)" if merged[s] else "")
-                          for s in prompt_sets)
+    n_prompts = ", ".join(f"{s} {len(prompt_sets[s][1])}" + (f" ({merged[s]} duplicate lines merged)" if merged[s]
+                                                             else "") for s in prompt_sets)
     setting_note = f"ODE {steps} steps, CFG {guidance}, {K} images/prompt, seed {cfg.seed}; prompts: {n_prompts}."
 
     if "main" in tables:
-        # the sd3 reward is logit/26; the paper reports the logit
-        units = {"pickscore": rewards.PICKSCORE_SCALE} if sd3 else {}
-        # the Average is linear in the four columns: these are its coefficients (for its SE and its paired difference)
-        average_coef = [rewards.paper_average(*unit) if sd3 else 1 / 4 for unit in np.eye(4)]
-        # (label, column) -> {prompt: its mean score, in the table's units}; sd3's strict GenEval is an extra column
-        extra = ["geneval_strict"] if sd3 and "geneval" in main_tasks else []
+        units = {"pickscore": rewards.PICKSCORE_SCALE} if sd3 else {}  # sd3's reward is logit / 26; the table's, logit
+        extra = ["geneval_strict"] if sd3 and "geneval" in main_tasks else []  # sd3's strict GenEval: an extra column
         per_prompt = {(label, t): {i: v * units.get(t, 1) for i, v in prompt_means(label, t, t).items()}
                       for label in models for t in main_tasks}
         per_prompt.update({(label, c): prompt_means(label, "geneval", c) for label in models for c in extra})
-
-        def main_row(row, values_of):
-            """Fill row's task columns (the paper's order: geneval, ocr, deqa, pickscore) with the mean +- SE of
-            values_of(task), the task's {prompt: value}, and the Average from them."""
-            for t in rewards.TINY_REWARDS + tuple(extra):
-                row[t], row[f"{t}_se"] = task_mean_se(t, values_of(t)) if t in main_tasks + extra else (None, None)
-            parts = [row[t] for t in rewards.TINY_REWARDS]
-            row["average"] = row["average_se"] = None
-            # sd3: mean(GenEval, OCR, DeQA/5, PickScore/26); tiny: every reward is in [0, 1] already
-            if None not in parts:
-                row["average"] = rewards.paper_average(*parts) if sd3 else float(np.mean(parts))
-                row["average_se"] = combined_se(average_coef, [row[f"{t}_se"] for t in rewards.TINY_REWARDS])
-            return row
-
-        rows = [dict(main_row({"model": label}, lambda t: per_prompt[label, t]), adapter_sha256=model_ids[label])
-                for label in models]
-        main_rows = rows
+        main = [dict(row, adapter_sha256=model_ids[row["model"]])
+                for row in main_rows(per_prompt, models, main_tasks, sd3, geneval_tags, extra)]
         avg = "mean(GenEval, OCR, DeQA/5, PickScore/26)" if sd3 else "the plain mean (tiny-world rewards are in [0, 1])"
         geneval_note = (" GenEval = GenEval's score: the mean of its category means of GenEval's correctness (at least "
                         "the asked count), SE over prompts within categories; geneval_strict = every clause with exact "
                         "counts (not in the Average)." if extra else "")
         save_table("main", "Main table: each task on its own test split",
-                   ["model", *rewards.TINY_REWARDS, "average", *extra], rows,
+                   ["model", *rewards.TINY_REWARDS, "average", *extra], main,
                    f"Average = {avg}. Each cell: mean +- its standard error over prompts (the Average's from the four "
                    f"columns' SEs, independent prompt sets).{geneval_note} Adapters by sha256 in main.json. "
                    f"{setting_note}")
-
-        # differences against the references (the base, GRPO-Mix), paired: the same prompts and seeds
-        def differences(label, ref, t):
-            mine, theirs = per_prompt[label, t], per_prompt[ref, t]
-            return {i: v - theirs[i] for i, v in mine.items() if i in theirs}
-
-        rows = []  # the Average of the differences is the difference of the Averages (it is linear)
-        for ref in (r for r in paired_with if r in models):
-            rows += [main_row({"model": label, "minus": ref}, lambda t: differences(label, ref, t))
-                     for label in models if label != ref]
-        if rows:
+        paired = paired_rows(per_prompt, models, paired_with, main_tasks, sd3, geneval_tags, extra)
+        if paired:
             save_table("paired", "Paired differences: each model minus a reference, on the same prompts and seeds",
-                       ["model", "minus", *rewards.TINY_REWARDS, "average"], rows,
+                       ["model", "minus", *rewards.TINY_REWARDS, "average"], paired,
                        "Each cell: the mean over prompts of (model - reference) +- its paired standard error. "
                        "A difference is a claim only beyond 2 SE and beyond the run-to-run spread of two seeds "
-                       "(README). "
-                       f"{setting_note}", signed=True)
+                       f"(README). {setting_note}", signed=True)
 
-    if gain_of:  # the paper's claim that the student keeps most (>= 90%) of each teacher's gain on its task
-        by_label = {row["model"]: row for row in main_rows}
-        base_row = by_label["base"]
-        gains = {t: by_label[teacher][t] - base_row[t] for t, teacher in gain_of.items()}
-        rows = []
-        for label in models:
-            if label == "base":
-                continue
-            row = {"model": label}
-            for t, g in gains.items():  # a teacher that does not beat the base has no gain to share: '-'
-                row[t] = row[f"{t}_se"] = None
-                if g > 0:
-                    row[t] = (by_label[label][t] - base_row[t]) / g
-                    # delta method for a ratio of paired means: SE = std(d_model - share * d_teacher) / (sqrt(n) gain)
-                    base, model, teacher = per_prompt["base", t], per_prompt[label, t], per_prompt[gain_of[t], t]
-                    _, se = task_mean_se(t, {i: (model[i] - base[i]) - row[t] * (teacher[i] - base[i]) for i in base})
-                    row[f"{t}_se"] = se / g if se is not None else None
-            rows.append(row)
+    if gain_of:
+        rows, gains = gain_rows(main, per_prompt, models, gain_of, geneval_tags)
         save_table("gain", "Share of each teacher's gain over the base on the teacher's task", ["model", *gain_of],
-                   rows,
-                   "(model - base) / (teacher - base) on each task's main-table column, +- its SE over prompts "
+                   rows, "(model - base) / (teacher - base) on each task's main-table column, +- its SE over prompts "
                    "(delta method, paired); teachers: "
                    + ", ".join(f"{t} {teacher} ({gains[t]:+.3f})" for t, teacher in gain_of.items())
                    + f". '-': the teacher does not beat the base. {setting_note}")
 
-    if "ood" in tables:
-        columns = ["model", *OOD_CATEGORIES, "overall"]
-        if sd3:
-            save_table("ood", "Out-of-domain compositions (T2I-CompBench)", columns, [],
-                       "Not evaluated: the SD3 OOD numbers need T2I-CompBench's own evaluators (BLIP-VQA, UniDet, "
-                       "...), which are not shipped with this code; run them on images sampled with these settings.")
-        else:
-            rows = []
-            for label in models:
-                row = {"model": label}
-                for c in OOD_CATEGORIES:  # over the prompts of the category (each OOD prompt holds one)
-                    row[c], row[f"{c}_se"] = mean_se(prompt_means(label, "ood", f"ood_{c}").values())
-                present = [c for c in OOD_CATEGORIES if row[c] is not None]
-                # the mean of the category means
-                row["overall"] = float(np.mean([row[c] for c in present])) if present else None
-                row["overall_se"] = (combined_se([1 / len(present)] * len(present), [row[f"{c}_se"] for c in present])
-                                     if present else None)
-                rows.append(row)
-            save_table("ood", "Out-of-domain compositions (held-out, GenEval-strict correctness)", columns, rows,
-                       f"Overall = mean of the category means. Each cell +- its SE over prompts. {setting_note}")
+    if "ood" in tables and sd3:
+        save_table("ood", "Out-of-domain compositions (T2I-CompBench)", ["model", *OOD_CATEGORIES, "overall"], [],
+                   "Not evaluated: the SD3 OOD numbers need T2I-CompBench's own evaluators (BLIP-VQA, UniDet, "
+                   "...), which are not shipped with this code; run them on images sampled with these settings.")
+    elif "ood" in tables:  # each OOD prompt holds one category
+        ood = {(label, c): prompt_means(label, "ood", f"ood_{c}") for label in models for c in OOD_CATEGORIES}
+        save_table("ood", "Out-of-domain compositions (held-out, GenEval-strict correctness)",
+                   ["model", *OOD_CATEGORIES, "overall"], ood_rows(ood, models),
+                   f"Overall = mean of the category means. Each cell +- its SE over prompts. {setting_note}")
 
     if "quality" in tables:
         metrics = quality_metrics + ([] if sd3 else ["diversity"])
-        rows = []
-        for label in models:
-            row = {"model": label}
-            for m in metrics:  # pooled over both prompt sets, each prompt counted once
-                values = [v for s in QUALITY_SETS for v in prompt_means(label, s, m).values()]
-                scale = rewards.PICKSCORE_SCALE if sd3 and m == "pickscore" else 1
-                row[m], row[f"{m}_se"] = mean_se(scale * v for v in values)
-            rows.append(row)
-        note = f"Prompts: the {' + '.join(QUALITY_SETS)} test splits. " + (
-            f"{NOT_WIRED}." if sd3
-            else "Diversity = mean pairwise RMS pixel distance between the images of one prompt.")
-        save_table("quality", "Quality", ["model", *metrics], rows,
+        values = {(label, m): [(rewards.PICKSCORE_SCALE if sd3 and m == "pickscore" else 1) * v
+                               for s in QUALITY_SETS for v in prompt_means(label, s, m).values()]
+                  for label in models for m in metrics}  # pooled over both prompt sets, each prompt counted once
+        diversity = "Diversity = mean pairwise RMS pixel distance between the images of one prompt."
+        note = f"Prompts: the {' + '.join(QUALITY_SETS)} test splits. " + (f"{NOT_WIRED}." if sd3 else diversity)
+        save_table("quality", "Quality", ["model", *metrics], quality_rows(values, models, metrics),
                    f"{note} Each cell +- its SE over prompts. {setting_note}")
 
-    # -------------------------------------------------------------------------
     # Pictures: one grid per model, one comparison grid (a row per model), the main table as bars
-
     scale = max(1, 128 // world.defaults["resolution"])
     for label, images in grids.items():
         runs.save_grid(images, os.path.join(out, f"grid_{label}.png"), nrow=len(images), scale=scale)
@@ -598,27 +534,9 @@ if dist.master:
     print(f"grids: columns = {', '.join(f'{t}[{i}]' for t, i in grid_units)}; "
           f"grid_compare.png rows = {', '.join(grids)}")
     if "main" in tables:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         norm = {"deqa": rewards.DEQA_MAX, "pickscore": rewards.PICKSCORE_SCALE} if sd3 else {}
-        metrics = [*rewards.TINY_REWARDS, "average"]
-        fig, ax = plt.subplots(figsize=(1.6 * len(metrics) + 0.4 * len(main_rows), 3.5))
-        width = 0.8 / len(main_rows)
-        for r, row in enumerate(main_rows):  # missing columns (tasks not evaluated) drawn as 0
-            heights = [(row[m] or 0) / norm.get(m, 1) for m in metrics]
-            ax.bar(np.arange(len(metrics)) + (r - (len(main_rows) - 1) / 2) * width, heights, width, label=row["model"])
-        ax.set_xticks(range(len(metrics)), [m + (f" / {norm[m]:g}" if m in norm else "") for m in metrics])
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8, ncol=min(4, len(main_rows)))
-        ax.set_title(f"{world.kind}: main table")
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120)
-        plt.close(fig)
-        runs.atomic_write(os.path.join(out, "main.png"), buffer.getvalue())
+        runs.plot_bars(main, [*rewards.TINY_REWARDS, "average"], norm, f"{world.kind}: main table",
+                       os.path.join(out, "main.png"))
     print(f"tables and pictures in {out}")
 
 runs.end_distributed(dist)

@@ -28,15 +28,11 @@ Commands
 Outputs in --out: adapter.safetensors (the EMA LoRA, diffusers-loadable), config.json, log.jsonl,
 samples_XXXX.png, checkpoints/ (exact resume: rerun the same command).
 
-Flow-GRPO-Fast and the tiny-world pilots (docs/NOTES.md; code in the section so marked): --sde-window K
-(Flow-GRPO-Fast) makes only K consecutive steps stochastic and trains only those; the tiny world uses
-K = 2 (its pixels keep the late steps' noise: docs/DEPARTURES.md), SD3.5-M every step (K = 0), as
-the paper. The window starts at a step drawn per epoch in the first half, or at --window-start s
-(docs/NOTES.md, pilot F: only the first step). The LoRA still acts at every step, so the steps outside
-the window drift with nothing to hold them; --kl-outside k holds k of them per sample near the base
-with their SDE-step KL (docs/NOTES.md, pilot G: that drift was all of a first-step expert's quality
-loss). --same-latent starts a prompt's G images from one initial noise, so that a group differs only
-by the SDE steps' noise (reproduce.sh uses it on the tiny world).
+Flow-GRPO-Fast: --sde-window K makes only K consecutive steps stochastic (the window starts at a step
+drawn per epoch in the first half) and trains only those; the tiny world uses K = 2 (its pixels keep the
+late steps' noise: docs/DEPARTURES.md), SD3.5-M every step (K = 0), as the paper. --same-latent starts a
+prompt's G images from one initial noise, so that a group differs only by the SDE steps' noise
+(reproduce.sh uses it on the tiny world). The tiny-world pilots on the window are in docs/NOTES.md.
 """
 
 import contextlib
@@ -60,40 +56,21 @@ SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
     task=("geneval", "the task to reward, or a weighted mix 'geneval:3,ocr:1,pickscore:1' (GRPO-Mix; see --mix)"),
     reward=("", "extra reward terms added to every sample's task reward, e.g. 'deqa:1' (GRPO-Mix's DeQA 1:1)"),
-    mix=("epochs", "several tasks: 'epochs' alternates whole epochs in the weights' ratio (3:1:1 = 3 GenEval epochs, "
-                   "then 1 OCR, 1 PickScore), each on its task's prompts and reward (the paper's GRPO-Mix); 'prompts' "
-                   "draws each prompt's task with those odds, advantages normalised per task"),
-    prompts=("", "train on these tasks' prompts ('geneval,ocr,pickscore', or with odds) with the --reward mix alone as "
-                 "the reward, no task reward: the paper's DeQA teacher is --prompts geneval,ocr,pickscore "
-                 "--reward deqa:0.4,pickscore:0.6"),
+    mix=("epochs", "several tasks: 'epochs' alternates whole epochs in the weights' ratio; 'prompts' mixes each batch"),
+    prompts=("", "train on these tasks' prompts with the --reward mix alone as the reward (the DeQA teacher)"),
     out=(None, str, "output folder (default results/<world>/runs/grpo-<task>)"),
     init=("", "start from this LoRA file instead of a fresh adapter"),
     epochs=(60, "epochs; one epoch = sample, score, update"),
-    prompts_per_epoch=(None, int, "distinct prompts per epoch, over all ranks (default: the world's; 48 on SD3, "
-                                  "Flow-GRPO's, 8 on tiny)"),
-    group_size=(None, int, "G: images per prompt, the group that defines the advantage baseline (default: 24 on SD3, "
-                           "8 on tiny)"),
-    sample_batch=(None, int, "images per sampling forward, per rank (default: 9 on SD3, Flow-GRPO's per GPU; "
-                             "16 on tiny)"),
-    train_batch=(None, int, "images per training forward, per rank (default: 9 on SD3, ~43 GiB of activations; "
-                            "16 on tiny)"),
+    prompts_per_epoch=(None, int, "distinct prompts per epoch, over all ranks (default: the world's; 48 on SD3)"),
+    group_size=(None, int, "G: images per prompt, the group of the advantage baseline (default: the world's)"),
+    sample_batch=(None, int, "images per sampling forward, per rank (default: the world's)"),
+    train_batch=(None, int, "images per training forward, per rank (default: the world's)"),
     steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
     timestep_fraction=(0.99, "train the first floor(T * fraction) steps (0.99 -> 9 of 10, Flow-GRPO)"),
     guidance_scale=(None, float, "CFG scale for sampling and training (default: the world's; 4.5 on SD3)"),
-    noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise (default: the world's; "
-                              "0.7 on SD3)"),
-    # Flow-GRPO-Fast and the tiny-world pilots (the docstring's last paragraph; docs/NOTES.md)
-    sde_window=(None, int, "Flow-GRPO-Fast: only this many consecutive steps (window start drawn per epoch in the "
-                           "first half) are SDE steps and trained; 0 = all (Flow-GRPO; default: the world's, 0 on "
-                           "SD3, 2 on tiny)"),
-    window_start=(None, int, "with --sde-window: fix the window's first step (default: drawn per epoch in the first "
-                             "half)"),
-    kl_outside=(0, "with --sde-window: also hold k of the trained steps outside the window (drawn per sample and "
-                   "epoch) near the base, with the KL each would have as an SDE step, every such step weighted as a "
-                   "window step (0 = Flow-GRPO-Fast, which leaves them free; docs/NOTES.md, pilot G)"),
-    same_latent=(False, "the G images of a prompt start from one shared initial noise x_1 (Flow-GRPO's same_latent, "
-                        "DanceGRPO): the group then differs only by the SDE steps' noise, the actions being trained"),
-    # the update
+    noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)): the SDE's exploration noise (default: the world's)"),
+    sde_window=(None, int, "Flow-GRPO-Fast: SDE steps, and trained, only in a window of this many (0 = all)"),
+    same_latent=(False, "the G images of a prompt start from one shared initial noise x_1 (Flow-GRPO's same_latent)"),
     std_scope=("global", "advantage std over the whole batch ('global', Flow-GRPO) or per prompt ('group')"),
     adv_clip=(5.0, "advantages are clipped to +-adv_clip"),
     clip_range=(1e-4, "PPO clip range eps (Flow-GRPO's, small because log-probs are per-dimension means)"),
@@ -107,68 +84,17 @@ SETTINGS = dict(
     lora_rank=(32, "LoRA rank r"),
     lora_alpha=(64, "LoRA alpha (scale alpha / r)"),
     full_finetune=(False, "train every transformer weight instead of a LoRA (reference = a frozen copy)"),
-    ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is evaluated and saved), after Flow-GRPO's "
-                    "warm-up min((1 + s) / (10 + s), decay) at optimizer step s"),
+    ema_decay=(0.9, "EMA decay of the saved weights, after Flow-GRPO's warm-up min((1 + s) / (10 + s), decay)"),
     ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
-    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local "
-                "ranks)"),
-    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less "
-                                   "memory (SD3.5-M on 40-80 GB cards), the same gradients"),
+    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared between local ranks)"),
+    gradient_checkpointing=(False, "recompute block activations in the backward pass: less memory, same gradients"),
     seed=(0, "seed of prompt draws and sampling noise (per sample: seed, epoch, index)"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
-    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no "
-                 "network); '' = log.jsonl only"),
+    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only); '' = log.jsonl only"),
 )
 cfg = runs.parse_settings(__doc__, SETTINGS)
-
-# -----------------------------------------------------------------------------
-# Flow-GRPO-Fast's window and the tiny-world pilots (docs/NOTES.md, pilots F and G; the docstring's last
-# paragraph). Helpers only, called from the set-up and the update; the method reads without them.
-
-
-def check_window(steps, n_trained):
-    """--sde-window, --window-start and --kl-outside fit T = `steps`: checked before anything runs."""
-    try:
-        window0 = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, 0, cfg.window_start)  # all steps if 0
-    except ValueError as e:
-        raise SystemExit(f"error: --sde-window {cfg.sde_window} / --window-start {cfg.window_start}: {e}") from None
-    # a window has the same length every epoch and lies in the first half: epoch 0's tells how many steps lie
-    # outside it
-    if cfg.kl_outside:
-        n_outside = sum(j not in window0 for j in range(n_trained))  # 0 without a window
-        if not 0 < cfg.kl_outside <= n_outside:
-            raise SystemExit(f"error: --kl-outside {cfg.kl_outside} needs an SDE window and at most the {n_outside} "
-                             f"trained steps outside it (--sde-window {cfg.sde_window}, {n_trained} trained steps "
-                             f"of T={steps})")
-
-
-def held_outside_steps(train_steps, seeds):
-    """--kl-outside: the trained steps the window leaves deterministic, and which k of them each sample holds
-    (drawn per sample and epoch): (outside, held (n_local, len(outside)) bool), or ([], None) when off."""
-    outside = [j for j in range(n_trained) if j not in train_steps] if cfg.kl_outside else []
-    held = sde.step_subset(seeds, len(outside), cfg.kl_outside) if outside else None
-    return outside, held
-
-
-def kl_outside_loss(mb, outside, held, denominator, stats):
-    """--kl-outside (pilot G): beta * KL to the base at the held steps outside the window, for the samples `mb`
-    (local indices). Back-propagates each step's loss, summed over its samples and divided by `denominator` as a
-    window step's is; returns the summed detached loss (for the divergence guard)."""
-    total = torch.zeros((), device=dist.device)
-    for c, j in enumerate(outside):
-        rows = mb[held[mb, c]]  # this microbatch's samples that hold step j
-        if not len(rows):
-            continue
-        v = sde.predict_velocity(world, latents[rows, j], sigmas[j].item(), embeds[rows], pooled[rows], guidance)
-        kl = kl_to_reference(v, latents[rows, j], j, rows)
-        loss = beta * kl * len(outside) / cfg.kl_outside  # k held steps stand for all len(outside): unbiased
-        (loss.sum() / denominator).backward()
-        total += loss.detach().sum()
-        stats["kl_outside"].append(kl.detach().mean())
-    return total
-
 
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, the policy (a LoRA on the frozen base), its reference, the rewards
@@ -185,7 +111,10 @@ for name in ("prompts_per_epoch", "group_size", "sample_batch", "train_batch"): 
     setattr(cfg, name, world.defaults[name] if getattr(cfg, name) is None else getattr(cfg, name))
 # trained timestep indices: the first n_trained (Flow-GRPO), or the epoch's SDE window (sde.sde_window_steps)
 n_trained = int(math.floor(steps * cfg.timestep_fraction))
-check_window(steps, n_trained)
+try:  # a window has the same length every epoch: epoch 0's tells whether it fits
+    sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, 0)
+except ValueError as e:
+    raise SystemExit(f"error: --sde-window {cfg.sde_window}: {e}") from None
 # task_weights: whose prompts an epoch draws (and, without --prompts, whose reward each sample gets)
 task_weights = rewards.parse_weights(cfg.prompts or cfg.task)
 extra_weights = rewards.parse_weights(cfg.reward) if cfg.reward else {}
@@ -209,9 +138,6 @@ DEFAULT_BETA = {"geneval": 0.04, "ocr": 0.04, "pickscore": 0.01, "deqa": 0.01}
 MIX_BETA = 0.04  # Flow-GRPO's official mix config
 beta = cfg.beta if cfg.beta is not None else (min(DEFAULT_BETA[t] for t in extra_weights) if cfg.prompts else
                                               MIX_BETA if mixed else DEFAULT_BETA[next(iter(task_weights))])
-if cfg.kl_outside and beta <= 0:  # pilot G holds its steps with the KL
-    raise SystemExit(f"error: --kl-outside {cfg.kl_outside} holds steps near the base with the KL, so it needs "
-                     f"--beta > 0 (got {beta})")
 
 N = cfg.prompts_per_epoch * cfg.group_size  # images per epoch, all ranks
 first, n_local = runs.shard(N, dist)  # this rank holds global samples [first, first + n_local)
@@ -288,22 +214,16 @@ if start_epoch and dist.master:
     print(f"resumed from {out} at epoch {start_epoch}")
 
 
-@torch.no_grad()
-def reference_velocity(x_t, j, mb):
-    """v_ref(x_t): the base model (LoRA disabled, or the frozen copy when fully fine-tuning)."""
+def kl_to_reference(v, x_t, sigma, sigma_next, embeds, pooled, kl_scale):
+    """KL(pi_theta || pi_ref) of one step in closed form (sde.velocity_kl), per sample, times kl_scale. The
+    reference is the base model: the LoRA disabled, or the frozen copy when fully fine-tuning."""
     base = worlds.adapter(transformer, None) if reference_world is None else contextlib.nullcontext()
-    with base:
-        return sde.predict_velocity(reference_world or world, x_t, sigmas[j].item(), embeds[mb], pooled[mb], guidance)
+    with torch.no_grad(), base:
+        v_ref = sde.predict_velocity(reference_world or world, x_t, sigma, embeds, pooled, guidance)
+    return kl_scale * sde.velocity_kl(v, v_ref, sigma, sigma_next, cfg.noise_level)
 
 
-def kl_to_reference(v, x_t, j, mb):
-    """KL(pi_theta || pi_ref) of step j in closed form (sde.velocity_kl), per sample, times |dt| with
-    --kl-dt-factor (Flow-GRPO's code; its betas assume it)."""
-    kl = sde.velocity_kl(v, reference_velocity(x_t, j, mb), sigmas[j].item(), sigmas[j + 1].item(), cfg.noise_level)
-    return kl * (sigmas[j] - sigmas[j + 1]).item() if cfg.kl_dt_factor else kl
-
-
-def save_outputs(epoch):
+def save_outputs(epoch, opt_step):
     """The EMA adapter that later stages use, then the exact-resume checkpoint, each written atomically
     (master only). The checkpoint goes last: a run killed between the two resumes from the previous
     checkpoint and writes both again, where the other order could leave a finished run's adapter stale."""
@@ -331,9 +251,8 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
     metadata = [chosen[i // cfg.group_size][2] for i in index.tolist()]
     # per-sample seeding (--same-latent: one initial noise per group)
     seeds, init_seeds = sde.epoch_seeds(cfg.seed, epoch, index.tolist(), cfg.group_size, cfg.same_latent)
-    sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch, cfg.window_start)  # all unless windowed
+    sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)  # all unless windowed
     train_steps = sde_steps if cfg.sde_window else list(range(n_trained))
-    outside, held = held_outside_steps(train_steps, seeds)  # pilot G (--kl-outside); ([], None) when off
 
     # 1. On-policy sampling: G SDE trajectories per prompt, with their per-step log-probs; each decoded batch
     #    is handed to the scorer's thread at once, so scoring overlaps the sampling of the next batch
@@ -372,9 +291,12 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                                                             clip=cfg.adv_clip)
     kept = keep.nonzero().squeeze(1)  # global indices of samples in groups with reward spread
 
+    # Flow-GRPO's code scales the KL by |dt| (its betas assume it; docs/DEPARTURES.md): --kl-dt-factor, on by default
+    kl_scale = {j: (sigmas[j] - sigmas[j + 1]).item() if cfg.kl_dt_factor else 1.0 for j in train_steps}
+
     # 4. Policy update: PPO-clipped ratio loss on every trained step + beta * KL to the base (eq. 8)
     transformer.train()
-    stats = dict(loss=[], policy=[], kl=[], kl_outside=[], ratio=[], clipfrac=[])  # detached tensors: read once
+    stats = dict(loss=[], policy=[], kl=[], ratio=[], clipfrac=[])  # detached tensors: read once
     with timer("training"):
         for inner in range(cfg.inner_epochs):
             chunks = runs.optimizer_chunks(kept, cfg.updates_per_epoch, sde.sample_seed(cfg.seed, epoch, -1 - inner))
@@ -388,13 +310,14 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first  # this rank's share, local indices
                 for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
                     adv = advantages[mb + first].to(dist.device)
-                    for j in train_steps:
-                        x_t, x_next = latents[mb, j], latents[mb, j + 1]
-                        v = sde.predict_velocity(world, x_t, sigmas[j].item(), embeds[mb], pooled[mb], guidance)
-                        _, log_prob, _, _ = sde.sde_step_with_logprob(v, sigmas[j].item(), sigmas[j + 1].item(), x_t,
-                                                                      cfg.noise_level, prev_sample=x_next)
+                    for j in train_steps:  # step j: x_t = latents[:, j] -> x_{t-dt} = latents[:, j + 1]
+                        x_t, s, s_next = latents[mb, j], sigmas[j].item(), sigmas[j + 1].item()
+                        v = sde.predict_velocity(world, x_t, s, embeds[mb], pooled[mb], guidance)
+                        _, log_prob, _, _ = sde.sde_step_with_logprob(v, s, s_next, x_t, cfg.noise_level,
+                                                                      prev_sample=latents[mb, j + 1])
                         policy_loss, ratio = sde.clipped_surrogate(log_prob, old_log_probs[mb, j], adv, cfg.clip_range)
-                        kl = kl_to_reference(v, x_t, j, mb) if beta > 0 else torch.zeros_like(policy_loss)
+                        kl = (kl_to_reference(v, x_t, s, s_next, embeds[mb], pooled[mb], kl_scale[j]) if beta > 0
+                              else torch.zeros_like(policy_loss))
                         loss = policy_loss + beta * kl
                         (loss.sum() / (n_chunk * len(train_steps))).backward()
                         step_loss += loss.detach().sum()
@@ -403,8 +326,6 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                         stats["kl"].append(kl.detach().mean())
                         stats["ratio"].append(ratio.detach())
                         stats["clipfrac"].append(((ratio.detach() - 1).abs() > cfg.clip_range).float().mean())
-                    if outside:  # pilot G: beta * KL at the held steps outside the window
-                        step_loss += kl_outside_loss(mb, outside, held, n_chunk * len(train_steps), stats)
                     if "ratio_first" not in stats:  # on-policy check: before the first update the ratio is exactly 1
                         stats["ratio_first"] = torch.cat(stats["ratio"]).mean()
                 step_loss = runs.all_reduce_sum(param_list, dist, step_loss)  # the loss summed over ranks, as the grads
@@ -426,8 +347,6 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
                       ratio_mean=ratio.mean().item(), ratio_min=ratio.min().item(), ratio_max=ratio.max().item(),
                       ratio_first=stats["ratio_first"].item() if "ratio_first" in stats else 1.0, opt_step=opt_step,
                       **{f"sec_{k}": v for k, v in timer.seconds.items()}, **runs.peak_memory(dist.device))
-        if cfg.kl_outside:
-            record["kl_outside"] = mean("kl_outside")
         runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
         track(record)
         tqdm.write(f"epoch {epoch + 1}: reward {record['reward']:.3f} "
@@ -438,6 +357,6 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="grpo", disable=not dist.
             runs.save_grid(images[:16], os.path.join(out, f"samples_{epoch + 1:04d}.png"), nrow=8,
                            scale=max(1, 128 // images.shape[-1]))
     if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-        save_outputs(epoch + 1)
+        save_outputs(epoch + 1, opt_step)
 
 runs.end_distributed(dist)

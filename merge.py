@@ -45,19 +45,14 @@ import worlds
 # settings
 
 SETTINGS = dict(
-    adapters=("", "comma-separated expert LoRAs: files (worlds.save_lora, diffusers) or PEFT adapter folders; "
-                  "required"),
-    weights=("", "comma-separated lambda_k, one per adapter; empty = 1/K each for task-arithmetic and "
-                 "lora-mean (the mean), 1 each for ties (TIES already averages the agreeing entries)"),
+    adapters=("", "comma-separated expert LoRAs: files (worlds.save_lora, diffusers) or PEFT folders; required"),
+    weights=("", "comma-separated lambda_k, one per adapter; empty = 1/K each (ties: 1 each, it averages already)"),
     method=("task-arithmetic", "task-arithmetic (sum_k lambda_k dW_k) | lora-mean (official: mean A, mean B) | ties"),
-    rank=(0, "output rank: 0 = exact (task-arithmetic: sum_k r_k; lora-mean: r; ties: min(out, in)); "
-             ">0 = best rank-R approximation of each module's merged dW (truncated SVD), written at rank R"),
-    alpha=(0.0, "output lora_alpha, so scale alpha / r: 0 = scale 1 (alpha = r; lora-mean: the first adapter's alpha); "
-                "e.g. --rank 32 --alpha 64 = the SFT student's rank and scale. The factors absorb the change of scale"),
+    rank=(0, "output rank: 0 = exact (sum_k r_k; lora-mean r; ties min(out, in)); R > 0 = truncated SVD at rank R"),
+    alpha=(0.0, "output lora_alpha (scale alpha / r): 0 = scale 1 (lora-mean: the first adapter's alpha)"),
     density=(0.2, "ties only: fraction of each task vector's entries kept, by magnitude, per module (trim)"),
     out=("", "output LoRA file, must end in .safetensors; required"),
-    fold_into=("", "also write base + dW as a full transformer state dict; base = a world for worlds.load_world "
-                   "('tiny', an SD3 folder or hub id) or a transformer state-dict .safetensors file; empty = no"),
+    fold_into=("", "also write base + dW as a full state dict; base: a world ('tiny', an SD3 folder) or .safetensors"),
     device=("cpu", "where the merge maths runs (float64): cpu or cuda"),
 )
 METHODS = ("task-arithmetic", "lora-mean", "ties")
@@ -111,8 +106,8 @@ device = torch.device(cfg.device)
 # read the adapters: per module (A_k, B_k, s_k); check each is a plain LoRA and all agree on modules/shapes
 
 
-def read_adapter(path):
-    """{module: (A (r, in), B (out, r), scale)} and the peft config dict, or one error line."""
+def read_adapter(path, device):
+    """{module: (A (r, in), B (out, r), scale)} in float64 on `device`, and the peft config dict, or one error line."""
     weights, config = worlds.read_lora(path)  # SystemExit with one line for missing / unreadable / no LoRA config
     if config.get("use_dora"):
         raise SystemExit(f"error: {path} is a DoRA adapter; merge.py handles plain LoRA only")
@@ -140,7 +135,7 @@ def read_adapter(path):
     return out, config
 
 
-adapters, configs = zip(*[read_adapter(p) for p in paths])
+adapters, configs = zip(*[read_adapter(p, device) for p in paths])
 for p, a in zip(paths[1:], adapters[1:]):
     if a.keys() != adapters[0].keys():
         first = sorted(a.keys() ^ adapters[0].keys())[0]
@@ -180,8 +175,9 @@ for p, a, c in zip(paths, adapters, configs):
 # the merge, one module at a time: a target dW (out, in) and, where one exists, exact factors of it
 
 
-def lora_mean(A, B, s):
-    """The public release's merge. A = sum_k w_k A_k, B = sum_k w_k (s_k / s) B_k with the first adapter's
+def lora_mean(A, B, s, weights):
+    """The public release's merge of one module's factors A_k (r, in), B_k (out, r), scales s_k, with weights w_k.
+    A = sum_k w_k A_k, B = sum_k w_k (s_k / s) B_k with the first adapter's
     r and alpha (s = s_1; equal alphas make s_k / s = 1), w_k = 1/K by default: the mean of the factors.
     Kept for reproduction only: s mean(B) mean(A) = (s/K^2) sum_{j,k} B_j A_k is NOT the mean of the updates
     (s/K) sum_k B_k A_k; the cross terms B_j A_k (j != k) pair factors of different experts."""
@@ -190,7 +186,7 @@ def lora_mean(A, B, s):
     return A_out, B_out, s[0]
 
 
-def task_arithmetic(A, B, s):
+def task_arithmetic(A, B, s, weights):
     """dW = sum_k lambda_k dW_k = sum_k lambda_k s_k B_k A_k (Ilharco et al. 2023), exactly, as one LoRA of
     rank sum_k r_k: stacking the factors, [c_1 B_1 | ... | c_K B_K] [A_1; ...; A_K] = sum_k c_k B_k A_k with
     c_k = lambda_k s_k, and output scale 1 (alpha = r)."""
@@ -199,7 +195,7 @@ def task_arithmetic(A, B, s):
     return A_out, B_out, 1.0
 
 
-def ties(dWs):
+def ties(dWs, weights, density):
     """TIES-merging (Yadav et al. 2023) of the task vectors dW_k of one module, (K, out, in):
       1. trim:     keep the ceil(density * out * in) largest-magnitude entries of each dW_k, zero the rest
       2. weight:   tau_k = lambda_k * trimmed dW_k (lambda_k = 1 by default; peft's add_weighted_adapter order)
@@ -208,7 +204,7 @@ def ties(dWs):
     With equal lambda_k = lambda this is lambda times Yadav's merge. Compromise: the trim is per module
     (as peft), where Yadav et al. trim over the whole flattened task vector."""
     flat = dWs.flatten(1)  # (K, out*in)
-    keep = min(flat.shape[1], math.ceil(cfg.density * flat.shape[1]))
+    keep = min(flat.shape[1], math.ceil(density * flat.shape[1]))
     top = flat.abs().topk(keep, dim=1).indices
     trimmed = torch.zeros_like(flat).scatter_(1, top, flat.gather(1, top))
     tau = trimmed * torch.tensor(weights, dtype=flat.dtype, device=flat.device)[:, None]
@@ -230,10 +226,10 @@ merged = {}  # module: (A (r_m, in), B (out, r_m), scale, target dW (out, in) fl
 for name in names:
     A, B, s = zip(*(a[name] for a in adapters))
     if cfg.method == "ties":
-        target = ties(torch.stack([sk * b @ a for a, b, sk in zip(A, B, s)]))
+        target = ties(torch.stack([sk * b @ a for a, b, sk in zip(A, B, s)]), weights, cfg.density)
         factors = None  # a dense dW: always through the SVD, full rank min(out, in) when --rank 0
     else:
-        A_out, B_out, scale = (lora_mean if cfg.method == "lora-mean" else task_arithmetic)(A, B, s)
+        A_out, B_out, scale = (lora_mean if cfg.method == "lora-mean" else task_arithmetic)(A, B, s, weights)
         target = scale * B_out @ A_out
         factors = (A_out, B_out, scale)
     if cfg.rank > 0 or factors is None:

@@ -14,28 +14,22 @@ toward a frozen task-agnostic teacher (the base model by default) on all data, w
 --opd-loss picks how the KL becomes a gradient (docs/DEPARTURES.md, "Which OPD loss"):
   direct     (default) minimise E[KL_t] over the student's own states, gradient through v_theta,
              states detached: the paper's earlier draft, and the gradient the official code follows
-             (its advantage -KL is not detached), but for two more differences of that code, each a
-             flag here: its step KL is weighted by |dt| w(t) (--kl-dt-factor), and it drops samples
-             whose task-reward advantage is zero (--skip-zero-advantage).
-  pg         the published form: r_t = -w(t) ||stopgrad(v_theta) - v_T||^2 used as the advantage in
-             PPO's clipped surrogate, gradient only through the ratio. r_t depends on the state x_t
-             only, not on the sampled action, so E[grad log pi(a|x_t)] r_t = 0: its expected gradient
-             is ZERO (tests/test_opd.py measures it). Kept to reproduce the paper as written.
-  pg-sample  LLM on-policy distillation's estimator: per-step reward
-             r_t = -(log pi_theta(x_{t-dt}|x_t) - log pi_T(x_{t-dt}|x_t)) on the SAMPLED action
-             (detached), in the clipped surrogate; --return-to-go sums it over the later steps.
-             Its expected gradient is grad KL / D (D = latent dimensions: log-probs are per-dimension
-             means, Flow-GRPO's convention), so it needs a D-times larger learning rate than direct.
-
-Fewer model calls (issue #16): --distil-steps k distils a random k of the S trained steps per sample
-(sde.step_subset; an unbiased estimate of the per-step mean KL, k / S of the teacher, anchor and
-training calls; default: all S, the paper), and a sample routed hard to the model that is also the MAR
-anchor (--mar-teacher <its task>) reuses its teacher's velocities instead of calling the anchor. The
-log's forwards_* fields count the transformer rows per image of each phase (CFG counts 2).
+             (its advantage -KL is not detached).
+  pg         the published form: r_t = -w(t) ||stopgrad(v_theta) - v_T||^2 as the advantage in PPO's
+             clipped surrogate. r_t depends on the state x_t only, not on the sampled action, so its
+             expected gradient is ZERO (tests/test_opd.py measures it). Kept to reproduce the paper as written.
+  pg-sample  LLM on-policy distillation's estimator: r_t = -(log pi_theta(x_{t-dt}|x_t) - log pi_T(x_{t-dt}|x_t))
+             on the SAMPLED action, in the clipped surrogate. Its expected gradient is grad KL / D (log-probs
+             are per-dimension means, Flow-GRPO's convention): it needs a D-times larger learning rate.
+The official code departs twice more, each a flag here, off by default (docs/DEPARTURES.md): its step KL
+is weighted by |dt| w(t) (--kl-dt-factor), and it drops samples whose task-reward advantage is zero
+(--skip-zero-advantage).
 
 Teachers and the MAR anchor are LoRA adapters on ONE shared frozen base (peft multi-adapter, switched
 by name); a full-weight teacher (a safetensors state dict of the transformer) is loaded as a copy;
-the teacher 'base' (--teachers geneval=base,...) is the frozen base itself, adapters disabled.
+the teacher 'base' (--teachers geneval=base,...) is the frozen base itself, adapters disabled. A sample
+routed hard to the model that is also the MAR anchor reuses its teacher's velocities. The log's
+forwards_* fields count the transformer rows per image of each phase (CFG counts 2).
 
 Commands
   tiny world, CPU:     python opd.py --student results/tiny/runs/merge/adapter.safetensors
@@ -66,40 +60,27 @@ import worlds
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
     student=("", "cold-start LoRA of the student (merge.py / sft_init.py output); '' = a fresh LoRA on the base"),
-    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped "
-                  "experts; file 'base' = the frozen base, a task kept where it is)"),
+    teachers=("", "task=file pairs 'geneval=a.safetensors,...' ('' = the tiny world's experts; 'base' = the base)"),
     task=("geneval:1,ocr:1,deqa:1,pickscore:1", "which tasks' training prompts to draw, with their odds"),
-    routing=("", "soft routing as JSON {task: {teacher_task: alpha}} (e.g. "
-                 "'{\"ocr\": {\"ocr\": 0.8, \"pickscore\": 0.2}}'); unlisted tasks route hard to their own teacher"),
+    routing=("", "soft routing as JSON {task: {teacher_task: alpha}}; unlisted tasks route hard to their own teacher"),
     opd_loss=("direct", "direct | pg | pg-sample (see the docstring)"),
-    return_to_go=(False, "pg-sample: sum each step's reward over the later trained steps"),
     mar_weight=(0.02, "lambda of MAR (paper appendix 0.02; official configs 0.04; 0 = off)"),
-    mar_teacher=("base", "the anchor: 'base' (official default), a task name (that task's teacher; the paper uses its "
-                         "DeQA expert), or a LoRA file"),
+    mar_teacher=("base", "the MAR anchor: 'base' (official default), a task name (its teacher), or a LoRA file"),
     out=(None, str, "output folder (default results/<world>/runs/opd)"),
     epochs=(40, "epochs; one epoch = student samples, teachers label, student updates"),
-    prompts_per_epoch=(None, int, "distinct prompts per epoch, over all ranks (default: the world's; 48 on SD3, "
-                                  "8 on tiny)"),
-    group_size=(None, int, "G: student trajectories per prompt (default: 24 on SD3, 8 on tiny; the official OPD "
-                           "config: 16)"),
-    sample_batch=(None, int, "images per sampling forward, per rank (default: 9 on SD3, 16 on tiny)"),
-    train_batch=(None, int, "images per training forward, per rank (default: 9 on SD3, 16 on tiny)"),
+    prompts_per_epoch=(None, int, "distinct prompts per epoch, over all ranks (default: the world's; 48 on SD3)"),
+    group_size=(None, int, "G: student trajectories per prompt (default: the world's; 24 on SD3, official OPD 16)"),
+    sample_batch=(None, int, "images per sampling forward, per rank (default: the world's)"),
+    train_batch=(None, int, "images per training forward, per rank (default: the world's)"),
     steps=(None, int, "T: SDE steps per trajectory (default: the world's, 10)"),
     timestep_fraction=(0.99, "distil the first floor(T * fraction) steps"),
-    distil_steps=(0, "k: each sample distils a random k of those steps, drawn anew per sample and epoch: an unbiased "
-                     "estimate of the per-step mean KL at k / S of the teacher, anchor and training calls (0 = all "
-                     "S, the paper)"),
     guidance_scale=(None, float, "CFG scale for student and teachers (default: the world's)"),
     noise_level=(None, float, "a in s_t = a sqrt(t / (1 - t)) (default: the world's; 0.7 on SD3)"),
-    sde_window=(None, int, "only this many consecutive steps of the student's trajectories are SDE steps "
-                           "(Flow-GRPO-Fast, as grpo_expert.py; 0 = all; default: the world's). direct distils every "
-                           "trained step; pg / pg-sample only the window's (the steps with a sampled action)"),
+    sde_window=(None, int, "SDE steps only in a window of this many (Flow-GRPO-Fast; 0 = all); pg trains only it"),
     clip_range=(1e-4, "pg / pg-sample: PPO clip range"),
     adv_clip=(5.0, "pg / pg-sample: rewards used as advantages are clamped to +-adv_clip (official: 5)"),
-    kl_dt_factor=(False, "weight each step's KL (and MAR's) by |dt| more, as the official OPD does (its std has no "
-                         "sqrt|dt|: its weight is |dt| w(t)); off = the exact per-step KL w(t) ||v_s - v_T||^2"),
-    skip_zero_advantage=(False, "train only on samples whose group's task rewards differ, as the official OPD does "
-                                "even in its KL-only mode (needs --score); off = distil every sample"),
+    kl_dt_factor=(False, "the official code's |dt| w(t) step weight of the KL and MAR (off = the exact KL w(t))"),
+    skip_zero_advantage=(False, "the official code's filter: train only samples whose group's task rewards differ"),
     lr=(1e-4, "AdamW learning rate (official OPD config: 1e-4)"),
     weight_decay=(1e-4, "AdamW weight decay"),
     grad_clip=(1.0, "gradient-norm clip"),
@@ -110,24 +91,19 @@ SETTINGS = dict(
     ema_decay=(0.9, "EMA decay of the student's weights (the EMA is saved)"),
     ema_every=(8, "EMA update interval in optimizer steps"),
     score=(True, "score the student's samples with the task rewards (logged only, never trained on)"),
-    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local "
-                "ranks)"),
-    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less "
-                                   "memory (SD3.5-M on 40-80 GB cards), the same gradients"),
+    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared between local ranks)"),
+    gradient_checkpointing=(False, "recompute block activations in the backward pass: less memory, same gradients"),
     seed=(0, "seed of prompt draws and sampling noise"),
     save_every=(10, "checkpoint every N epochs (and at the end)"),
     grid_every=(10, "sample-grid PNG every N epochs (0 = never)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
-    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no "
-                 "network); '' = log.jsonl only"),
+    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only); '' = log.jsonl only"),
 )
 cfg = runs.parse_settings(__doc__, SETTINGS)
 if cfg.opd_loss not in ("direct", "pg", "pg-sample"):
     raise SystemExit(f"error: --opd-loss must be direct, pg or pg-sample, got {cfg.opd_loss!r}")
 if cfg.skip_zero_advantage and not cfg.score:
     raise SystemExit("error: --skip-zero-advantage needs the task rewards: drop --no-score")
-if cfg.distil_steps < 0:
-    raise SystemExit(f"error: --distil-steps must be 0 (every trained step) or a count k >= 1, got {cfg.distil_steps}")
 
 # -----------------------------------------------------------------------------
 # Set-up: distributed, world, teachers and anchor on the shared base, the student adapter
@@ -145,11 +121,6 @@ for name in ("prompts_per_epoch", "group_size", "sample_batch", "train_batch"): 
     setattr(cfg, name, world.defaults[name] if getattr(cfg, name) is None else getattr(cfg, name))
 first_steps = list(range(int(math.floor(steps * cfg.timestep_fraction))))  # distilled steps (per epoch: see the loop)
 window_only = cfg.opd_loss != "direct" and bool(cfg.sde_window)  # pg / pg-sample distil the window's steps (actions)
-n_trained = cfg.sde_window if window_only else len(first_steps)
-if cfg.distil_steps > n_trained:
-    raise SystemExit(f"error: --distil-steps {cfg.distil_steps} is more than the {n_trained} steps this run distils "
-                     f"({'the SDE window' if window_only else 'floor(T x --timestep-fraction)'}); "
-                     f"use 0 for all of them")
 task_weights = rewards.parse_weights(cfg.task)
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind, "runs", "opd")
 
@@ -256,8 +227,7 @@ if dist.master:
           f"MAR lambda {cfg.mar_weight} anchor {cfg.mar_teacher}")
     print(f"teachers {teacher_files} | routing {routing}")
     print(f"{cfg.prompts_per_epoch} prompts x G={cfg.group_size} = {N} images/epoch, {n_local}/rank | T={steps}, "
-          f"SDE window {cfg.sde_window or 'all'}, distilled steps {'the window' if window_only else first_steps}"
-          f"{f', a random {cfg.distil_steps} of them per sample' if cfg.distil_steps else ''} | "
+          f"SDE window {cfg.sde_window or 'all'}, distilled steps {'the window' if window_only else first_steps} | "
           f"{sum(p.numel() for p in param_list):,} trainable params | out {out}")
 
 track = runs.open_tracker(cfg.tracker, out, vars(cfg), dist)
@@ -265,87 +235,55 @@ if start_epoch and dist.master:
     print(f"resumed from {out} at epoch {start_epoch}")
 
 # -----------------------------------------------------------------------------
-# Plumbing the loop calls: which steps each sample distils (--distil-steps), the frozen models' labels with
-# their call counts (the log's forwards_*), MAR's anchor reusing a teacher's labels, pg-sample's rewards, the
-# divergence guard. The loop below reads as the method without them.
-
-
-def distilled_subset(seeds, train_steps):
-    """--distil-steps k: which k of the S trained steps each sample distils, drawn per sample and epoch
-    (sde.step_subset; all S when k = 0): ((n_local, S) bool, k)."""
-    distil = sde.step_subset(seeds, len(train_steps), cfg.distil_steps)
-    return distil, cfg.distil_steps or len(train_steps)  # k at most S: checked in the set-up
+# Helpers the loop calls: the frozen models' labels (counted in calls["frozen"] for the log's forwards_*),
+# MAR's anchor reusing a teacher's labels, the divergence guard.
 
 
 @torch.no_grad()
-def frozen_velocities(name, rows, steps_, distil, latents, embeds, pooled):
-    """A frozen model's velocities at the student's states x_t of samples `rows`, at the steps of
-    `steps_` that each sample distils (distil: (n_local, len(steps_)) bool; the other entries stay 0):
-    (len(rows), len(steps_), C, h, w) on the CPU. One adapter switch for the whole epoch (a teacher
-    adapter, or None = the base); a full-weight teacher is its own copy of the transformer."""
+def frozen_velocities(name, rows, x_t, sigma, embeds, pooled, calls):
+    """A frozen model's velocities at the student's states x_t (n_local, S, C, h, w) of samples `rows`, at
+    each distilled step (sigma: S (s_t, s_{t-dt}) pairs): (len(rows), S, C, h, w) on the CPU. One adapter
+    switch for the whole epoch (a teacher adapter, or None = the base); a full-weight teacher is its own
+    copy of the transformer."""
     copy_world = teacher_copy.get(name.removeprefix("teacher_")) if name else None
     context = contextlib.nullcontext() if copy_world is not None else worlds.adapter(transformer, name)
     rows = torch.as_tensor(rows, dtype=torch.long)
-    out = torch.zeros(len(rows), len(steps_), *world.latent_shape)
+    out = torch.zeros(len(rows), len(sigma), *world.latent_shape)
     with context:
-        for jj, j in enumerate(steps_):
-            here = distil[rows, jj].nonzero().flatten()  # positions in `rows` of the samples that distil step j
-            for k, mb in zip(here.split(cfg.train_batch), rows[here].split(cfg.train_batch)) if len(here) else []:
-                out[k, jj] = sde.predict_velocity(copy_world or world, latents[mb, j], sigmas[j].item(), embeds[mb],
-                                                  pooled[mb], guidance).cpu()
-            calls["frozen"] += len(here)
+        for i, (s, _) in enumerate(sigma):
+            for k, mb in zip(torch.arange(len(rows)).split(cfg.train_batch), rows.split(cfg.train_batch)):
+                out[k, i] = sde.predict_velocity(copy_world or world, x_t[mb, i], s, embeds[mb], pooled[mb],
+                                                 guidance).cpu()
+            calls["frozen"] += len(rows)
     return out
 
 
-def anchor_velocities(v_target, tasks, train_steps, distil):
+def anchor_velocities(v_target, tasks, x_t, sigma, embeds, pooled, calls):
     """MAR's targets (n_local, S, C, h, w): the anchor labels every sample, whatever its task; a sample routed
     to the anchor itself (e.g. --mar-teacher deqa on deqa prompts) already has its velocities in v_target, so
     it is not labelled twice."""
-    others = [i for i in range(n_local) if not routed_to_anchor[tasks[i]]]
+    others = [i for i in range(len(tasks)) if not routed_to_anchor[tasks[i]]]
     v_anchor = v_target.clone()
     if others:
-        v_anchor[others] = frozen_velocities(anchor, others, train_steps, distil, latents, embeds, pooled)
+        v_anchor[others] = frozen_velocities(anchor, others, x_t, sigma, embeds, pooled, calls)
     return v_anchor
 
 
-def pg_sample_rewards(v_target, train_steps):
-    """--opd-loss pg-sample: r_t = -(log pi_theta(a_t|x_t) - log pi_T(a_t|x_t)) on the sampled a_t = x_{t-dt},
-    (n_local, S); with --return-to-go summed over this and the later distilled steps."""
-    step_reward = torch.zeros(n_local, len(train_steps))
-    for jj, j in enumerate(train_steps):
-        _, teacher_log_prob, _, _ = sde.sde_step_with_logprob(v_target[:, jj], sigmas[j].item(), sigmas[j + 1].item(),
-                                                              latents[:, j].cpu(), cfg.noise_level,
-                                                              prev_sample=latents[:, j + 1].cpu())
-        step_reward[:, jj] = -(old_log_probs[:, j].cpu() - teacher_log_prob)
-    if cfg.return_to_go:
-        step_reward = step_reward.flip(1).cumsum(1).flip(1)
-    return step_reward
-
-
-def check_targets(v_target, v_anchor, chosen, epoch):
+def check_targets(v_target, v_anchor, chosen, where):
     """Divergence guard on the targets, over all ranks (a rank that stopped alone would leave the others waiting)."""
     worst = torch.stack([v.flatten(1).abs().amax(1) for v in (v_target, v_anchor) if v is not None]).amax(0)
-    runs.assert_finite(runs.gather_cat(worst.to(dist.device), dist), "a teacher or anchor velocity",
-                       f"opd.py epoch {epoch + 1}",
+    runs.assert_finite(runs.gather_cat(worst.to(dist.device), dist), "a teacher or anchor velocity", where,
                        label=lambda i: f"task {chosen[i // cfg.group_size][0]}, "
                                        f"prompt {chosen[i // cfg.group_size][1]!r}")
 
 
-def distilled_microbatches(mine, train_steps, distil):
-    """(jj, j, mb) for each microbatch of this rank's share `mine` of a chunk and each trained step j: mb = its
-    samples that distil step j (none skipped), counted in calls["training"]."""
-    for mb_all in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
-        for jj, j in enumerate(train_steps):
-            mb = mb_all[distil[mb_all, jj]]
-            if not len(mb):
-                continue
-            calls["training"] += len(mb)
-            yield jj, j, mb
-
-
-def forwards_per_image(calls):
-    """The log's forwards_*: transformer rows per image of each phase (CFG counts 2)."""
-    return {f"forwards_{k}": cfg_rows * v / max(n_local, 1) for k, v in dict(sampling=steps * n_local, **calls).items()}
+def trained_samples(scores, dist):
+    """--skip-zero-advantage (the official code's filter, docs/DEPARTURES.md): the global indices of the
+    samples whose group's task rewards differ; all N samples without the flag."""
+    if not cfg.skip_zero_advantage:
+        return torch.arange(N)
+    all_scores = runs.gather_cat(scores.to(dist.device), dist).cpu()
+    return sde.group_advantages(all_scores, torch.arange(N) // cfg.group_size)[1].nonzero().squeeze(1)
 
 
 # -----------------------------------------------------------------------------
@@ -362,7 +300,6 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     seeds = [sde.sample_seed(cfg.seed, epoch, i) for i in index]
     sde_steps = sde.sde_window_steps(steps, cfg.sde_window, cfg.seed, epoch)
     train_steps = sde_steps if window_only else first_steps  # the S distilled steps
-    distil, k_steps = distilled_subset(seeds, train_steps)  # (n_local, S): which k steps each sample distils
     calls = dict(frozen=0, training=0)  # sample-steps each phase ran the transformer on (x2 with CFG)
 
     # 1. On-policy sampling: the student's own SDE trajectories (x_t ~ rho_theta)
@@ -372,68 +309,67 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
     with timer("sampling"), worlds.adapter(transformer, "student"):
         traj = sde.sample(world, prompts, steps, guidance, cfg.noise_level, seeds=seeds, batch_size=cfg.sample_batch,
                           sde_steps=sde_steps, on_batch=score_batch if cfg.score else None)
-    latents, old_log_probs = traj["latents"], traj["log_probs"]  # (n_local, T+1, C, h, w), (n_local, T)
-    embeds, pooled, sigmas = traj["embeds"], traj["pooled"], traj["sigmas"]
+    embeds, pooled = traj["embeds"], traj["pooled"]
+    # the S distilled steps, one index i per step: x_t[:, i], (s_t, s_{t-dt}) = sigma[i]; the pg losses also read
+    # the sampled next state x_next[:, i] and its log-prob at sampling old_log_prob[:, i]
+    x_t = traj["latents"][:, train_steps]  # (n_local, S, C, h, w)
+    x_next = traj["latents"][:, [j + 1 for j in train_steps]]
+    old_log_prob = traj["log_probs"][:, train_steps]  # (n_local, S)
+    sigma = [(traj["sigmas"][j].item(), traj["sigmas"][j + 1].item()) for j in train_steps]
 
     # 2. Task routing: v_target(x_t) = sum_k alpha_k(c) v_k(x_t) at the distilled steps. Each teacher labels
     #    exactly the samples routed to it (never other tasks' prompts), at every distilled step, in one pass:
     #    one adapter switch per teacher per epoch. MAR's anchor labels every sample.
     with timer("teachers"):
         v_target = sde.route_targets(tasks, routing, lambda teacher, rows: frozen_velocities(
-            teacher_adapter[teacher], rows, train_steps, distil, latents, embeds, pooled))  # (n_local, S, C, h, w)
-        step_reward = pg_sample_rewards(v_target, train_steps) if cfg.opd_loss == "pg-sample" else None
-        v_anchor = anchor_velocities(v_target, tasks, train_steps, distil) if cfg.mar_weight > 0 else None
-        check_targets(v_target, v_anchor, chosen, epoch)
+            teacher_adapter[teacher], rows, x_t, sigma, embeds, pooled, calls))  # (n_local, S, C, h, w)
+        v_anchor = anchor_velocities(v_target, tasks, x_t, sigma, embeds, pooled, calls) if cfg.mar_weight > 0 else None
+        check_targets(v_target, v_anchor, chosen, f"opd.py epoch {epoch + 1}")
 
-    # 3. Rewards on the side: how well the student does each task (logged; trained on only to pick samples
-    #    with --skip-zero-advantage, the official code's filter)
+    # 3. Rewards on the side: how well the student does each task (logged, never trained on)
     with timer("reward"):
         scores = runs.agree(dist, scorer.result) if cfg.score else torch.full((n_local,), float("nan"))
-        if cfg.skip_zero_advantage:
-            all_scores = runs.gather_cat(scores.to(dist.device), dist).cpu()
-            trained = sde.group_advantages(all_scores, torch.arange(N) // cfg.group_size)[1].nonzero().squeeze(1)
-        else:
-            trained = torch.arange(N)
 
-    # 4. Update the student (eq. "Flow-OPD objective"): distillation loss + lambda * MAR
-    stats = dict(loss=[])  # detached tensors: read once per epoch
-    # per-sample means over the distilled steps (first pass), kept on the device: no host sync per microbatch
+    # The official code's two departures, off by default (docs/DEPARTURES.md, "Which OPD loss"): it trains only
+    # the samples whose group's task rewards differ (--skip-zero-advantage), and weights each step's KL and
+    # MAR by |dt| w(t) instead of w(t) (--kl-dt-factor).
+    trained = trained_samples(scores, dist)
+    kl_scale = [abs(s - s_next) if cfg.kl_dt_factor else 1.0 for s, s_next in sigma]
+
+    # 4. Update the student (eq. "Flow-OPD objective"): distillation loss + lambda * MAR, the per-step mean
+    #    over the S distilled steps, the mean over each optimizer step's samples (a global count, as grpo_expert.py)
+    S = len(train_steps)
+    losses = []  # detached tensors: read once per epoch
     kl_sample, mar_sample = torch.zeros(n_local, device=dist.device), torch.zeros(n_local, device=dist.device)
     with timer("training"), worlds.adapter(transformer, "student"):
         for inner in range(cfg.inner_epochs):
             chunks = runs.optimizer_chunks(trained, cfg.updates_per_epoch, sde.sample_seed(cfg.seed, epoch, -1 - inner))
             for chunk in (chunks if len(trained) else []):  # each rank's share of a chunk is within one sample of equal
                 optimizer.zero_grad(set_to_none=True)
-                # the step's summed loss, for the divergence guard (no sync until it is read): every rank decides
-                # on the sum over ranks, so that a non-finite loss on one rank stops every rank at the same step
+                # the step's summed loss for the divergence guard (no sync until read), summed over ranks below so
+                # that a non-finite loss on one rank stops every rank at the same step
                 step_loss = torch.zeros((), device=dist.device)
-                n_chunk = len(chunk)  # global count: the summed gradient is the chunk's mean, as grpo_expert.py's
                 mine = chunk[(chunk >= first) & (chunk < first + n_local)] - first
-                for jj, j, mb in distilled_microbatches(mine, train_steps, distil):  # mb: samples distilling step j
-                    s, s_next, x_t = sigmas[j].item(), sigmas[j + 1].item(), latents[mb, j]
-                    v = sde.predict_velocity(world, x_t, s, embeds[mb], pooled[mb], guidance)
-                    target = v_target[mb, jj].to(v.device)
-                    log_prob, reward_t = None, None
-                    if cfg.opd_loss != "direct":  # the policy-gradient forms need the sampled action's log-prob
-                        _, log_prob, _, _ = sde.sde_step_with_logprob(v, s, s_next, x_t, cfg.noise_level,
-                                                                      prev_sample=latents[mb, j + 1])
-                        reward_t = step_reward[mb, jj].to(v.device) if cfg.opd_loss == "pg-sample" else None
-                    dt = abs(s - s_next) if cfg.kl_dt_factor else 1.0  # the official code's extra |dt| (--kl-dt-factor)
-                    # distill: (mb,) loss; kl: KL(pi_theta || pi_T) at x_t
-                    distill, kl = sde.opd_loss(cfg.opd_loss, v, target, log_prob, old_log_probs[mb, j], reward_t, s,
-                                               s_next, cfg.noise_level, cfg.clip_range, cfg.adv_clip, kl_scale=dt)
-                    loss = distill
-                    if v_anchor is not None:  # MAR: lambda * w(t) ||v_theta - v_anchor||^2, on all data
-                        mar = dt * sde.velocity_kl(v, v_anchor[mb, jj].to(v.device), s, s_next, cfg.noise_level)
-                        loss = loss + cfg.mar_weight * mar
+                for mb in mine.split(cfg.train_batch) if len(mine) else []:  # a rank may hold none of this chunk
+                    for i, (s, s_next) in enumerate(sigma):
+                        v = sde.predict_velocity(world, x_t[mb, i], s, embeds[mb], pooled[mb], guidance)
+                        target = v_target[mb, i].to(v.device)
+                        kl = kl_scale[i] * sde.velocity_kl(v, target, s, s_next, cfg.noise_level)  # KL(pi_theta||pi_T)
+                        loss = kl if cfg.opd_loss == "direct" else sde.opd_pg_loss(
+                            cfg.opd_loss, v, target, x_t[mb, i], x_next[mb, i], old_log_prob[mb, i], s, s_next,
+                            cfg.noise_level, cfg.clip_range, cfg.adv_clip, kl_scale[i])
+                        if v_anchor is not None:  # MAR: lambda * w(t) ||v_theta - v_anchor||^2, on all data
+                            mar = kl_scale[i] * sde.velocity_kl(v, v_anchor[mb, i].to(v.device), s, s_next,
+                                                                cfg.noise_level)
+                            loss = loss + cfg.mar_weight * mar
+                            if inner == 0:
+                                mar_sample[mb] += mar.detach() / S
+                        (loss.sum() / (len(chunk) * S)).backward()
+                        step_loss += loss.detach().sum()
+                        losses.append(loss.detach().mean())
+                        calls["training"] += len(mb)
                         if inner == 0:
-                            mar_sample[mb] += mar.detach() / k_steps
-                    # the per-step mean (over the k distilled steps), mean over the chunk
-                    (loss.sum() / (n_chunk * k_steps)).backward()
-                    step_loss += loss.detach().sum()
-                    stats["loss"].append(loss.detach().mean())
-                    if inner == 0:
-                        kl_sample[mb] += kl.detach() / k_steps
+                            kl_sample[mb] += kl.detach() / S
                 step_loss = runs.all_reduce_sum(param_list, dist, step_loss)  # the loss summed over ranks, as the grads
                 grad_norm = torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip)
                 where = f"opd.py epoch {epoch + 1} optimizer step {opt_step + 1}"
@@ -455,10 +391,13 @@ for epoch in tqdm(range(start_epoch, cfg.epochs), desc="opd", disable=not dist.m
                 per_task[f"kl_{t}"] = gathered[all_tasks == k, 1].mean().item()  # KL to this task's teacher
                 if cfg.score:
                     per_task[f"reward_{t}"] = gathered[all_tasks == k, 0].mean().item()
-        record = dict(epoch=epoch + 1, loss=torch.stack(stats["loss"]).mean().item() if stats["loss"] else 0.0,
+        # forwards_*: transformer rows per image of each phase (CFG counts 2)
+        forwards = {f"forwards_{k}": cfg_rows * v / max(n_local, 1) for k, v in dict(sampling=steps * n_local,
+                                                                                     **calls).items()}
+        record = dict(epoch=epoch + 1, loss=torch.stack(losses).mean().item() if losses else 0.0,
                       kl=gathered[:, 1].mean().item(), mar=gathered[:, 2].mean().item(), opt_step=opt_step, **per_task,
                       trained=len(trained) / N, **{f"sec_{k}": v for k, v in timer.seconds.items()},
-                      **runs.peak_memory(dist.device), **forwards_per_image(calls))
+                      **runs.peak_memory(dist.device), **forwards)
         runs.log_jsonl(os.path.join(out, "log.jsonl"), record, echo=False)
         track(record)
         tqdm.write(f"epoch {epoch + 1}: KL {record['kl']:.3e} "

@@ -84,8 +84,14 @@ done
 # $RUNS/<stage>.log; a lane that fails stops the script with its log's last lines.
 mkdir -p $RUNS
 THREADS="--threads $(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))"
-last_epoch() {  # a stage log's last "epoch N: ..." or "step N ..." line (its last line if it has none)
-  tr '\r' '\n' < $1 | grep -a -v '^\s*$' | awk '/^(epoch|step) [0-9]/ { e = $0 } { l = $0 } END { print (e != "" ? e : l) }' | cut -c1-150
+stage() { echo "== $1"; shift; "$@"; }  # in a lane of several stages: a "== name" line in its log, then the stage
+last_epochs() {  # last_epochs LOG LANE: "   stage: line" for each stage of a lane's log (after its "== stage" line;
+                 # the lane's name before any): its last "epoch N: ..." or "step N ..." line, or its last line if none
+  tr '\r' '\n' < $1 | grep -a -v '^\s*$' | awk -v name="$2" '
+    /^== / { name = $2; if (!(name in seen)) { seen[name] = 1; order[++n] = name }; next }
+    { if (!(name in seen)) { seen[name] = 1; order[++n] = name }; l[name] = $0 }
+    /^(epoch|step) [0-9]/ { e[name] = $0 }
+    END { for (i = 1; i <= n; i++) { k = order[i]; print "   " k ": " substr(e[k] != "" ? e[k] : l[k], 1, 150) } }'
 }
 lanes() {  # lanes "name: command ; command" "name: command": run each lane in the background, wait for all
   local pids=() names=() i=0 status=0
@@ -94,7 +100,7 @@ lanes() {  # lanes "name: command ; command" "name: command": run each lane in t
     (eval "${lane#*:}") > $RUNS/${lane%%:*}.log 2>&1 & pids+=($!)
   done
   for pid in "${pids[@]}"; do
-    if wait $pid; then echo "   ${names[$i]}: $(last_epoch $RUNS/${names[$i]}.log)"
+    if wait $pid; then last_epochs $RUNS/${names[$i]}.log ${names[$i]}
     else status=1; echo "error: ${names[$i]} failed; the end of $RUNS/${names[$i]}.log:" >&2; tail -n 20 $RUNS/${names[$i]}.log >&2; fi
     i=$((i + 1))
   done
@@ -134,14 +140,14 @@ EOF
   #   gains come from their teachers, or from training at all?), and with the GenEval prompts routed to the deqa
   #   expert (what a wrong teacher for a task costs that task).
   echo "== OPD losses, MAR toward the deqa expert | one-teacher OPD, other routings (two lanes)"
-  lanes "opd-losses: opd --opd-loss pg $MERGED --teachers $TEACHERS --out $RUNS/opd-merge-pg && \
-         opd --opd-loss pg-sample $MERGED --teachers $TEACHERS --out $RUNS/opd-merge-pg-sample && \
-         opd --mar-teacher deqa $MERGED --teachers $TEACHERS --out $RUNS/opd-merge-mar-deqa" \
-        "opd-routings: opd $ONE --out $RUNS/opd-deqa-only && \
-         opd $ONE --epochs $((OPD_EPOCHS / 4)) --out $RUNS/opd-deqa-only-quarter && \
-         opd $MERGED --out $RUNS/opd-merge-go-base \
+  lanes "opd-losses: stage opd-merge-pg opd --opd-loss pg $MERGED --teachers $TEACHERS --out $RUNS/opd-merge-pg && \
+         stage opd-merge-pg-sample opd --opd-loss pg-sample $MERGED --teachers $TEACHERS --out $RUNS/opd-merge-pg-sample && \
+         stage opd-merge-mar-deqa opd --mar-teacher deqa $MERGED --teachers $TEACHERS --out $RUNS/opd-merge-mar-deqa" \
+        "opd-routings: stage opd-deqa-only opd $ONE --out $RUNS/opd-deqa-only && \
+         stage opd-deqa-only-quarter opd $ONE --epochs $((OPD_EPOCHS / 4)) --out $RUNS/opd-deqa-only-quarter && \
+         stage opd-merge-go-base opd $MERGED --out $RUNS/opd-merge-go-base \
            --teachers geneval=base,ocr=base,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors && \
-         opd $MERGED --out $RUNS/opd-merge-scenes-deqa \
+         stage opd-merge-scenes-deqa opd $MERGED --out $RUNS/opd-merge-scenes-deqa \
            --teachers geneval=$RUNS/grpo-deqa/adapter.safetensors,ocr=$RUNS/grpo-ocr/adapter.safetensors,deqa=$RUNS/grpo-deqa/adapter.safetensors,pickscore=$RUNS/grpo-pickscore/adapter.safetensors"
   MODELS="base$EXPERTS,opd-deqa-only=$RUNS/opd-deqa-only/adapter.safetensors,opd-deqa-only-quarter=$RUNS/opd-deqa-only-quarter/adapter.safetensors"
   MODELS="$MODELS,merge-init=$RUNS/merge/adapter.safetensors,merge-lora-mean=$RUNS/merge-lora-mean/adapter.safetensors"
@@ -166,13 +172,14 @@ $PY merge.py --adapters $ADAPTERS --method task-arithmetic --rank 32 --alpha 64 
 
 # ---- GRPO-Mix, then OPD from the merge without MAR | SFT init, OPD from it, OPD from the merge (MAR on)
 echo "== GRPO-Mix, OPD (merge init, no MAR) | SFT init, OPD (SFT init), OPD (merge init) (two lanes)"
-lanes "grpo-mix: $PY grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 $GRPO $EMA $SMALL $THREADS \
+lanes "grpo-mix: stage grpo-mix $PY grpo_expert.py --task geneval:3,ocr:1,pickscore:1 --reward deqa:1 $GRPO $EMA $SMALL $THREADS \
          --epochs $MIX_EPOCHS --out $RUNS/grpo-mix && \
-       opd --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --mar-weight 0 --out $RUNS/opd-merge-nomar" \
-      "opd: $PY sft_init.py $EMA $THREADS --seed $SEED --teachers $TEACHERS --steps $SFT_STEPS --prompts-per-task $SFT_ITEMS \
+       stage opd-merge-nomar opd --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --mar-weight 0 \
+         --out $RUNS/opd-merge-nomar" \
+      "opd: stage sft-init $PY sft_init.py $EMA $THREADS --seed $SEED --teachers $TEACHERS --steps $SFT_STEPS --prompts-per-task $SFT_ITEMS \
          --out $RUNS/sft-init && \
-       opd --student $RUNS/sft-init/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-sft && \
-       opd --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-merge"
+       stage opd-sft opd --student $RUNS/sft-init/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-sft && \
+       stage opd-merge opd --student $RUNS/merge/adapter.safetensors --teachers $TEACHERS --out $RUNS/opd-merge"
 
 # ---- Tables
 MODELS="base$EXPERTS,grpo-mix=$RUNS/grpo-mix/adapter.safetensors,merge-init=$RUNS/merge/adapter.safetensors"

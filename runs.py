@@ -88,10 +88,9 @@ def dist_timeout_minutes():
 def end_distributed(dist):
     """The last line of a torchrun process: wait for every rank (the master's last writes included), tear the
     process group down, and exit at once, without the interpreter's and C++'s exit-time destructors. With
-    gloo, a rank that returns normally from here aborts in static destruction in about 1 run in 10
-    ('terminate called without an active exception', SIGABRT, after Python has finalised; measured: 1 of 8
-    and 1 of 10 two-launcher opd.py runs, and once in CI), so that torchrun reports a failed run whose
-    outputs are complete. A single process returns."""
+    gloo, a rank that returns normally from here can abort in static destruction ('terminate called without
+    an active exception', SIGABRT, after Python has finalised; docs/FAILURES.md), so that torchrun reports a
+    failed run whose outputs are complete. A single process returns."""
     if dist.world_size == 1:
         return
     torch.distributed.barrier()
@@ -262,10 +261,10 @@ def _reduce_bucket(tensors):
         t.copy_(part.view_as(t))
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def barrier(dist):
+    """Wait for every rank (nothing to wait for in one process)."""
+    if dist.world_size > 1:
+        torch.distributed.barrier()
 
 
 def atomic_write(path, data):
@@ -623,6 +622,46 @@ def plot_curves(run_dirs, path, metrics=None):
     plt.close(fig)
     atomic_write(path, buf.getvalue())
     return metrics
+
+
+def plot_bars(rows, columns, norm, title, path):
+    """A table's rows ({"model": label, column: value}) as grouped bars, one group per column, each value divided
+    by norm.get(column, 1); a missing value (None) drawn as 0. One PNG written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 0.4 * len(rows), 3.5))
+    width = 0.8 / len(rows)
+    for r, row in enumerate(rows):
+        heights = [(row[m] or 0) / norm.get(m, 1) for m in columns]
+        ax.bar(np.arange(len(columns)) + (r - (len(rows) - 1) / 2) * width, heights, width, label=row["model"])
+    ax.set_xticks(range(len(columns)), [m + (f" / {norm[m]:g}" if m in norm else "") for m in columns])
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=min(4, len(rows)))
+    ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def markdown_table(title, columns, rows, note="", signed=False):
+    """A Markdown table of rows ({column: value}); a cell whose row also holds '<column>_se' is written
+    'mean +- se', a None as '-', a string as it is; signed: numbers with their sign (differences)."""
+    def cell(r, c):
+        if isinstance(r[c], str):
+            return r[c]
+        se = r.get(f"{c}_se")
+        value = "-" if r[c] is None else f"{r[c]:+.3f}" if signed else f"{r[c]:.3f}"
+        return value + (f" +- {se:.3f}" if se is not None and r[c] is not None else "")
+    lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
+    return "\n".join(lines + (["", note] if note else [])) + "\n"
 
 
 def save_grid(images, path, nrow=8, scale=1):

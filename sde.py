@@ -7,8 +7,7 @@ this file to get the method; it imports no other module of this project. Read it
   3. dense KL          closed-form reverse KL between two such steps (Flow-OPD)  kl_weight, velocity_kl
   4. sampling          CFG velocity and whole SDE/ODE trajectories               predict_velocity, sample
   5. objectives        Flow-GRPO's advantages and clipped surrogate; Flow-OPD's  group_advantages, clipped_surrogate,
-                       task routing and distillation loss                        route_targets, opd_loss
-                       (and a random k of the trained steps per sample)          step_subset
+                       task routing and distillation loss                        route_targets, opd_pg_loss
 
 A "world" (worlds.py) is anything with the attributes sample() and predict_velocity() read: transformer,
 encode_prompts, decode, latent_shape, device, dtype and defaults (shift, train_steps, guidance_scale).
@@ -227,20 +226,6 @@ def sde_window_steps(steps, window, seed, epoch, start=None):
     return list(range(start, start + window))
 
 
-def step_subset(seeds, n_steps, k):
-    """Which of n_steps trained steps each sample distils: a (B, n_steps) bool mask with exactly k
-    True per row, drawn uniformly without replacement from each sample's own seed (the same on any
-    rank, in any batch, after a resume). k = 0 or k >= n_steps: every step. The mean of a sample's
-    per-step losses over its k steps is then an unbiased estimate of their mean over all n_steps, for
-    k / n_steps of the frozen and training calls (as Flow-GRPO-Fast and MixGRPO subsample GRPO's)."""
-    if not k or k >= n_steps:
-        return torch.ones(len(seeds), n_steps, dtype=torch.bool)
-    mask = torch.zeros(len(seeds), n_steps, dtype=torch.bool)
-    for i, s in enumerate(seeds):
-        mask[i, torch.randperm(n_steps, generator=torch.Generator().manual_seed(sample_seed(s, n_steps, k)))[:k]] = True
-    return mask
-
-
 @torch.no_grad()
 def sample(world, prompts, steps=None, guidance_scale=None, noise_level=0.7, generator=None, seeds=None, decode=True,
            batch_size=None, sde_steps=None, init_seeds=None, on_batch=None):
@@ -347,26 +332,24 @@ def route_targets(tasks, routing, velocity_of):
     return target
 
 
-def opd_loss(kind, v, v_target, log_prob, old_log_prob, step_reward, sigma, sigma_next, noise_level, clip_range,
-             adv_clip, kl_scale=1.0):
-    """Flow-OPD's distillation loss at one step, per sample (B,), and the KL it is built from.
-    kind "direct":    KL_t = w(t) ||v_theta - v_T||^2 itself (gradient through v_theta)
-    kind "pg":        PPO surrogate with advantage r_t = -w(t) ||sg(v_theta) - v_T||^2 (the published form;
-                      r_t is a function of the state only, so its expected gradient is zero)
-    kind "pg-sample": PPO surrogate with the sampled action's log-ratio step_reward =
-                      -(log pi_theta(a|x_t) - log pi_T(a|x_t)) (LLM on-policy distillation)
-    log_prob: the student's log-prob of the sampled action now (with grad), old_log_prob: at sampling.
-    kl_scale multiplies the KL (|dt| gives the official code's weighting, |dt| w(t))."""
-    kl = kl_scale * velocity_kl(v, v_target, sigma, sigma_next, noise_level)
-    if kind == "direct":
-        return kl, kl
+def opd_pg_loss(kind, v, v_target, x_t, x_next, old_log_prob, sigma, sigma_next, noise_level, clip_range, adv_clip,
+                kl_scale=1.0):
+    """The policy-gradient readings of Flow-OPD's loss at one step, per sample (B,): PPO's clipped surrogate
+    on the sampled action x_next, with an advantage clamped to +-adv_clip
+      kind "pg":        r_t = -kl_scale w(t) ||sg(v_theta) - v_T||^2 (the published form; r_t is a function of
+                        the state only, so its expected gradient is zero)
+      kind "pg-sample": r_t = -(log pi_theta_old(x_next|x_t) - log pi_T(x_next|x_t)) on the sampled action
+                        (LLM on-policy distillation)
+    v: the student's velocity now (with grad); old_log_prob: the student's log-prob of x_next at sampling.
+    The default reading, "direct", is the KL itself: kl_scale * velocity_kl(v, v_target, ...)."""
+    _, log_prob, _, _ = sde_step_with_logprob(v, sigma, sigma_next, x_t, noise_level, prev_sample=x_next)
     if kind == "pg":
-        advantage = -kl.detach()
+        advantage = -(kl_scale * velocity_kl(v.detach(), v_target, sigma, sigma_next, noise_level))
     elif kind == "pg-sample":
-        advantage = step_reward
+        _, teacher_log_prob, _, _ = sde_step_with_logprob(v_target, sigma, sigma_next, x_t, noise_level,
+                                                          prev_sample=x_next)
+        advantage = -(old_log_prob - teacher_log_prob)
     else:
         raise ValueError(f"unknown OPD loss {kind!r}: direct, pg or pg-sample")
     loss, _ = clipped_surrogate(log_prob, old_log_prob, advantage.clamp(-adv_clip, adv_clip), clip_range)
-    return loss, kl
-
-
+    return loss

@@ -28,13 +28,8 @@ Guidance. The teachers' samples are CFG-guided, and SD3's loss teaches them to t
 CONDITIONAL velocity (--train-guidance 1, the default), so a student sampled with CFG applies the
 guidance on top of what it learnt. --train-guidance g puts the loss on the GUIDED velocity
 v_u + g (v_c - v_u) instead: its minimiser is the field whose guided ODE transports noise to the
-teachers' samples (one extra unconditional forward per item). Measured on the tiny world's four-run
-base (commit c9e812d), one teacher (its deqa expert), then evaluate.py --tasks deqa --limit 64 on each
-adapter:
-  python sft_init.py --task deqa --teachers deqa=assets/tiny_experts/deqa.safetensors \
-      --prompts-per-task 256 --steps 600 --ema-every 1 [--train-guidance 3] --out ...
-deqa: base 0.785, teacher 0.880, plain student 0.839, guided (g = 3) student 0.817; so the default
-stays SD3's plain loss.
+teachers' samples (one extra unconditional forward per item). On the tiny world the plain loss's student
+scored higher (docs/NOTES.md, "SFT on the guided velocity"), so the default stays SD3's plain loss.
 
 Outputs in --out: adapter.safetensors (the EMA LoRA, diffusers-loadable: opd.py --student), config.json,
 log.jsonl, checkpoints/ (exact resume: rerun the same command), cache/ (teacher samples; --cache to
@@ -59,17 +54,13 @@ import worlds
 
 SETTINGS = dict(
     world=("tiny", "'tiny', or the folder / hub id of a Stable Diffusion 3.5 pipeline"),
-    teachers=("", "task=file pairs 'geneval=a.safetensors,ocr=b.safetensors,...' ('' = the tiny world's shipped "
-                  "experts; file 'base' = the base model, with --best-of N: rejection-sampling fine-tuning)"),
-    task=("geneval:1,ocr:1,deqa:1,pickscore:1", "tasks to distil with their odds in a training batch (each batch "
-                                                "item's task is drawn with these odds)"),
+    teachers=("", "task=file pairs 'geneval=a.safetensors,...' ('' = the tiny world's experts; 'base' = the base)"),
+    task=("geneval:1,ocr:1,deqa:1,pickscore:1", "tasks to distil, with the odds of a batch item's task"),
     out=(None, str, "output folder (default results/<world>/runs/sft-init)"),
-    cache=(None, str, "teacher-sample cache folder (default <out>/cache); share it between runs with the same "
-                      "teachers"),
+    cache=(None, str, "teacher-sample cache folder (default <out>/cache; runs with the same teachers can share it)"),
     init=("", "start the student from this LoRA file instead of a fresh adapter"),
     # 1. teacher samples
-    prompts_per_task=(256, "cached samples per task; item k uses training prompt k of a seeded shuffle (cycling, "
-                           "with new seeds, past the file's end)"),
+    prompts_per_task=(256, "cached samples per task; item k uses training prompt k of a seeded shuffle (cycling)"),
     best_of=(1, "N: sample N images per item with the teacher and keep the highest-reward one (1 = no selection)"),
     sample_steps=(None, int, "sampling steps for the teacher (default: the world's eval steps, 20 tiny / 40 SD3)"),
     sample_noise_level=(0.0, "0 = ODE sampling (the teachers' evaluation setting); > 0 = SDE with this noise level a"),
@@ -78,8 +69,7 @@ SETTINGS = dict(
     shard_size=(64, "cached items per shard file (the unit of resumable generation)"),
     # 2. SFT
     steps=(1000, "optimizer steps"),
-    train_guidance=(1.0, "CFG scale g of the trained velocity v_u + g (v_c - v_u): 1 = SD3's plain conditional "
-                         "loss; the sampling scale = guidance-aware SFT (see the docstring)"),
+    train_guidance=(1.0, "CFG scale g of the trained velocity v_u + g (v_c - v_u): 1 = SD3's plain conditional loss"),
     batch=(32, "items per optimizer step, over all ranks"),
     train_batch=(32, "items per training forward, per rank"),
     lr=(3e-4, "AdamW learning rate"),
@@ -87,26 +77,21 @@ SETTINGS = dict(
     grad_clip=(1.0, "gradient-norm clip"),
     logit_mean=(0.0, "mean of the logit-normal timestep density (SD3: 0)"),
     logit_std=(1.0, "std of the logit-normal timestep density (SD3: 1)"),
-    cond_dropout=(0.0, "probability of training an item on the empty prompt (0: the LoRA leaves the base's "
-                       "unconditional alone, see section 2)"),
+    cond_dropout=(0.0, "probability of training an item on the empty prompt (see the training loop's comment)"),
     base_reg=(0.0, "lambda of the regulariser lambda * ||v_theta - v_base||^2 at the same x_t (0 = off)"),
     lora_rank=(32, "LoRA rank r"),
     lora_alpha=(64, "LoRA alpha (scale alpha / r)"),
     ema_decay=(0.9, "EMA decay of the trained weights (the EMA is what is saved)"),
     ema_every=(8, "EMA update interval in optimizer steps (Flow-GRPO: 8)"),
-    probe=(16, "probe items: the first N positions of step 0's batch (fixed items, sigma, noise) whose flow loss is "
-               "logged (0 = off)"),
+    probe=(16, "probe items: the first N positions of step 0's batch, whose flow loss is logged (0 = off)"),
     probe_every=(50, "probe loss every N steps (and at step 0)"),
     log_every=(10, "log.jsonl record every N steps"),
-    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared out between local "
-                "ranks)"),
-    gradient_checkpointing=(False, "recompute each transformer block's activations in the backward pass: less "
-                                   "memory (SD3.5-M on 40-80 GB cards), the same gradients"),
+    threads=(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores shared between local ranks)"),
+    gradient_checkpointing=(False, "recompute block activations in the backward pass: less memory, same gradients"),
     seed=(0, "seed of prompt choice, sampling noise, batches, sigmas and training noise"),
     save_every=(100, "checkpoint every N steps (and at the end)"),
     resume=(True, "continue from the latest checkpoint in --out if there is one"),
-    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only; WANDB_MODE=offline needs no "
-                 "network); '' = log.jsonl only"),
+    tracker=("", "also log every record to 'tensorboard' or 'wandb' (master only); '' = log.jsonl only"),
 )
 cfg = runs.parse_settings(__doc__, SETTINGS)
 
@@ -155,7 +140,7 @@ identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
 with runs.all_or_none(dist):  # a changed run on one node stops every rank, not that node alone
     state = runs.load_checkpoint(out) if cfg.resume else None
     if state is not None:
-        runs.check_resume(out, state, identity, "steps", state["step"])
+        runs.check_resume(out, state, identity, "steps", state["epoch"])
 
 
 # -----------------------------------------------------------------------------
@@ -304,18 +289,11 @@ if dist.master:
     if cfg.steps < cfg.ema_every:
         print(f"warning: {cfg.steps} steps < --ema-every {cfg.ema_every}: the saved EMA adapter equals the initial one")
 
-start_step = 0
-if state is not None:
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state["params"][k])
-    ema = {k: v.float() for k, v in state["ema"].items()}
-    optimizer.load_state_dict(state["optimizer"])
-    start_step = state["step"]
-    if dist.master:
-        print(f"resumed from {out} at step {start_step}")
-# a node-local --out fails here
-runs.agree_across_ranks(dist, f"{out} (the resumed step and weights)", [start_step], params)
+# the checkpoint's "epoch" and "opt_step" are both the optimizer step here
+start_step, _ = (runs.load_train_state(out, params, ema, optimizer, identity, "steps", dist) if cfg.resume
+                 else (0, 0))
+if start_step and dist.master:
+    print(f"resumed from {out} at step {start_step}")
 
 
 def draw(step, positions):
@@ -339,19 +317,19 @@ def draw(step, positions):
     return torch.tensor(ids), torch.stack(sigmas), torch.stack(noises), torch.tensor(drops, dtype=torch.bool)
 
 
-def flow_loss(ids, sigma, noise, drop, base_reg):
+def flow_loss(x0, prompts, sigma, noise, drop, base_reg):
     """Per-item losses (n,) of SD3's rectified-flow objective on the guided velocity, and the
     base-regulariser term (n,):
         x_t = (1 - sigma) x_0 + sigma noise,   v* = noise - x_0,   v^g = v_u + g (v_c - v_u),
         L = mean_dims ||v^g_theta(x_t, sigma, c) - v*||^2  +  lambda mean_dims ||v^g_theta - v^g_base||^2
     g = --train-guidance (1: one conditional forward, SD3's loss). Dropped items see the empty prompt
-    (their guided velocity is the unconditional one whatever g)."""
-    x0 = x0_all[ids].to(world.device)
+    (their guided velocity is the unconditional one whatever g). x0 (n, C, h, w): the items' cached samples."""
+    x0 = x0.to(world.device)
     noise = noise.to(world.device)
     s = sigma.to(world.device).view(-1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     target = noise - x0
-    embeds, pooled = world.encode_prompts(["" if d else prompts_all[i] for i, d in zip(ids.tolist(), drop.tolist())])
+    embeds, pooled = world.encode_prompts(["" if d else p for p, d in zip(prompts, drop.tolist())])
     v = sde.predict_velocity(world, x_t, sigma, embeds, pooled, cfg.train_guidance, null)
     loss = ((v - target) ** 2).mean(dim=(1, 2, 3))
     reg = torch.zeros_like(loss)
@@ -368,17 +346,17 @@ probe = draw(0, range(cfg.probe)) if cfg.probe else None
 
 
 @torch.no_grad()
-def probe_loss():
+def probe_loss(probe):
     """Flow loss of the current (raw, not EMA) student on the fixed probe items, and of predicting v = 0
     (the scale: 1 - probe / zero is the fraction of the target's energy the student explains)."""
     ids, sigma, noise, drop = probe
-    losses = torch.cat([flow_loss(*(x[c] for x in (ids, sigma, noise, drop)), 0.0)[0].cpu()
-                        for c in torch.arange(len(ids)).split(cfg.train_batch)])
+    losses = torch.cat([flow_loss(x0_all[ids[c]], [prompts_all[i] for i in ids[c].tolist()], sigma[c], noise[c],
+                                  drop[c], 0.0)[0].cpu() for c in torch.arange(len(ids)).split(cfg.train_batch)])
     zero = ((noise - x0_all[ids]) ** 2).mean(dim=(1, 2, 3))
     return losses.mean().item(), zero.mean().item()
 
 
-def save_outputs(step):
+def save_outputs(step, ema):
     """The EMA adapter that later stages use, then the exact-resume checkpoint (last, as in
     grpo_expert.py: a kill between the two redoes both), each written atomically (master only)."""
     if not dist.master:
@@ -386,8 +364,7 @@ def save_outputs(step):
     # save_lora wants peft's state-dict keys, which lack the adapter name that named_parameters() has
     worlds.save_lora(transformer, "student", os.path.join(out, "adapter.safetensors"),
                   state_dict={k.replace(".student.", "."): v for k, v in ema.items()})
-    runs.save_checkpoint(out, step, dict(params={k: p.detach() for k, p in params.items()}, ema=ema,
-                                        optimizer=optimizer.state_dict(), step=step, identity=json.dumps(identity)))
+    runs.save_train_state(out, step, params, ema, optimizer, step, identity)
 
 
 # -----------------------------------------------------------------------------
@@ -401,7 +378,7 @@ def save_outputs(step):
 
 track = runs.open_tracker(cfg.tracker, out, vars(cfg), dist)
 if dist.master and probe is not None and start_step == 0:
-    p, zero = probe_loss()
+    p, zero = probe_loss(probe)
     runs.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=0, probe_loss=p, probe_zero=zero), echo=False)
     track(dict(step=0, probe_loss=p, probe_zero=zero))
     tqdm.write(f"step 0: probe loss {p:.6f} (v = 0 would give {zero:.4f})")
@@ -420,7 +397,8 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
     with timer("training"):
         losses, regs = [], []
         for mb in torch.arange(n_local).split(cfg.train_batch):
-            loss, reg = flow_loss(ids[mb], sigma[mb], noise[mb], drop[mb], cfg.base_reg)
+            loss, reg = flow_loss(x0_all[ids[mb]], [prompts_all[i] for i in ids[mb].tolist()], sigma[mb], noise[mb],
+                                  drop[mb], cfg.base_reg)
             ((loss + cfg.base_reg * reg).sum() / cfg.batch).backward()
             losses.append(loss.detach())
             regs.append(reg.detach())
@@ -450,12 +428,12 @@ for step in tqdm(range(start_step, cfg.steps), desc="sft", disable=not dist.mast
         stats = dict(loss=[], reg=[], grad_norm=[])
     if dist.master:
         if probe is not None and ((step + 1) % cfg.probe_every == 0 or step + 1 == cfg.steps):
-            record["probe_loss"], record["probe_zero"] = probe_loss()
+            record["probe_loss"], record["probe_zero"] = probe_loss(probe)
         if record:
             runs.log_jsonl(os.path.join(out, "log.jsonl"), dict(step=step + 1, **record), echo=False)
             track(dict(step=step + 1, **record))
             tqdm.write(f"step {step + 1}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
     if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-        save_outputs(step + 1)
+        save_outputs(step + 1, ema)
 
 runs.end_distributed(dist)

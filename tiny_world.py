@@ -25,7 +25,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 # -----------------------------------------------------------------------------
 # settings
@@ -427,13 +426,21 @@ def omit_from_scene(prompt, rng):
     return fewer if ood_category(parse(fewer)) is None else prompt  # four rings -> three: held out
 
 
+def _ndimage():
+    """scipy.ndimage, imported where the tiny world's image maths needs it: rewards.py imports this module for
+    its edit distance on the SD3 path too, where scipy is not installed."""
+    from scipy import ndimage
+
+    return ndimage
+
+
 def degrade(image, rng):
     """One web-like quality fault of an image (3, H, W) in [0, 1], never named by its caption: blur,
     sensor noise, low contrast, or blocky compression."""
     kind = rng.integers(4)
     x = image.numpy()
     if kind == 0:
-        x = ndimage.gaussian_filter(x, (0, rng.uniform(0.6, 1.2), rng.uniform(0.6, 1.2)))
+        x = _ndimage().gaussian_filter(x, (0, rng.uniform(0.6, 1.2), rng.uniform(0.6, 1.2)))
     elif kind == 1:
         x = x + rng.normal(0, rng.uniform(0.04, 0.10), x.shape)
     elif kind == 2:
@@ -466,7 +473,7 @@ def _shape_mask(shape, cx, cy, r):
 def _background(rng, name):
     """A plain colour with a faint smooth texture (amplitude well below the rewards' thresholds)."""
     base = np.array(BACKGROUNDS[name or rng.choice(list(BACKGROUNDS))], np.float32)
-    tex = ndimage.gaussian_filter(rng.normal(size=(IMAGE_SIZE, IMAGE_SIZE)), 2.0)
+    tex = _ndimage().gaussian_filter(rng.normal(size=(IMAGE_SIZE, IMAGE_SIZE)), 2.0)
     tex *= 0.025 / (tex.std() + 1e-8)
     return np.clip(base + tex[..., None], 0, 1)
 
@@ -739,8 +746,8 @@ def _components(cls):
         mask = cls == k
         if mask.sum() < MIN_OBJECT_AREA:
             continue
-        labels, n = ndimage.label(mask)
-        for sl, lab in zip(ndimage.find_objects(labels), range(1, n + 1)):
+        labels, n = _ndimage().label(mask)
+        for sl, lab in zip(_ndimage().find_objects(labels), range(1, n + 1)):
             comp = labels[sl] == lab
             if comp.sum() < MIN_OBJECT_AREA:
                 continue
@@ -817,10 +824,10 @@ def _reward_geneval(x, specs, strict=True):
 def _recognise(white):
     """Read glyphs from a boolean (H,W) mask of text pixels: cut column runs into glyph-wide cells, then
     nearest template after block-averaging each cell to 5x3."""
-    labels, n = ndimage.label(white)
+    labels, n = _ndimage().label(white)
     if n == 0:
         return ""
-    sizes = ndimage.sum(white, labels, range(1, n + 1))
+    sizes = _ndimage().sum(white, labels, range(1, n + 1))
     white = np.isin(labels, 1 + np.nonzero(sizes >= 4)[0])  # drop specks
     cols = np.concatenate([[False], white.any(0), [False]])
     starts, ends = np.nonzero(cols[1:] & ~cols[:-1])[0], np.nonzero(~cols[1:] & cols[:-1])[0]
@@ -870,7 +877,7 @@ def _reward_ocr(x, specs):
 
 def _grain(x):
     """Per-image fraction of pixels more than 0.06 from their 3x3 median (B,H,W,3) -> (B,)."""
-    return (np.abs(x - ndimage.median_filter(x, size=(1, 3, 3, 1))).max(-1) > 0.06).mean((1, 2))
+    return (np.abs(x - _ndimage().median_filter(x, size=(1, 3, 3, 1))).max(-1) > 0.06).mean((1, 2))
 
 
 def _foreground(x):

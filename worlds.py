@@ -10,6 +10,7 @@ transformer. Shared by the stage scripts (the middle floor: it imports tiny_worl
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -167,7 +168,7 @@ def encode_once(world, prompts, cache_dir, batch=64):
     three text encoders: T5-XXL alone holds ~9.5 GB of GPU memory in bf16, and every prompt is known
     before training. The tiny world's encoder is a small table: nothing to do.
 
-    At scale (issue #26): one SD3 prompt embedding is 205 x 4096 bf16, 1.68 MB, so Flow-GRPO's 25,432
+    At scale: one SD3 prompt embedding is 205 x 4096 bf16, 1.68 MB, so Flow-GRPO's 25,432
     PickScore prompts are ~43 GB. So under torchrun each rank encodes only its own contiguous share of
     the sorted prompts and streams it, batch by batch, into its own shard file (memory does not grow
     with the number of prompts); rank 0 then writes index.json, the cache's commit point. Every rank
@@ -332,6 +333,32 @@ def read_prompts(path):
     if not prompts:
         raise SystemExit(f"error: prompt file {path} has no prompts")
     return prompts, metadata
+
+
+def read_test_prompts(path, limit=0):
+    """A test file's distinct prompts: (prompts, metadata, how many duplicate lines were merged). One prompt
+    written on 4 lines (GenEval's test file) is one prompt: K images, not 4K, and one unit of the standard
+    errors, not 4 (4 correlated copies would understate them up to 2x); the same text with other metadata asks
+    another question (other GenEval clauses) and is kept apart. limit > 0 keeps that many, evenly spread over
+    the file: files are often grouped by category (GenEval's, the tiny OOD set), and a prefix would test only
+    the first."""
+    lines = list(zip(*read_prompts(path)))  # (prompt, metadata) per line
+    distinct = {}  # (prompt, metadata as JSON) -> (prompt, metadata), in order of first appearance
+    for prompt, meta in lines:
+        distinct.setdefault((prompt, json.dumps(meta, sort_keys=True)), (prompt, meta))
+    prompts, metadata = [p for p, _ in distinct.values()], [m for _, m in distinct.values()]
+    n = min(limit, len(prompts)) if limit > 0 else len(prompts)
+    keep = np.linspace(0, len(prompts) - 1, n).round().astype(int).tolist() if n else []
+    return [prompts[i] for i in keep], [metadata[i] for i in keep], len(lines) - len(prompts)
+
+
+def base_fingerprint(world):
+    """A cheap identity of a world's base weights: its name and the first 4096 values of every 8th tensor."""
+    h = hashlib.sha256(world.name.encode())
+    for i, (n, p) in enumerate(world.transformer.state_dict().items()):
+        if i % 8 == 0 and "lora_" not in n:
+            h.update(n.encode() + p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 # Where each SD3 prompt file comes from, for the missing-file error (prompts/sd3/README.md has the details).
@@ -657,8 +684,8 @@ def adapter(transformer, name):
 
     A switch sets the active adapter and the disabled flag on each LoRA layer, which is all that peft's
     forward reads. peft's own set_adapter / enable_adapters scan every module and flip requires_grad on
-    every LoRA weight (which then had to be restored): measured on the tiny world, that was a third of an
-    OPD epoch (issue #16). Here requires_grad is never touched: the trained adapter stays trainable and
+    every LoRA weight (which then had to be restored), a large share of an OPD epoch's time (docs/PERFORMANCE.md).
+    Here requires_grad is never touched: the trained adapter stays trainable and
     frozen teachers stay frozen."""
     layers = _lora_layers(transformer)
     if name is not None and name not in (getattr(transformer, "peft_config", None) or {}):

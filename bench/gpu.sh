@@ -16,7 +16,7 @@
 # carries. The real OCR reward's wheels do not fit (rapidocr 28 MB, onnxruntime 28 MB a Python, opencv 58 MB, scipy
 # 35 MB a Python for rewards.levenshtein's import of tiny_world: ~160 MB for ONE Python): PREPARE_OCR=1 adds them anyway,
 # for a machine that can take them, and the size check says so. So the GPU run's GRPO reward is PickScore.
-# On the device, bench/gpu_check.py install puts into a temporary site folder only what the Python lacks, from
+# On the device, bench/install_wheels.py install puts into a temporary site folder only what the Python lacks, from
 # bench/wheels (pip --no-index --no-deps: torch and transformers are never touched), and puts it on PYTHONPATH.
 #
 # What runs (bench/gpu_check.py; every figure comes from the stage scripts' own log.jsonl and the probe around them):
@@ -116,7 +116,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm --format=csv,
 # 2. what it lacks, from the wheels, into a temporary site folder on PYTHONPATH
 if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX"); MADE_WORK=1; fi
 mkdir -p "$WORK"
-timeout 120 "$PY" bench/gpu_check.py install --wheels "$WHEELS" --site "$WORK/site" || exit 3
+timeout 120 "$PY" bench/install_wheels.py install --wheels "$WHEELS" --site "$WORK/site" || exit 3
 export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 
 # 3. the imports, and the versions

@@ -122,3 +122,27 @@ def ode_scores(adapters, task, prompts, metadata=None):
             images = sde.sample(world, prompts, steps=20, guidance_scale=3.0, noise_level=0.0, seeds=list(range(len(prompts))))["images"]
         out[label] = images, score(images, prompts, metadata)
     return out
+
+
+def script_functions(script, *names):
+    """The module-level functions `names` of a stage script, without running the script: its imports, its
+    upper-case literal constants and those functions, executed alone. For the scripts' pure functions (a stage
+    script parses the command line and trains when imported)."""
+    import ast
+
+    def literal(node):
+        try:
+            return ast.literal_eval(node) is not None
+        except ValueError:
+            return False
+
+    path = os.path.join(ROOT, script)
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+            or isinstance(n, ast.FunctionDef) and n.name in names
+            or isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in n.targets)
+            and literal(n.value)]
+    namespace = {"__file__": path}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), namespace)
+    return [namespace[n] for n in names]

@@ -23,7 +23,7 @@ import rewards
 import runs
 import sde
 import worlds
-from helpers import ENV, ROOT, assert_one_error_line, run_script, torchrun_script
+from helpers import ENV, ROOT, assert_one_error_line, run_script, script_functions, torchrun_script
 
 HAVE_TINY = os.path.exists(os.path.join(os.path.dirname(sde.__file__), "assets", "tiny_base.safetensors"))
 needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason="the tiny world's base weights (assets/tiny_base.safetensors) are not built yet")
@@ -305,3 +305,35 @@ def test_ranks_with_different_caches_agree_on_the_work(one_process, adapter_file
         for a, b in zip(read(out, table), read(tmp_path / "tables", table), strict=True):
             assert a.keys() == b.keys()
             assert [a[k] for k in a if k != "model"] == pytest.approx([b[k] for k in b if k != "model"], abs=1e-6), table
+
+
+def test_tables_are_pure_functions_of_per_prompt_scores():
+    """evaluate.py's tables from per-prompt scores, on numbers worked by hand: the main table's mean +- SE per
+    task and its Average, the paired differences (only prompts both models hold), each teacher's share of its
+    gain, the OOD table's mean of category means, and the quality table."""
+    main_rows, paired_rows, gain_rows, ood_rows, quality_rows = script_functions(
+        "evaluate.py", "main_rows", "paired_rows", "gain_rows", "ood_rows", "quality_rows", "main_row", "mean_se",
+        "task_mean_se", "combined_se")[:5]
+    tasks = ["geneval", "ocr", "deqa", "pickscore"]
+    scores = {"base": [0.2, 0.4], "expert": [0.6, 1.0]}  # two prompts a task, the same for every task
+    per_prompt = {(m, t): dict(enumerate(v)) for m, v in scores.items() for t in tasks}
+    rows = main_rows(per_prompt, ["base", "expert"], tasks, sd3=False)
+    assert rows[0]["geneval"] == pytest.approx(0.3) and rows[0]["geneval_se"] == pytest.approx(0.1)  # std 0.1414 / sqrt 2
+    assert rows[1]["average"] == pytest.approx(0.8) and rows[1]["average_se"] == pytest.approx(math.sqrt(4 * (0.2 / 4) ** 2))
+    assert main_rows(per_prompt, ["base"], ["ocr"], sd3=False)[0]["average"] is None  # not every task: no Average
+    tagged = {("m", "geneval"): {0: 0.0, 1: 1.0, 2: 1.0}}  # GenEval by category (sd3 tags): (0.5 + 1) / 2, not 2 / 3
+    (row,) = main_rows(tagged, ["m"], ["geneval"], sd3=True, tags=["a", "a", "b"])
+    assert row["geneval"] == pytest.approx(0.75) and row["geneval_se"] is None  # category b has one prompt: no SE
+    per_prompt["expert", "ocr"] = {1: 1.0}  # prompt 0 missing: paired on prompt 1 only
+    paired = paired_rows(per_prompt, ["base", "expert"], ["base", "grpo-mix"], tasks, sd3=False)
+    assert [(r["model"], r["minus"]) for r in paired] == [("expert", "base")]  # a reference not evaluated is skipped
+    assert paired[0]["geneval"] == pytest.approx(0.5) and paired[0]["ocr"] == pytest.approx(0.6) and paired[0]["ocr_se"] is None
+    per_prompt["expert", "ocr"] = {0: 0.6, 1: 1.0}
+    main = main_rows(per_prompt, ["base", "expert"], tasks, sd3=False)
+    gains, teacher_gain = gain_rows(main, per_prompt, ["base", "expert"], {"ocr": "expert"})
+    assert teacher_gain == {"ocr": pytest.approx(0.5)} and gains == [{"model": "expert", "ocr": pytest.approx(1.0), "ocr_se": 0.0}]
+    ood = {("m", c): {0: float(k)} for k, c in enumerate(("colour", "shape", "spatial", "numeracy"))}
+    (row,) = ood_rows(ood, ["m"])
+    assert row["overall"] == pytest.approx(1.5) and row["overall_se"] is None  # one prompt a category: no SE
+    (row,) = quality_rows({("m", "deqa"): [0.5, 0.7]}, ["m"], ["deqa"])
+    assert row["deqa"] == pytest.approx(0.6) and row["deqa_se"] == pytest.approx(0.1)

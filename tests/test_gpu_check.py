@@ -21,6 +21,7 @@ from helpers import ROOT, read_log
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import gpu_check  # noqa: E402
+import install_wheels  # noqa: E402
 
 
 def python_without(tmp_path, hidden=("diffusers",)):
@@ -40,7 +41,7 @@ def python_without(tmp_path, hidden=("diffusers",)):
 
 
 def test_wheel_of_the_installed_package_has_a_true_record(tmp_path):
-    path = gpu_check.wheel_from_installed("diffusers", tmp_path)
+    path = install_wheels.wheel_from_installed("diffusers", tmp_path)
     import diffusers
 
     assert os.path.basename(path) == f"diffusers-{diffusers.__version__}-py3-none-any.whl"
@@ -60,7 +61,7 @@ def test_wheel_of_the_installed_package_has_a_true_record(tmp_path):
 def test_missing_wheel_is_one_error_naming_prepare(tmp_path):
     python = python_without(tmp_path)
     (tmp_path / "empty").mkdir()
-    r = subprocess.run([python, "bench/gpu_check.py", "install", "--wheels", str(tmp_path / "empty"), "--site", str(tmp_path / "site")],
+    r = subprocess.run([python, "bench/install_wheels.py", "install", "--wheels", str(tmp_path / "empty"), "--site", str(tmp_path / "site")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode != 0 and len(errors) == 1 and "diffusers" in errors[0] and "--prepare" in errors[0], r.stderr
@@ -68,7 +69,7 @@ def test_missing_wheel_is_one_error_naming_prepare(tmp_path):
 
 def test_dry_run_installs_diffusers_offline_and_runs_the_stage_scripts(tmp_path):
     wheels, out, work = tmp_path / "wheels", tmp_path / "out", tmp_path / "work"
-    gpu_check.wheel_from_installed("diffusers", wheels)
+    install_wheels.wheel_from_installed("diffusers", wheels)
     python = python_without(tmp_path)
     assert subprocess.run([python, "-c", "import diffusers"], capture_output=True).returncode != 0
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}

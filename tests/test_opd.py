@@ -25,21 +25,21 @@ def test_direct_gradient_is_the_analytic_one_on_a_linear_model():
     D = 6
     W = torch.randn(D, D, requires_grad=True)
     x, v_T = torch.randn(1, D), torch.randn(1, D)
-    loss, kl = sde.opd_loss("direct", x @ W.T, v_T, None, None, None, 0.7, 0.5, 0.7, 1e-4, 5.0)
+    loss = sde.velocity_kl(x @ W.T, v_T, 0.7, 0.5, 0.7)  # opd.py's direct loss is the step KL itself
     loss.sum().backward()
     w = sde.kl_weight(0.7, 0.5, 0.7)
     torch.testing.assert_close(W.grad, (2 * w / D) * (x @ W.T - v_T).T @ x)
-    torch.testing.assert_close(loss, kl)
 
 
 def test_zero_loss_and_gradient_when_student_is_teacher():
     v = torch.randn(3, 4, 4, 4, requires_grad=True)
-    for kind in ("direct", "pg"):
-        log_prob = torch.zeros(3, requires_grad=True)
-        loss, kl = sde.opd_loss(kind, v, v.detach().clone(), log_prob, torch.zeros(3), None, 0.6, 0.4, 0.7, 1e-4, 5.0)
+    x_t, x_next = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    kl = sde.velocity_kl(v, v.detach().clone(), 0.6, 0.4, 0.7)
+    for loss in (kl, sde.opd_pg_loss("pg", v, v.detach().clone(), x_t, x_next, torch.zeros(3), 0.6, 0.4, 0.7, 1e-4, 5.0)):
+        v.grad = None
         loss.sum().backward()
         assert torch.all(kl == 0) and torch.all(loss == 0)
-        assert torch.all(v.grad == 0) and (log_prob.grad is None or torch.all(log_prob.grad == 0))
+        assert torch.all(v.grad == 0)
 
 
 def _policy_gradients(n=20000, D=16, seed=0):
@@ -56,9 +56,10 @@ def _policy_gradients(n=20000, D=16, seed=0):
     for kind in ("direct", "pg", "pg-sample"):
         theta.grad = None
         v = theta.expand(n, D)
-        _, log_prob, _, _ = sde.sde_step_with_logprob(v, sigma, sigma_next, x, a, prev_sample=action)
-        reward = -(old_log_prob - teacher_log_prob)
-        loss, _ = sde.opd_loss(kind, v, v_T.expand(n, D), log_prob, old_log_prob, reward, sigma, sigma_next, a, 1e-4, 1e9)
+        if kind == "direct":
+            loss = sde.velocity_kl(v, v_T.expand(n, D), sigma, sigma_next, a)
+        else:  # pg-sample's reward: -(old_log_prob - teacher_log_prob) of the sampled action
+            loss = sde.opd_pg_loss(kind, v, v_T.expand(n, D), x, action, old_log_prob, sigma, sigma_next, a, 1e-4, 1e9)
         loss.mean().backward()
         grads[kind] = theta.grad.clone().reshape(-1)
     return grads
@@ -179,29 +180,27 @@ def test_two_processes_equal_one(tmp_path, teachers):
 
 
 @needs_base
-def test_distil_steps_subsamples_the_calls_and_all_of_them_is_the_default(tmp_path, teachers):
-    """--distil-steps k: the teacher, anchor and training calls per image fall to k / S of the default's
-    (counted in the log), the student still learns (its adapter moves), and k = S is the default run,
-    bit for bit."""
+def test_forwards_per_image_count_every_distilled_step(tmp_path, teachers):
+    """The log's forwards_* count the transformer rows per image of each phase: the teacher and anchor calls
+    and the training calls scale with the distilled steps S (1 of T = 3 at --timestep-fraction 0.5, 2 at the
+    default), the sampling's with T."""
     _, spec = teachers
     args = ["--task", "geneval:1,ocr:1", "--teachers", spec, "--epochs", "1", "--mar-weight", "0.5", *FAST]  # S = floor(3 x 0.99) = 2
     run_script("opd.py", "--out", tmp_path / "all", *args)
-    run_script("opd.py", "--distil-steps", "2", "--out", tmp_path / "k2", *args)
-    run_script("opd.py", "--distil-steps", "1", "--out", tmp_path / "k1", *args)
-    (full,), (k2,), (k1,) = (read_log(tmp_path / x) for x in ("all", "k2", "k1"))
-    a, b, c = (read_adapter(tmp_path / x) for x in ("all", "k2", "k1"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert full["forwards_sampling"] == k1["forwards_sampling"] == 2 * 3  # CFG x T
-    assert full["forwards_frozen"] == 2 * 2 * 2 and k1["forwards_frozen"] == 2 * 2 * 1  # (teacher + anchor) x CFG x steps
-    assert full["forwards_training"] == 2 * 2 and k1["forwards_training"] == 2 * 1
-    assert not all(torch.equal(a[k], c[k]) for k in a) and any(c[k].abs().max() > 0 for k in c if "lora_B" in k)
+    run_script("opd.py", "--timestep-fraction", "0.5", "--out", tmp_path / "s1", *args)
+    (full,), (s1,) = (read_log(tmp_path / x) for x in ("all", "s1"))
+    assert full["forwards_sampling"] == s1["forwards_sampling"] == 2 * 3  # CFG x T
+    assert full["forwards_frozen"] == 2 * 2 * 2 and s1["forwards_frozen"] == 2 * 2 * 1  # (teacher + anchor) x CFG x steps
+    assert full["forwards_training"] == 2 * 2 and s1["forwards_training"] == 2 * 1
+    c = read_adapter(tmp_path / "s1")
+    assert any(c[k].abs().max() > 0 for k in c if "lora_B" in k)  # the student learns
     # bench/gain_per_call.py reads those counts and scores the runs, paired: a run that IS the teacher keeps
-    # exactly all of its gain, and k = 1 spent (6 + 4 + 2 x 2) / (6 + 8 + 2 x 4) of the calls
+    # exactly all of its gain, and S = 1 spent (6 + 4 + 2 x 2) / (6 + 8 + 2 x 4) of the calls
     run_script("bench/gain_per_call.py", "--task", "deqa", "--teacher", tmp_path / "all" / "adapter.safetensors", "--prompts", "2",
-               "--images", "1", "--threads", "1", "--runs", f"all={tmp_path / 'all'},k1={tmp_path / 'k1'}", "--out", tmp_path / "gain.json")
+               "--images", "1", "--threads", "1", "--runs", f"all={tmp_path / 'all'},s1={tmp_path / 's1'}", "--out", tmp_path / "gain.json")
     rows = {r["run"]: r for r in json.load(open(tmp_path / "gain.json"))["runs"]}
     assert rows["all"]["share"] == pytest.approx(1.0, abs=1e-9) and rows["all"]["share_se"] == pytest.approx(0.0, abs=1e-9)
-    assert rows["k1"]["calls_relative"] == pytest.approx(14 / 22)
+    assert rows["s1"]["calls_relative"] == pytest.approx(14 / 22)
 
 
 @needs_base
@@ -219,20 +218,15 @@ def test_anchor_routed_to_itself_is_not_called_twice(tmp_path, teachers):
     assert_same_adam_training(read_adapter(tmp_path / "reuse"), read_adapter(tmp_path / "separate"), lr=1e-4, opt_steps=reuse["opt_step"])
 
 
-@needs_base
-@pytest.mark.parametrize("k, says", [("-1", "must be 0 (every trained step) or a count"), ("3", "--distil-steps 3 is more than the 2 steps")])
-def test_bad_distil_steps_is_one_line(tmp_path, k, says):
-    assert_one_error_line(says, "opd.py", "--distil-steps", k, "--out", tmp_path, *FAST)  # S = floor(3 x 0.99) = 2
-    assert not os.path.exists(tmp_path / "adapter.safetensors")
-
-
 def test_official_weighting_scales_each_step_kl_by_dt():
     """--kl-dt-factor: the official OPD's step KL is |dt| w(t) ||v_s - v_T||^2 (its std has no sqrt|dt|)."""
-    v, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
-    exact, kl = sde.opd_loss("direct", v, t, None, None, None, 0.8, 0.6, 0.7, 1e-4, 5.0)
-    official, kl_dt = sde.opd_loss("direct", v, t, None, None, None, 0.8, 0.6, 0.7, 1e-4, 5.0, kl_scale=0.2)
+    v, t, x_t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    # on-policy (x_next's log-prob now is its log-prob at sampling): the ratio is 1 and pg's loss is the KL it uses
+    x_next, old_log_prob, _, _ = sde.sde_step_with_logprob(v, 0.8, 0.6, x_t, 0.7, generator=torch.Generator().manual_seed(0))
+    exact = sde.opd_pg_loss("pg", v, t, x_t, x_next, old_log_prob, 0.8, 0.6, 0.7, 1e-4, 5.0)
+    official = sde.opd_pg_loss("pg", v, t, x_t, x_next, old_log_prob, 0.8, 0.6, 0.7, 1e-4, 5.0, kl_scale=0.2)
+    torch.testing.assert_close(exact, sde.velocity_kl(v, t, 0.8, 0.6, 0.7))
     torch.testing.assert_close(official, 0.2 * exact)
-    torch.testing.assert_close(kl_dt, 0.2 * kl)
 
 
 @needs_base

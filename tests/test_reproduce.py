@@ -69,3 +69,23 @@ def test_ablations_refuse_runs_that_are_not_the_tables_models(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: results/tiny/runs/grpo-ocr/adapter.safetensors is not the grpo-ocr that results/tiny/main.md")
     assert not (out / "runs" / "merge-ties").exists()  # it stopped before training anything
+
+
+def test_a_lane_of_several_stages_prints_each_stages_own_last_epoch(tmp_path):
+    """A lane that runs GRPO-Mix and then OPD printed OPD's epoch line under the lane's name ("grpo-mix: epoch 20:
+    KL ..."): each stage of a lane now reports its own last epoch line under its own name. Runs reproduce.sh's
+    own `stage` and `last_epochs` functions on a made-up lane (no training)."""
+    with open(os.path.join(ROOT, "reproduce.sh")) as f:
+        text = f.read()
+    functions = "\n".join(line for line in text.splitlines() if line.startswith("stage() "))
+    start = text.index("last_epochs() {")
+    functions += "\n" + text[start: text.index("\n}\n", start) + 3]
+    lane = ("stage grpo-mix bash -c 'echo epoch 1: reward 0.5; echo epoch 2: reward 0.6; echo saved' && "
+            "stage opd-merge-nomar bash -c 'printf \"epoch 1: KL 1e-3\\rdone\\n\"'")
+    script = f"{functions}\n( {lane} ) > {tmp_path}/lane.log 2>&1\nlast_epochs {tmp_path}/lane.log grpo-mix\n"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["   grpo-mix: epoch 2: reward 0.6", "   opd-merge-nomar: epoch 1: KL 1e-3"]
+    single = subprocess.run(["bash", "-c", f"{functions}\nprintf 'epoch 3: x\\nend\\n' > {tmp_path}/one.log\n"
+                             f"last_epochs {tmp_path}/one.log grpo-ocr\n"], capture_output=True, text=True, timeout=60)
+    assert single.stdout.splitlines() == ["   grpo-ocr: epoch 3: x"]  # a lane of one stage: the lane's name

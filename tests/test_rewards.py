@@ -85,6 +85,17 @@ def test_tiny_world_wrapper_and_combined(monkeypatch):
 # OCR
 
 
+def test_the_sd3_ocr_rule_needs_no_scipy():
+    """rewards.levenshtein takes the tiny world's edit distance; importing it must not need scipy, which the SD3
+    path does not install (the tiny world imports scipy where its image maths runs)."""
+    import subprocess
+
+    code = "import sys; sys.modules['scipy'] = None; import rewards; print(rewards.levenshtein('kitten', 'sitting'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=str(Path(rewards.__file__).parent), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "3", result.stderr[-2000:]
+
+
 def test_ocr_rule_by_hand():
     assert levenshtein("kitten", "sitting") == 3 and levenshtein("", "abc") == 3 and levenshtein("ab", "ab") == 0
     prompt = 'a neon sign that says "Hello World" at night'

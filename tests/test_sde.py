@@ -193,24 +193,3 @@ def test_cfg_is_one_batched_forward_of_uncond_and_cond(toy_world):
     v_c = sde.predict_velocity(toy_world, x, 0.5, embeds, pooled, 1.0)
     v_u = sde.predict_velocity(toy_world, x, 0.5, *null, 1.0)
     torch.testing.assert_close(sde.predict_velocity(toy_world, x, 0.5, embeds, pooled, 4.5), v_u + 4.5 * (v_c - v_u), atol=1e-5, rtol=1e-5)
-
-
-def test_step_subset_is_k_steps_per_sample_and_an_unbiased_estimate_of_the_step_mean():
-    """opd.py --distil-steps k: every sample distils exactly k of S steps, the same for the same seed
-    whatever the batch, and the mean of its k per-step values estimates the mean over all S without
-    bias: the estimate's average over many samples lands within 4 standard errors of the true mean,
-    while a biased rule (always the first k steps) does not."""
-    S, k, n = 9, 3, 4000
-    seeds = [sde.sample_seed(0, 0, i) for i in range(n)]
-    mask = sde.step_subset(seeds, S, k)
-    assert mask.shape == (n, S) and (mask.sum(1) == k).all()
-    assert torch.equal(mask[10:20], sde.step_subset(seeds[10:20], S, k))  # per-sample: batch and rank independent
-    assert torch.equal(sde.step_subset(seeds[:5], S, 0), torch.ones(5, S, dtype=torch.bool))  # 0 = every step
-    assert torch.equal(sde.step_subset(seeds[:5], S, S), torch.ones(5, S, dtype=torch.bool))
-    per_step = torch.linspace(0.1, 2.0, S) ** 2  # a KL that grows along the trajectory, as w(t) does
-    estimate = (mask * per_step).sum(1) / k  # (n,)
-    se = estimate.std() / math.sqrt(n)
-    assert abs(estimate.mean() - per_step.mean()) < 4 * se
-    first_k = per_step[:k].mean()
-    assert abs(first_k - per_step.mean()) > 20 * se  # the check would catch a biased subset
-    assert (mask.float().mean(0) - k / S).abs().max() < 0.03  # each step equally often
