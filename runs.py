@@ -155,7 +155,8 @@ def stop_unless_all_fine(dist, failure=""):
     more = f" (and {len(failed) - 1} other ranks)" if len(failed) > 1 else ""
     sys.stdout.flush()
     start = "\n" if dist.master else ""  # the master's progress bar holds its line open
-    print(f"{start}error: rank {failed[0]} of {dist.world_size} failed{more}: {message}", file=sys.stderr, flush=True)
+    line = f"{start}error: rank {failed[0]} of {dist.world_size} failed{more}: {message}\n"
+    os.write(2, line.encode())  # one write: ranks sharing a terminal or log never interleave inside a line
     os._exit(1)
 
 
