@@ -51,10 +51,10 @@ def toy_world():
 
 
 # The longest files first, so that side by side the last worker does not finish alone with one of them
-# (seconds per file, measured with --durations=0: 100-200 s for the first four, 50-75 s for the next four;
+# (seconds per file with the forked stage scripts, --durations=0: 80-110 s for the first three, 40-75 s for the next five;
 # pytest-xdist hands out files in this order).
-LONGEST_FIRST = ["test_learning.py", "test_reproduce.py", "test_grpo_expert.py", "test_reliability.py", "test_sft_init.py", "test_evaluate.py",
-                 "test_failures.py", "test_sd3_pipeline.py", "test_opd.py", "test_gradient_snr.py", "test_bench_speed.py",
+LONGEST_FIRST = ["test_learning.py", "test_reproduce.py", "test_sd3_pipeline.py", "test_reliability.py", "test_failures.py",
+                 "test_sft_init.py", "test_gpu_check.py", "test_evaluate.py", "test_opd.py", "test_grpo_expert.py", "test_scale.py",
                  "test_merge.py"]
 
 
