@@ -33,8 +33,6 @@ Commands:
   torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $MASTER:29500 evaluate.py ...
 """
 
-import hashlib
-import json
 import math
 import os
 import re
@@ -90,10 +88,10 @@ sd3 = world.kind == "sd3"
 steps = cfg.steps or world.defaults["eval_steps"]
 guidance = world.defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale
 K = cfg.images_per_prompt or (4 if sd3 else 2)
-tables = [t.strip() for t in cfg.tables.split(",") if t.strip()]
+tables = runs.comma_list(cfg.tables)
 for t in (t for t in tables if t not in ("main", "ood", "quality")):
     raise SystemExit(f"error: unknown table {t!r}: main, ood or quality")
-main_tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or list(world.tasks)
+main_tasks = runs.comma_list(cfg.tasks) or list(world.tasks)
 for t in (t for t in main_tasks if t not in world.tasks):
     raise SystemExit(f"error: --tasks {t!r} is not a task of the {world.kind} world {world.tasks}")
 quality_metrics = [m.strip() for m in (cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore"))
@@ -107,32 +105,20 @@ if "quality" in tables and K < 2 and not sd3:
 out = cfg.out or os.path.join(runs.HERE, "results", world.kind)
 cache_dir = cfg.cache or os.path.join(out, "eval_cache")
 
-models = {}  # label -> LoRA path (None = the base model)
-for entry in (e.strip() for e in cfg.models.split(",") if e.strip()):
-    label, sep, path = entry.partition("=")
-    if not sep and label != "base":
-        raise SystemExit(f"error: --models entry {entry!r}: write 'base' or label=path/to/adapter.safetensors")
-    if sep and not os.path.exists(path):
-        raise SystemExit(f"error: --models {label}: LoRA file or PEFT folder {path} does not exist")
-    if label in models or not re.fullmatch(r"[\w.+-]+", label):
-        raise SystemExit(f"error: --models label {label!r} is repeated or not made of letters, digits, _ . + -")
-    models[label] = path or None
+models = worlds.parse_models(cfg.models)  # label -> LoRA path (None = the base model)
 gain_of = {}  # task -> label of its teacher among the models
-for part in (p.strip() for p in cfg.gain_of.split(",") if p.strip()):
+for part in runs.comma_list(cfg.gain_of):
     task, sep, label = (x.strip() for x in part.partition("="))
     if not sep or task not in main_tasks or label not in models:
         raise SystemExit(f"error: --gain-of part {part!r}: write task=label with a task of the main table {main_tasks} "
                          f"and a label of --models {list(models)}")
     gain_of[task] = label
-paired_with = [r.strip() for r in cfg.paired_with.split(",") if r.strip()]
+paired_with = runs.comma_list(cfg.paired_with)
 if gain_of and ("base" not in models or "main" not in tables):
     raise SystemExit("error: --gain-of measures gains over the base: put 'base' in --models and 'main' in --tables")
 
 # prompt set -> the rewards its images are scored with (a set shared by two tables is sampled once)
-set_metrics = {}
-if "main" in tables:
-    for t in main_tasks:
-        set_metrics.setdefault(t, set()).add(t)
+set_metrics = {t: {t} for t in main_tasks} if "main" in tables else {}
 if "quality" in tables:
     for t in QUALITY_SETS:
         set_metrics.setdefault(t, set()).update(quality_metrics + ([] if sd3 else ["diversity"]))
@@ -147,10 +133,9 @@ for name in set_metrics:
 worlds.encode_once(world, [p for _, prompts, _ in prompt_sets.values() for p in prompts],
                    os.path.join(runs.HERE, "results", world.kind, "prompt_cache"))  # SD3: then frees the text encoders
 
-# GenEval as GenEval scores it (sd3): the server's `rewards`, GenEval's own correctness (at least the asked count,
-# `exclude` clauses for more), asked for with only_strict False; `strict_rewards` (exact counts for every clause) is
-# the extra column geneval_strict, from the same request. Training uses the partial-credit `scores`. The tiny world
-# has one correctness, its strict rule.
+# GenEval as GenEval scores it (sd3): the server's `rewards`, GenEval's own correctness (at least the asked count);
+# its `strict_rewards` (exact counts) is the extra column geneval_strict; training uses the partial-credit `scores`.
+# The tiny world has one correctness, its strict rule.
 options = {"geneval": dict(field="rewards" if sd3 else "strict_rewards")}
 if sd3:
     options["deqa"] = dict(scale=cfg.deqa_scale)
@@ -184,22 +169,7 @@ def cache_path(label, name):
     # index i counts distinct prompts now, lines before: a new name, as line i's scores are not prompt i's
     if merged[name]:
         key["distinct_prompts"] = True
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(cache_dir, f"{label}-{name}-{digest}.json")
-
-
-def read_cache(path):
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)["prompts"]
-
-
-def has_scores(entry, prompt, metrics):
-    """A cached prompt counts only if it is the same prompt and holds every metric asked for now."""
-    if entry is None or entry.get("prompt") != prompt:
-        return False
-    return all(any(k.startswith("ood_") for k in entry) if m == "ood" else m in entry for m in metrics)
+    return os.path.join(cache_dir, f"{label}-{name}-{runs.json_digest(key, sort_keys=True)}.json")
 
 
 def seeds_of(i):
@@ -247,11 +217,10 @@ grid_sets = [t for t in main_tasks if t in prompt_sets] or list(prompt_sets)
 grid_units = [(t, i) for t in grid_sets for i in range(min(cfg.grid_prompts, len(prompt_sets[t][1])))]
 if dist.master:
     os.makedirs(out, exist_ok=True)
-    runs.write_json(os.path.join(out, "eval_config.json"), dict(vars(cfg), steps=steps, guidance_scale=guidance,
-                                                               images_per_prompt=K, world_size=dist.world_size,
-                                                               models=models, model_sha256=model_ids,
-                                                               reward_options=options,
-                                                               **({"ocr_engine": rewards.ocr_engine()} if sd3 else {})))
+    runs.write_json(os.path.join(out, "eval_config.json"), dict(
+        vars(cfg), steps=steps, guidance_scale=guidance, images_per_prompt=K, world_size=dist.world_size,
+        models=models, model_sha256=model_ids, reward_options=options,
+        **({"ocr_engine": rewards.ocr_engine()} if sd3 else {})))
     print(f"world {world.name} ({world.kind}) on {dist.device} x {dist.world_size} | ODE {steps} steps, CFG "
           f"{guidance}, shift {world.defaults['shift']} | {K} images/prompt, seeds {cfg.seed} + i * {K} + k | {tables}")
     for name, (path, prompts, _) in prompt_sets.items():
@@ -271,15 +240,14 @@ for label, path in models.items():
     todo = {}  # set -> indices of the prompts the cache lacks
     if dist.master:
         for name, (_, prompts, _) in prompt_sets.items():
-            cached = read_cache(cache_path(label, name))
+            cached = runs.read_score_cache(cache_path(label, name))
             todo[name] = [i for i in range(len(prompts))
-                          if not has_scores(cached.get(str(i)), prompts[i], set_metrics[name])]
+                          if not runs.has_scores(cached.get(str(i)), prompts[i], set_metrics[name])]
     # the master's cache alone decides (it alone writes it): ranks reading a node-local --cache could disagree
     # on the work, so on how many collective calls follow, and hang
     todo = runs.from_master(dist, todo)
     grid_key = [sampling, model_ids[label], grid_units, [prompt_sets[t][1][i] for t, i in grid_units]]
-    grid_digest = hashlib.sha256(json.dumps(grid_key).encode()).hexdigest()[:12]
-    grid_file = os.path.join(cache_dir, f"{label}-grid-{grid_digest}.safetensors")
+    grid_file = os.path.join(cache_dir, f"{label}-grid-{runs.json_digest(grid_key)}.safetensors")
     need_grid = dist.master and not os.path.isfile(grid_file)
     n_todo = sum(len(v) for v in todo.values())
     if dist.master:
@@ -294,7 +262,7 @@ for label, path in models.items():
         for name, missing in todo.items():
             _, prompts, _ = prompt_sets[name]
             file = cache_path(label, name)
-            cached = read_cache(file) if dist.master else {}
+            cached = runs.read_score_cache(file) if dist.master else {}
             step = cfg.chunk_prompts * dist.world_size
             for c in range(0, len(missing), step):
                 units = missing[c: c + step]
@@ -308,20 +276,10 @@ for label, path in models.items():
                         images = sde.sample(world, batch_prompts, steps, guidance, noise_level=0, seeds=seeds,
                                             batch_size=cfg.batch_size)["images"]  # (len(mine) * K, 3, H, W) in [0, 1]
                         scores[: len(mine)] = score_prompts(name, images, mine)
-                ids = torch.tensor(mine + [-1] * (n_local - len(mine)))  # -1 = padding row
-                all_scores = runs.gather_cat(scores.to(dist.device), dist).cpu()  # (n_local * world_size, K, columns)
-                all_ids = runs.gather_cat(ids.to(dist.device), dist).cpu()
+                gathered = runs.gather_indexed(scores, mine, dist)  # every rank's [(prompt index, (K, columns))]
                 if dist.master:
-                    for row, i in enumerate(all_ids.tolist()):
-                        if i < 0:
-                            continue
-                        entry = {"prompt": prompts[i]}
-                        for col, values in zip(columns_of(name), all_scores[row].T):
-                            if col == "diversity":
-                                entry[col] = values[0].item()
-                            elif not values.isnan().all():
-                                entry[col] = values.tolist()
-                        cached[str(i)] = entry
+                    for i, row in gathered:
+                        cached[str(i)] = runs.score_entry(prompts[i], columns_of(name), row, per_prompt=("diversity",))
                     runs.write_json(file, dict(settings=dict(sampling, model=model_ids[label], set=name),
                                                prompts=cached))
                 bar.update(len(units) * K)
@@ -345,7 +303,7 @@ for label, path in models.items():
 def prompt_means(label, name, col):
     """{prompt index: mean of the column over that prompt's K images} for the set's prompts that have the column
     (an OOD prompt scores only its own category): the unit that is drawn, and that two models are paired on."""
-    cached = read_cache(cache_path(label, name))
+    cached = runs.read_score_cache(cache_path(label, name))
     values = {i: np.atleast_1d(cached[str(i)].get(col, [])) for i in range(len(prompt_sets[name][1]))}
     return {i: float(np.mean(v)) for i, v in values.items() if len(v)}
 

@@ -43,6 +43,11 @@ def parse_settings(doc, settings, argv=None):
     return SimpleNamespace(**vars(parser.parse_args(argv)))
 
 
+def comma_list(spec):
+    """'a, b,,c' -> ['a', 'b', 'c']: a comma-separated setting's non-empty parts, stripped."""
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
 def setup_distributed():
     """One code path for 1 process and torchrun: NCCL on GPUs, gloo on CPUs. Returns a namespace with
     rank, world_size, local_rank, device and master (gates printing, saving and logging)."""
@@ -218,6 +223,15 @@ def gather_cat(tensor, dist):
     parts = [torch.empty_like(tensor) for _ in range(dist.world_size)]
     torch.distributed.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def gather_indexed(rows, ids, dist):
+    """Every rank's rows (n_local, ...), the first len(ids) of them those of the global indices ids, the rest
+    padding (ranks can hold one unit fewer): [(index, row)] over all ranks, in rank order, padding dropped."""
+    ids = torch.tensor(ids + [-1] * (len(rows) - len(ids)))  # -1 = padding row
+    all_rows = gather_cat(rows.to(dist.device), dist).cpu()  # (n_local * world_size, ...)
+    all_ids = gather_cat(ids.to(dist.device), dist).cpu()
+    return [(i, row) for i, row in zip(all_ids.tolist(), all_rows) if i >= 0]
 
 
 BUCKET_ELEMENTS = 2**25  # 128 MB of float32 gradients per collective
@@ -694,6 +708,43 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def json_digest(obj, sort_keys=False):
+    """12 hex digits of the sha256 of obj as JSON: names a cache file by everything its content depends on."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=sort_keys).encode()).hexdigest()[:12]
+
+
+# A score cache (evaluate.py's): one JSON per (model, prompt set), {"settings": ..., "prompts": {str(prompt index):
+# {"prompt": text, column: [one value per image] or one value per prompt}}}.
+
+
+def read_score_cache(path):
+    """A score cache's {str(prompt index): entry}; {} where there is none yet."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["prompts"]
+
+
+def has_scores(entry, prompt, metrics):
+    """A cached prompt counts only if it is the same prompt and holds every metric asked for now; the metric
+    'ood' is held by any 'ood_<category>' column (an OOD prompt is scored in its own category only)."""
+    if entry is None or entry.get("prompt") != prompt:
+        return False
+    return all(any(k.startswith("ood_") for k in entry) if m == "ood" else m in entry for m in metrics)
+
+
+def score_entry(prompt, columns, scores, per_prompt=()):
+    """A prompt's cache entry from its (K, columns) scores: a per_prompt column (repeated over the K images) as
+    one number, a column with no score (all NaN) left out."""
+    entry = {"prompt": prompt}
+    for col, values in zip(columns, scores.T):
+        if col in per_prompt:
+            entry[col] = values[0].item()
+        elif not values.isnan().all():
+            entry[col] = values.tolist()
+    return entry
 
 
 def optimizer_chunks(samples, n_chunks, seed):

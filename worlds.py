@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from types import SimpleNamespace
@@ -409,6 +410,21 @@ def parse_teachers(spec, world):
             raise SystemExit(f"error: --teachers part {part!r} is not task=file")
         teacher_files[task.strip()] = path.strip()
     return teacher_files
+
+
+def parse_models(spec):
+    """--models 'base,opd=path/to/adapter.safetensors' -> {label: LoRA file or PEFT folder, None = the base}."""
+    models = {}
+    for entry in runs.comma_list(spec):
+        label, sep, path = entry.partition("=")
+        if not sep and label != "base":
+            raise SystemExit(f"error: --models entry {entry!r}: write 'base' or label=path/to/adapter.safetensors")
+        if sep and not os.path.exists(path):
+            raise SystemExit(f"error: --models {label}: LoRA file or PEFT folder {path} does not exist")
+        if label in models or not re.fullmatch(r"[\w.+-]+", label):
+            raise SystemExit(f"error: --models label {label!r} is repeated or not made of letters, digits, _ . + -")
+        models[label] = path or None
+    return models
 
 
 def draw_prompts(task_prompts, task_weights, n, seed, epoch):
