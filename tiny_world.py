@@ -1020,7 +1020,7 @@ def segment(x):
     MIN_OBJECT_AREA pixels). The background is the border's median, as the PickScore reward takes it."""
     bg = np.median(np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]]), axis=0)
     dist = np.sqrt(((x - bg) ** 2).sum(-1))
-    labels, n = ndimage.label(dist > otsu(dist.ravel()))
+    labels, n = _ndimage().label(dist > otsu(dist.ravel()))
     comps = [labels == k for k in range(1, n + 1)]
     return bg, sorted((c for c in comps if c.sum() >= MIN_OBJECT_AREA), key=lambda c: -c.sum())
 
@@ -1054,7 +1054,7 @@ def noise_std(x):
     """Immerkaer's noise estimate, made robust to edges with the median: the 3x3 Laplacian-difference kernel
     (its squared weights sum to 36) has std 6 sigma on white noise of std sigma. (B, H, W, 3) -> (B,)."""
     k = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
-    lap = np.stack([ndimage.convolve(x[..., c], k[None], mode="reflect") for c in range(3)], -1)[:, 1:-1, 1:-1]
+    lap = np.stack([_ndimage().convolve(x[..., c], k[None], mode="reflect") for c in range(3)], -1)[:, 1:-1, 1:-1]
     return np.median(np.abs(lap), axis=(1, 2)).mean(-1) / 0.6745 / 6
 
 
