@@ -74,7 +74,51 @@ def setup_distributed():
                                              world_size=world_size,
                                              timeout=datetime.timedelta(minutes=dist_timeout_minutes()),
                                              device_id=device if device.type == "cuda" else None)
+        watch_for_failures(rank, world_size, store.clone())
     return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device, master=rank == 0)
+
+
+FAILED_KEY = "flowopd-failed"
+
+
+def watch_for_failures(rank, world_size, store):
+    """The failures all_or_none cannot reach: an exception anywhere else (a CUDA out-of-memory in a forward, a
+    bug), which leaves the other ranks inside their next collective until the process-group timeout under NCCL.
+    The failing rank's uncaught exception writes its message to the rendezvous store (which the launcher holds,
+    so it outlives the rank) and the rank leaves at once; a daemon thread on every rank looks for that message
+    once a second and, when it appears, prints it and leaves. A rank whose own collective broke because a peer
+    died prints the peer's message, not its connection error. `store`: this rank's own client of the store."""
+    import threading
+
+    def leave(message):
+        os.write(2, f"\nerror: {message}\n".encode())  # one write: lines of ranks sharing a log never interleave
+        os._exit(1)
+
+    def hook(kind, value, tb):
+        if kind is KeyboardInterrupt:
+            return sys.__excepthook__(kind, value, tb)
+        first = (str(value).strip().splitlines() or [""])[0]
+        mine = f"rank {rank} of {world_size} failed: {kind.__name__}: {first}"
+        try:  # the first failure wins: a later one is usually a collective that the first one broke
+            message = store.compare_set(FAILED_KEY, "", mine).decode()
+        except Exception:  # the store is gone: the launcher is tearing the job down
+            message = mine
+        if message == mine:
+            sys.__excepthook__(kind, value, tb)  # the traceback, on the failing rank only
+        sys.stdout.flush()
+        leave(message)
+
+    def watch():
+        while True:
+            time.sleep(1)
+            try:
+                if store.check([FAILED_KEY]):
+                    leave(store.get(FAILED_KEY).decode())
+            except Exception:
+                return
+
+    sys.excepthook = hook
+    threading.Thread(target=watch, name="failure-watch", daemon=True).start()
 
 
 def dist_timeout_minutes():

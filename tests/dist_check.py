@@ -4,6 +4,7 @@
   python -m torch.distributed.run --nproc_per_node 2 tests/dist_check.py resume <folder of per-rank run dirs>
   python -m torch.distributed.run --nproc_per_node 2 tests/dist_check.py changed <folder of per-rank run dirs>
   python -m torch.distributed.run --nproc_per_node 2 tests/dist_check.py nan <stage script> <its flags>
+  python -m torch.distributed.run --nproc_per_node 2 tests/dist_check.py crash <stage script> <its flags>
 """
 
 import json
@@ -36,9 +37,32 @@ def nan_on_rank_1(script, argv):
     runpy.run_path(script, run_name="__main__")
 
 
+def crash_on_rank_1(script, argv):
+    """The stage script as torchrun runs it, except that on rank 1 the second epoch's sampling raises what a GPU
+    out of memory raises: an exception outside every agreement block, while rank 0 goes on to its next collective."""
+    import runpy
+
+    import sde
+
+    if os.environ.get("RANK") == "1":
+        calls, sample = [], sde.sample
+
+        def failing(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return sample(*a, **k)
+
+        sde.sample = failing
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
 def main():
     if sys.argv[1] == "nan":
         return nan_on_rank_1(sys.argv[2], sys.argv[3:])
+    if sys.argv[1] == "crash":
+        return crash_on_rank_1(sys.argv[2], sys.argv[3:])
     dist = runs.setup_distributed()
     torch.set_num_threads(1)
     what = sys.argv[1]

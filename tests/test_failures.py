@@ -178,3 +178,16 @@ def test_only_node_0_merges_and_every_torchrun_stage_restarts(tmp_path):
     assert " merge.py " in merge(head) and merge(other) == f"wait_done {tmp_path}/runs/merge"
     assert all("--max-restarts 2 " in line for line in head if "torchrun" in line)
     assert all("--max-restarts 5 " in line for line in other if "torchrun" in line)
+
+
+def test_an_exception_outside_every_agreement_stops_both_launchers_with_its_message(tmp_path):
+    """A GPU out of memory in a forward (here: rank 1's second sampling raises it) is no agreement point: the
+    failing rank's exception hook leaves its message in the rendezvous store, and the other rank prints it,
+    from its broken collective (gloo) or its watch thread (NCCL, where the collective would wait for the timeout),
+    instead of a bare connection error."""
+    args = ["tests/dist_check.py", "crash", "grpo_expert.py", "--task", "ocr", "--epochs", "3", *FAST, "--no-resume"]
+    results = two_launchers(args, [QUICK, QUICK], (["--out", tmp_path / "a"], ["--out", tmp_path / "b"]))
+    for status, output, seconds in results:
+        lines = error_lines(output)
+        assert status != 0 and seconds < 90, (status, seconds, output[-2000:])
+        assert lines and "rank 1 of 2 failed: RuntimeError: CUDA out of memory" in lines[-1], output[-3000:]
