@@ -418,6 +418,21 @@ class _Aesthetic:
 # that asks for one without it stops at set-up with one line, before any image is sampled.
 
 
+def _local_weights(path, env, reward, what, files, fetch):
+    """A scorer's local weights: `path`, else $env, else None (the package downloads them). A given path must
+    hold `files` (("",): the path is the file itself), else one error line with the command that fetches them."""
+    path = path or os.environ.get(env)
+    if path is None:
+        return None
+    path = os.path.expanduser(os.fspath(path))
+    missing = [n for n in files if not os.path.isfile(os.path.join(path, n) if n else path)]
+    if missing:
+        lacks = "is no file" if files == ("",) else f"lacks {', '.join(missing)}"
+        raise SystemExit(f"error: {reward} reward: {env} / {what}={path} {lacks}: "
+                         f"{fetch} {'DIR' if files == ('',) else path}")
+    return path
+
+
 def _require(module, reward, install):
     if not _installed(module):
         raise SystemExit(f"error: {reward} reward: package {module} is not installed: {install}")
@@ -435,13 +450,8 @@ class _ImageReward:
 
     def __init__(self, folder=None, device="cpu", dtype=None):
         _require("ImageReward", "imagereward", self.INSTALL)
-        self.folder = folder or os.environ.get("FLOWOPD_IMAGEREWARD_DIR")
-        if self.folder is not None:
-            self.folder = os.path.expanduser(os.fspath(self.folder))
-            missing = [n for n in ("ImageReward.pt", "med_config.json") if not os.path.isfile(os.path.join(self.folder, n))]
-            if missing:
-                raise SystemExit(f"error: imagereward reward: FLOWOPD_IMAGEREWARD_DIR / folder={self.folder} lacks "
-                                 f"{', '.join(missing)}: hf download THUDM/ImageReward --local-dir {self.folder}")
+        self.folder = _local_weights(folder, "FLOWOPD_IMAGEREWARD_DIR", "imagereward", "folder",
+                                     ("ImageReward.pt", "med_config.json"), "hf download THUDM/ImageReward --local-dir")
         self.device = torch.device(device)
         self.model = None
 
@@ -473,12 +483,8 @@ class _HPSv2:
 
     def __init__(self, checkpoint=None, device="cpu", dtype=None):
         _require("hpsv2", "hpsv2", self.INSTALL)
-        self.checkpoint = checkpoint or os.environ.get("FLOWOPD_HPSV2_CHECKPOINT")
-        if self.checkpoint is not None:
-            self.checkpoint = os.path.expanduser(os.fspath(self.checkpoint))
-            if not os.path.isfile(self.checkpoint):
-                raise SystemExit(f"error: hpsv2 reward: FLOWOPD_HPSV2_CHECKPOINT / checkpoint={self.checkpoint} is no "
-                                 "file: hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir DIR")
+        self.checkpoint = _local_weights(checkpoint, "FLOWOPD_HPSV2_CHECKPOINT", "hpsv2", "checkpoint", ("",),
+                                         "hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir")
         self.device = torch.device(device)
         self.dtype = _torch_dtype(dtype, self.device)
         self.model = None
