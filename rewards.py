@@ -723,7 +723,8 @@ def _tiny_scorer(name, field="scores"):
     return score
 
 
-_ON_DEVICE = ("pickscore", "aesthetic", "imagereward", "hpsv2")  # the sd3 scorers that take a device; OCR and the HTTP clients ignore it
+# the sd3 scorers that take a device; OCR and the HTTP clients ignore it
+_ON_DEVICE = ("pickscore", "aesthetic", "imagereward", "hpsv2")
 
 
 def get_reward(name: str, world: str = "sd3", device=None, **options):

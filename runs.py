@@ -81,6 +81,19 @@ def setup_distributed():
 FAILED_KEY = "flowopd-failed"
 
 
+def _one_line(kind, value):
+    """'<type>: <first line of the message>': what every rank prints of another rank's exception."""
+    return f"{kind.__name__}: {(str(value).strip().splitlines() or [''])[0]}"
+
+
+def _leave(line):
+    """Print one error line and exit with status 1 at once, without waiting for background threads (a scoring
+    thread inside a reward-server request). One write: ranks sharing a log never interleave inside a line."""
+    sys.stdout.flush()
+    os.write(2, f"{line}\n".encode())
+    os._exit(1)
+
+
 def watch_for_failures(rank, world_size, store):
     """The failures all_or_none cannot reach: an exception anywhere else (a CUDA out-of-memory in a forward, a
     bug), which leaves the other ranks inside their next collective until the process-group timeout under NCCL.
@@ -90,30 +103,24 @@ def watch_for_failures(rank, world_size, store):
     died prints the peer's message, not its connection error. `store`: this rank's own client of the store."""
     import threading
 
-    def leave(message):
-        os.write(2, f"\nerror: {message}\n".encode())  # one write: lines of ranks sharing a log never interleave
-        os._exit(1)
-
     def hook(kind, value, tb):
         if kind is KeyboardInterrupt:
             return sys.__excepthook__(kind, value, tb)
-        first = (str(value).strip().splitlines() or [""])[0]
-        mine = f"rank {rank} of {world_size} failed: {kind.__name__}: {first}"
+        mine = f"rank {rank} of {world_size} failed: {_one_line(kind, value)}"
         try:  # the first failure wins: a later one is usually a collective that the first one broke
             message = store.compare_set(FAILED_KEY, "", mine).decode()
         except Exception:  # the store is gone: the launcher is tearing the job down
             message = mine
         if message == mine:
             sys.__excepthook__(kind, value, tb)  # the traceback, on the failing rank only
-        sys.stdout.flush()
-        leave(message)
+        _leave(f"\nerror: {message}")
 
     def watch():
         while True:
             time.sleep(1)
             try:
                 if store.check([FAILED_KEY]):
-                    leave(store.get(FAILED_KEY).decode())
+                    _leave(f"\nerror: {store.get(FAILED_KEY).decode()}")
             except Exception:
                 return
 
@@ -175,8 +182,7 @@ def all_or_none(dist):
             failure = failure[len("error: "):] if failure.startswith("error: ") else failure
         else:  # a bug or a library's error: its traceback on the failing rank, its last line on every rank
             traceback.print_exc()
-            failure = (f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-                       if not isinstance(e, SystemExit) else f"exit status {e.code}")
+            failure = _one_line(type(e), e) if not isinstance(e, SystemExit) else f"exit status {e.code}"
         failure = failure or type(e).__name__
     stop_unless_all_fine(dist, failure)
 
@@ -202,11 +208,8 @@ def stop_unless_all_fine(dist, failure=""):
         return
     message = bytes(every[failed[0], 1:].tolist()).rstrip(b"\0").decode(errors="replace")
     more = f" (and {len(failed) - 1} other ranks)" if len(failed) > 1 else ""
-    sys.stdout.flush()
     start = "\n" if dist.master else ""  # the master's progress bar holds its line open
-    line = f"{start}error: rank {failed[0]} of {dist.world_size} failed{more}: {message}\n"
-    os.write(2, line.encode())  # one write: ranks sharing a terminal or log never interleave inside a line
-    os._exit(1)
+    _leave(f"{start}error: rank {failed[0]} of {dist.world_size} failed{more}: {message}")
 
 
 def fs_wait_seconds():
@@ -326,14 +329,16 @@ def barrier(dist):
         torch.distributed.barrier()
 
 
-def atomic_write(path, data):
-    """Write bytes or text to `path` through a temp file + rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+    """A file opened at a temp path beside `path` and renamed to it when the block ends, removed if it raises:
+    readers never see half a file, and a file can be streamed (a shard written batch by batch)."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+        with os.fdopen(fd, mode) as f:
+            yield f
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results and checkpoints are for sharing
         os.replace(tmp, path)
     except BaseException:
@@ -342,19 +347,34 @@ def atomic_write(path, data):
         raise
 
 
+def atomic_write(path, data):
+    """Write bytes or text to `path` through a temp file + rename: readers never see half a file."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
 def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def save_tensors(path, tensors, metadata=None):
-    """safetensors file, written atomically. At most one metadata key: safetensors writes several in an
-    order seeded afresh for every file, and the same state must be the same bytes (worlds.sorted_header)."""
+    """safetensors file, written atomically, its header sorted: the same state is the same bytes."""
     from safetensors.torch import save
 
-    if metadata is not None and len(metadata) > 1:
-        raise ValueError(f"save_tensors: one metadata key at most (got {sorted(metadata)}): pack them in one JSON")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, save(tensors, metadata=metadata))
+    atomic_write(path, sorted_header(save(tensors, metadata=metadata)))
+
+
+def sorted_header(data):
+    """The same safetensors bytes with the JSON header's keys sorted. safetensors keeps the metadata in a
+    Rust HashMap whose order is seeded afresh for every map, so several metadata keys (diffusers' 'format'
+    and 'lora_adapter_metadata') come out in either order: sorted, the same tensors and metadata are the
+    same bytes, and a file hash means the model. Data offsets count from the end of the header, so they
+    stay valid."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8: 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def load_tensors(path):

@@ -216,7 +216,7 @@ def encode_once(world, prompts, cache_dir, batch=64):
         index = dict(prompts=len(prompts), shards=shards)
     with runs.all_or_none(dist):
         if rank == 0 and not os.path.isfile(index_path):  # the commit point: without index.json, encoded again
-            with _atomic_file(index_path, "w") as f:
+            with runs.atomic_file(index_path, "w") as f:
                 json.dump(index, f)
         runs.wait_readable([os.path.join(folder, s["file"]) for s in index["shards"]], f"the prompt cache {folder}",
                            "put it on a filesystem that all nodes share (FLOWOPD_PROMPT_CACHE=<shared folder>)")
@@ -261,7 +261,7 @@ def _write_shard(path, encode, prompts, batch, metadata):
     (n, P)), written in place at each batch's offset and renamed when whole: only one batch is ever in
     memory, however many prompts there are. safetensors is an 8-byte header length, a JSON header with
     every tensor's dtype, shape and byte range, then the raw bytes: simple enough to stream."""
-    with _atomic_file(path, "wb") as f:
+    with runs.atomic_file(path, "wb") as f:
         if not prompts:  # a rank with no share (more ranks than prompts): an empty shard
             header = json.dumps({"__metadata__": metadata}).encode()
             f.write(len(header).to_bytes(8, "little") + header)
@@ -285,24 +285,6 @@ def _write_shard(path, encode, prompts, batch, metadata):
             f.write(embeds.view(torch.uint8).numpy().tobytes())
             f.seek(at + n * e_row + b * p_row)
             f.write(pooled.view(torch.uint8).numpy().tobytes())
-
-
-@contextlib.contextmanager
-def _atomic_file(path, mode):
-    """A file opened at a temp path beside `path` and renamed to it when the block ends, removed if it raises:
-    readers never see half a file (runs.atomic_write does the same for bytes in memory; this module imports
-    nothing of the floor it shares with runs.py)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # -----------------------------------------------------------------------------
@@ -505,20 +487,7 @@ def write_lora(path, weights, config):
         StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=weights,
                                                    transformer_lora_adapter_metadata=config)
         with open(os.path.join(tmp, "pytorch_lora_weights.safetensors"), "rb") as f:
-            data = sorted_header(f.read())
-        with _atomic_file(path, "wb") as f:
-            f.write(data)
-
-
-def sorted_header(data):
-    """The same safetensors bytes with the JSON header's keys sorted. safetensors keeps the metadata in a
-    Rust HashMap whose order is seeded afresh for every map, so diffusers' two keys ('format',
-    'lora_adapter_metadata') come out in either order: sorted, the same adapter is the same bytes, and a
-    file hash means the model. Data offsets count from the end of the header, so they stay valid."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8: 8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-    return len(header).to_bytes(8, "little") + header + data[8 + n:]
+            runs.atomic_write(path, runs.sorted_header(f.read()))  # the same adapter, the same bytes
 
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -550,10 +519,6 @@ def adapter_sha256(path):
     (runs.content_sha256: tensors and metadata, not header order) and, where there is one, its
     adapter_config.json (rank, alpha, targets). Names a teacher in run configs, resume checks and evaluation
     rows: a checkpoint re-uploaded under the same hub name gets another hash."""
-    import hashlib
-
-    import runs  # lazily: a module of the same floor
-
     file, config = lora_files(path)
     weights = runs.content_sha256(file)
     return weights if config is None else hashlib.sha256((weights + runs.file_sha256(config)).encode()).hexdigest()
