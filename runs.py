@@ -4,6 +4,7 @@ safetensors checkpoints and exact resume, logs, sample grids, timers. Nothing of
 (that is sde.py); it imports no other module of this project.
 """
 
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -422,15 +423,21 @@ def save_checkpoint(run_dir, step, state, keep=2):
     return path
 
 
-def load_checkpoint(run_dir):
-    """The state saved by the latest save_checkpoint in run_dir, or None when there is none."""
+def load_checkpoint(run_dir, tensors=True):
+    """The state saved by the latest save_checkpoint in run_dir, or None when there is none. tensors=False:
+    its numbers and strings only, every tensor None, from the file's header alone (a cheap identity check)."""
     latest = os.path.join(run_dir, "checkpoints", "latest")
     if not os.path.isfile(latest):
         return None
     with open(latest) as f:
         path = os.path.join(run_dir, "checkpoints", f.read().strip())
-    tensors, meta = load_tensors(path)
-    return _unflatten(json.loads(meta["state"]), tensors)
+    if not tensors:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return _unflatten(json.loads(f.metadata()["state"]), collections.defaultdict(lambda: None))
+    data, meta = load_tensors(path)
+    return _unflatten(json.loads(meta["state"]), data)
 
 
 def save_train_state(run_dir, epoch, params, ema, optimizer, opt_step, identity=None):

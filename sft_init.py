@@ -138,7 +138,7 @@ identity = runs.run_identity(cfg, dict(base=world.source, init=cfg.init,
                                        **{f"prompts_{t}": path for t, path in train_files.items()}),
                              paths=("world", "teachers", "init"))
 with runs.all_or_none(dist):  # a changed run on one node stops every rank, not that node alone
-    state = runs.load_checkpoint(out) if cfg.resume else None
+    state = runs.load_checkpoint(out, tensors=False) if cfg.resume else None  # the header: load_train_state loads
     if state is not None:
         runs.check_resume(out, state, identity, "steps", state["epoch"])
 
