@@ -37,7 +37,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tiny_world import (CHECKPOINT, DEFAULT_GUIDANCE, DEFAULT_STEPS_EVAL, GENEVAL_CATEGORIES, HERE, IMAGE_SIZE, SHIFT, TASKS,
-                        build_transformer, corrupt_caption, degrade, diversity, in_mode, load_base, load_codec, make_encoder, make_prompt, omit_from_scene, read_prompts,
+                        TASK_MODES, build_transformer, corrupt_caption, degrade, diversity, drawn_mode, load_base, load_codec, make_encoder, make_prompt, omit_from_scene, read_prompts,
                         parse, render_batch, sample, score, score_ood, text_tables, write_prompt_files)
 
 # -----------------------------------------------------------------------------
@@ -97,23 +97,40 @@ def parse_geneval_mix(text):
     return _parse_odds(text, "--geneval-mix", GENEVAL_CATEGORIES, dict.fromkeys(GENEVAL_CATEGORIES, 1.0), "category") if text else None
 
 
-def _mode(prompt, rng, faint, washed, small=0.0):
-    """The unnamed rendering mode of one pretraining scene: a sign's glyph faint with odds `faint`, the object
-    of a one-object scene (not a big subject) washed out with odds `washed`, a big subject drawn small with odds
-    `small`, else crisp (None)."""
+def _mode(prompt, rng, faint, washed, small=0.0, broken=0.0, melted=0.0, blurred=0.0):
+    """The unnamed rendering mode of one pretraining scene: a sign's glyph faint (v3) or broken (v4) with odds
+    `faint` / `broken`, the object of a one-object scene (not a big subject) washed out (v3) or melted (v4) with
+    odds `washed` / `melted`, a big subject drawn small with odds `small`; a scene left crisp by these is blurred
+    with odds `blurred` (v4: every kind of scene); else crisp (None)."""
     spec = parse(prompt)
+    mode = None
     if spec["kind"] == "ocr":
-        return "faint" if faint and rng.random() < faint else None
-    objs = spec["objects"]
-    if len(objs) == 1 and objs[0]["big"]:
-        return "small" if small and rng.random() < small else None
-    if len(objs) == 1 and objs[0]["count"] == 1:
-        return "washed" if washed and rng.random() < washed else None
+        mode = _pick(rng, faint=faint, broken=broken)
+    elif len(spec["objects"]) == 1 and spec["objects"][0]["big"]:
+        mode = _pick(rng, small=small)
+    elif len(spec["objects"]) == 1 and spec["objects"][0]["count"] == 1:
+        mode = _pick(rng, washed=washed, melted=melted)
+    if mode is None and blurred and rng.random() < blurred:
+        mode = "blurred"
+    return mode
+
+
+def _pick(rng, **odds):
+    """One of the named modes with its odds (their sum at most 1), or None; no draw where every odds is 0 (v3's
+    commands draw the same numbers as before)."""
+    odds = {k: v for k, v in odds.items() if v}
+    if not odds:
+        return None
+    u, total = rng.random(), 0.0
+    for name, p in odds.items():
+        total += p
+        if u < total:
+            return name
     return None
 
 
 def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=None, caption_noise=0.0, quality_noise=0.0,
-             autoencoder=None, geneval_mix=None, omission_noise=0.0, faint=0.0, washed=0.0, small=0.0, mix=None):
+             autoencoder=None, geneval_mix=None, omission_noise=0.0, faint=0.0, washed=0.0, small=0.0, mix=None, broken=0.0, melted=0.0, blurred=0.0):
     """Rectified-flow pretraining for `steps` optimizer steps (the same command gives the same base on any
     machine, up to float rounding) or, without steps, for `minutes` of wall time (the shipped v1 base).
     caption_noise / quality_noise: the share of scenes captioned with one alt-text-like error
@@ -159,7 +176,7 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
                 lr=lr, cooldown=cooldown, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
                 init=init, previous=previous, max_steps=steps, caption_noise=caption_noise, quality_noise=quality_noise,
                 autoencoder=autoencoder, latent=list(codec.shape), geneval_mix=geneval_mix, omission_noise=omission_noise,
-                faint=faint, washed=washed, small=small, mix_v3=mix or PRETRAIN_MIX)
+                faint=faint, washed=washed, small=small, mix_v3=mix or PRETRAIN_MIX, broken=broken, melted=melted, blurred=blurred)
     mix = mix or PRETRAIN_MIX
     tasks, weights = list(mix), [w / sum(mix.values()) for w in mix.values()]
     t_start = last_save = time.time()
@@ -169,7 +186,7 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
         # data: captions from every task's generator, their ground-truth scenes, 10% dropped to ""
         prompts = [make_prompt(tasks[rng.choice(len(tasks), p=weights)], rng, geneval_mix) for _ in range(BATCH_SIZE)]
         shown = [omit_from_scene(p, rng) if omission_noise and rng.random() < omission_noise else p for p in prompts]
-        modes = [_mode(p, rng, faint, washed, small) for p in shown]                # v3: unnamed rendering modes
+        modes = [_mode(p, rng, faint, washed, small, broken, melted, blurred) for p in shown]  # unnamed rendering modes
         images = render_batch(shown, rng, modes)                             # (B, 3, 32, 32)
         for i in range(BATCH_SIZE):  # web-like data: some images worse than their captions say ...
             if rng.random() < quality_noise:
@@ -223,26 +240,19 @@ def _grid(images, nrow):
     return Image.fromarray(x).resize((x.shape[1] * 3, x.shape[0] * 3), Image.NEAREST)
 
 
-TASK_MODES = {"geneval": "washed", "ocr": "faint", "deqa": "grain", "pickscore": "small"}  # each task's failure mode (v3)
-
-
-def calibrate(n, steps, guidance, shift, threads):
+def calibrate(n, steps, guidance, shift, threads, split="train", base_path=CHECKPOINT, grids=True):
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     print(f"{'task':10s} {'truth':>6s} {'mode':>6s} {'noise':>6s} {'blank':>6s} {'blur':>6s} {'base':>6s} {'sd':>6s} "
-          f"{'in mode':>7s} {'crisp':>6s}   (n={n} test prompts; mode: {', '.join(f'{t} {m}' for t, m in TASK_MODES.items())}; "
+          f"{'in mode':>7s} {'crisp':>6s}   (n={n} {split} prompts; mode: {', '.join(f'{t} {m}' for t, m in TASK_MODES.items())}; "
           f"base: {steps} Euler steps, cfg {guidance}, shift {shift}; in mode: the base's share of images in its "
-          f"task's mode; crisp: its score on the others)")
-    transformer, encode_prompts, codec = load_base()
+          f"task's mode, by how they are drawn (tiny_world.drawn_mode); crisp: its score on the others)")
+    transformer, encode_prompts, codec = load_base(base_path)
     grids_truth, grids_base = [], []
     for task in TASKS:
-        prompts = read_prompts(task, "test")[:n]
+        prompts = read_prompts(task, split)[:n]
         truth = render_batch(prompts, rng)
-        if task == "deqa":  # deqa's mode is grain: sensor noise of std 0.04-0.10, as degrade() draws it
-            moded = (truth + torch.from_numpy(rng.normal(0, 1, truth.shape).astype(np.float32))
-                     * torch.from_numpy(rng.uniform(0.04, 0.10, (len(truth), 1, 1, 1)).astype(np.float32))).clamp(0, 1)
-        else:
-            moded = render_batch(prompts, rng, [TASK_MODES[task]] * len(prompts))
+        moded = render_batch(prompts, rng, [TASK_MODES[task]] * len(prompts))
         noise = torch.from_numpy(rng.random(truth.shape, dtype=np.float32))
         blank = torch.full_like(truth, 0.05)
         blur = torch.from_numpy(ndimage.gaussian_filter(truth.numpy(), (0, 0, 1.0, 1.0)))
@@ -250,17 +260,17 @@ def calibrate(n, steps, guidance, shift, threads):
         base = sample(transformer, encode_prompts, prompts, steps, guidance, seed=1, shift=shift, codec=codec)
         t_sample = time.time() - t0
         row = [score(task, im, prompts) for im in (truth, moded, noise, blank, blur, base)]
-        mode = in_mode(task, base, prompts)
+        mode = drawn_mode(task, base, prompts)
         crisp = row[-1][~mode].mean() if (~mode).any() else float("nan")
         print(f"{task:10s} " + " ".join(f"{r.mean():6.3f}" for r in row) + f" {row[-1].std():6.3f} {mode.mean():7.3f} "
               f"{crisp:6.3f}   ({t_sample:.1f}s sampling)")
         grids_truth.append(torch.cat([truth[:4], moded[:4]]))
         grids_base.append(base[:8])
-    ood = read_prompts("ood", "test")
+    ood = read_prompts("ood", "test")  # (the OOD compositions have no train split: never trained on)
     base = sample(transformer, encode_prompts, ood, steps, guidance, seed=1, shift=shift, codec=codec)
     print("ood (base):", {k: round(v, 3) for k, v in score_ood(base, ood).items()},
           " ood (truth):", {k: round(v, 3) for k, v in score_ood(render_batch(ood, rng), ood).items()})
-    rep = [p for p in read_prompts("geneval", "test")[:8] for _ in range(4)]
+    rep = [p for p in read_prompts("geneval", split)[:8] for _ in range(4)]
     print(f"diversity (4 samples x 8 geneval prompts): base "
           f"{diversity(sample(transformer, encode_prompts, rep, steps, guidance, seed=2, shift=shift, codec=codec), rep):.3f}, "
           f"truth {diversity(render_batch(rep, rng), rep):.3f}")
@@ -275,6 +285,8 @@ def calibrate(n, steps, guidance, shift, threads):
                         timestep=torch.full((32,), 500.0), return_dict=False)
     print(f"forward, batch 16 with CFG (32 rows): {(time.time() - t0) / 5 * 1000:.1f} ms; "
           f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters")
+    if not grids:
+        return
     os.makedirs(os.path.join(HERE, "assets"), exist_ok=True)
     _grid(torch.cat(grids_truth), 8).save(os.path.join(HERE, "assets", "tiny_ground_truth.png"))
     _grid(torch.cat(grids_base), 8).save(os.path.join(HERE, "assets", "tiny_base_samples.png"))
@@ -298,6 +310,10 @@ if __name__ == "__main__":
     p.add_argument("--faint", type=float, default=0.0, help="share of sign images whose glyph is drawn faint (v3)")
     p.add_argument("--washed", type=float, default=0.0, help="share of one-object scenes drawn washed out (v3)")
     p.add_argument("--small", type=float, default=0.0, help="share of big-subject scenes drawn small, off-centre (v3)")
+    p.add_argument("--broken", type=float, default=0.0, help="share of sign images whose glyph has strokes missing (v4)")
+    p.add_argument("--melted", type=float, default=0.0, help="share of one-object scenes whose object is a melted blob (v4)")
+    p.add_argument("--blurred", type=float, default=0.0, help="share of the scenes left crisp by the other modes that are "
+                   "drawn out of focus (v4)")
     p.add_argument("--mix", default="", help="caption odds, e.g. 'ocr:0.55,geneval:0.1,geneval-task:0.2,deqa:0.075,"
                    "pickscore:0.075' (default: " + ",".join(f"{k}:{v}" for k, v in PRETRAIN_MIX.items()) + ")")
     p.add_argument("--geneval-mix", default="", help="odds of the GenEval caption categories, e.g. 'position:3,colour_attr:3' "
@@ -313,7 +329,10 @@ if __name__ == "__main__":
     p.add_argument("--cooldown", action="store_true", help="decay the learning rate linearly to 0 over the run "
                    "(for a last run continued with --init)")
     p = sub.add_parser("calibrate", help="reward table + base scores + sample grids")
-    p.add_argument("--n", type=int, default=64, help="test prompts per task")
+    p.add_argument("--n", type=int, default=64, help="prompts per task")
+    p.add_argument("--base", default=CHECKPOINT, help="the base to calibrate (another than the shipped one: no grids written)")
+    p.add_argument("--split", default="train", choices=("train", "test"), help="the prompts (a gate reads train: "
+                   "the test prompts make the final tables only)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS_EVAL)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--shift", type=float, default=SHIFT)
@@ -322,11 +341,14 @@ if __name__ == "__main__":
     if args.cmd == "prompts":
         write_prompt_files(args.seed)
     elif args.cmd == "pretrain":
-        for name in ("caption_noise", "quality_noise", "omission_noise"):
+        for name in ("caption_noise", "quality_noise", "omission_noise", "faint", "washed", "small", "broken", "melted", "blurred"):
             if not 0 <= getattr(args, name) <= 1:
                 raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)} must be a share in [0, 1]")
+        for a, b in (("faint", "broken"), ("washed", "melted")):
+            if getattr(args, a) + getattr(args, b) > 1:
+                raise SystemExit(f"error: --{a} {getattr(args, a)} and --{b} {getattr(args, b)} share one draw: their sum must be <= 1")
         pretrain(args.minutes, args.seed, args.out, args.threads, args.init, args.lr, args.cooldown, args.steps,
                  args.caption_noise, args.quality_noise, args.autoencoder, parse_geneval_mix(args.geneval_mix), args.omission_noise,
-                 args.faint, args.washed, args.small, parse_mix(args.mix))
+                 args.faint, args.washed, args.small, parse_mix(args.mix), args.broken, args.melted, args.blurred)
     else:
-        calibrate(args.n, args.steps, args.guidance, args.shift, args.threads)
+        calibrate(args.n, args.steps, args.guidance, args.shift, args.threads, args.split, args.base, os.path.abspath(args.base) == CHECKPOINT)

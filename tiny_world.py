@@ -7,9 +7,12 @@ words. Four tasks mirror the paper's rewards with real, hand-written scorers:
   ocr        template-matching recogniser for the file's 3x5 font, Flow-GRPO's edit-distance reward
   deqa       no-reference quality: sharp edges, clean flat regions, some content
   pickscore  a fixed "human preference": big, centred, colourful, contrasting, clean subjects
-Tiny world v3 (issue #29): each task's headroom is mostly an unnamed rendering mode that the pretraining data
-holds and the base therefore draws some of the time (MODES: faint glyphs, washed-out objects, small subjects;
-deqa's grain), over content the base draws right when it draws crisply. in_mode finds each mode in an image.
+Since v3 (issue #29) each task's headroom is mostly an unnamed rendering mode that the pretraining data holds
+and the base therefore draws some of the time, over content the base draws right when it draws crisply. v4
+(issue #38) draws modes that change what is legible, which any reader fails (TASK_MODES: glyphs with strokes
+missing, objects melted out of their shape, small subjects, blur), where v3's faint glyphs and washed-out
+objects sat in the rewards' palette blind spots. drawn_mode finds each mode from how the image is drawn, with
+no threshold of the rewards (in_mode, v3's test, is the rewards' own).
 The "VAE" is an exact invertible pixel-unshuffle (or, for a base that carries one, a frozen learnt
 autoencoder: load_codec, issue #19's pilot B), the "text encoder" a frozen word embedding, and the
 denoiser is diffusers' SD3Transformer2DModel with a ~2.3M-parameter config.
@@ -487,7 +490,11 @@ def _place(rng, r, placed):
     return None
 
 
-MODES = ("faint", "washed", "small")  # v3's unnamed rendering modes of web-like data (tiny_pretrain.py --faint/--washed)
+MODES = ("faint", "washed", "small", "broken", "melted", "blurred")
+# the unnamed rendering modes of web-like data (tiny_pretrain.py --faint/--washed/...): v3's faint glyphs and
+# washed objects sit in the tiny rewards' palette blind spots (docs/TINY_WORLD.md: a colour-agnostic reader reads
+# them all), so v4 draws modes that change what is legible instead: a glyph with strokes missing ("broken"), an
+# object whose outline has melted into a blob ("melted"), and the whole image out of focus ("blurred")
 
 
 def render(prompt, rng, mode=None):
@@ -498,10 +505,14 @@ def render(prompt, rng, mode=None):
     return render_at(prompt, rng, mode)
 
 
-MODE_RANGES = {"faint": (0.35, 0.55), "washed": (0.55, 0.70), "small": (5.0, 6.5)}  # render's strength draws, v3
+MODE_RANGES = {"faint": (0.35, 0.55), "washed": (0.55, 0.70), "small": (5.0, 6.5),  # render's strength draws, v3
+               "broken": (0.35, 0.55), "melted": (0.8, 1.0), "blurred": (0.9, 1.4)}   # v4
 # faint: the share of the way from the sign's colour to white the glyph's ink goes (1 = crisp white);
 # washed: the share of the way each object's paint goes toward the background's mean (0 = crisp);
-# small: the radius in pixels of a "big" subject (crisp: 10-12.5, centred)
+# small: the radius in pixels of a "big" subject (crisp: 10-12.5, centred);
+# broken: the share of the glyph's strokes (its template's 4x4-px cells) that are drawn (1 = crisp);
+# melted: how far the blob is drawn out along its axis, as a share of the object's radius (_blob_mask);
+# blurred: the Gaussian blur's sigma in pixels over the whole image (0 = crisp)
 
 
 def render_at(prompt, rng, mode=None, strength=None):
@@ -511,6 +522,9 @@ def render_at(prompt, rng, mode=None, strength=None):
     while True:  # retry the rare layouts where objects do not fit
         img = _draw(spec, rng, mode, strength)
         if img is not None:
+            if mode == "blurred":
+                sigma = rng.uniform(*MODE_RANGES["blurred"]) if strength is None else strength
+                img = _ndimage().gaussian_filter(img, (sigma, sigma, 0), mode="nearest")
             return (img * 255).round().astype(np.uint8)
 
 
@@ -526,7 +540,13 @@ def _draw(spec, rng, mode=None, strength=None):
         if mode == "faint":
             ink = sign + (rng.uniform(*MODE_RANGES["faint"]) if strength is None else strength) * (ink - sign)
         for k, ch in enumerate(spec["text"]):
-            glyph = np.kron(np.array(TEMPLATES[GLYPHS.index(ch)]), np.ones((GLYPH_SCALE, GLYPH_SCALE)))
+            cells = np.array(TEMPLATES[GLYPHS.index(ch)])
+            if mode == "broken":  # keep a share of the strokes, at least one: the glyph is there but illegible
+                on = np.flatnonzero(cells)
+                keep = rng.uniform(*MODE_RANGES["broken"]) if strength is None else strength
+                cells = np.zeros_like(cells)
+                cells.flat[rng.choice(on, max(1, int(round(keep * len(on)))), replace=False)] = 1
+            glyph = np.kron(cells, np.ones((GLYPH_SCALE, GLYPH_SCALE)))
             xs = x0 + k * (3 * GLYPH_SCALE + GLYPH_GAP)
             img[y0:y0 + h, xs:xs + 3 * GLYPH_SCALE][glyph > 0] = ink
         return img
@@ -561,8 +581,23 @@ def _draw(spec, rng, mode=None, strength=None):
         paint = np.array(COLOURS[colour], np.float32)
         if mode == "washed":
             paint = paint + (rng.uniform(*MODE_RANGES["washed"]) if strength is None else strength) * (bg - paint)
-        img[_shape_mask(shape, pos[0], pos[1], r)] = paint
+        if mode == "melted":
+            img[_blob_mask(rng, pos[0], pos[1], r, rng.uniform(*MODE_RANGES["melted"]) if strength is None else strength)] = paint
+        else:
+            img[_shape_mask(shape, pos[0], pos[1], r)] = paint
     return img
+
+
+def _blob_mask(rng, cx, cy, r, stretch):
+    """A melted object: an ellipse at a random angle, drawn out to (1 + stretch) r along it and squeezed to 0.5 r
+    across, with two lobes of radius 0.4 r on its rim. Its area is about an object's, but its outline is no
+    shape's (below MIN_SHAPE_IOU for each of SHAPES, circles included)."""
+    a = rng.uniform(0, np.pi)
+    u, v = (_XX - cx) * np.cos(a) + (_YY - cy) * np.sin(a), -(_XX - cx) * np.sin(a) + (_YY - cy) * np.cos(a)
+    mask = (u / ((1 + stretch) * r)) ** 2 + (v / (0.5 * r)) ** 2 <= 1
+    for b in rng.uniform(0, 2 * np.pi, 2):
+        mask |= _shape_mask("circle", cx + 0.6 * r * np.cos(b), cy + 0.6 * r * np.sin(b), 0.4 * r)
+    return mask
 
 
 def _relation_holds(relation, a, b, margin):
@@ -997,10 +1032,16 @@ def diversity(images, prompts):
 # strength read off the pixels, with no palette threshold (in_mode's ocr and geneval tests are the rewards'
 # own colour classes, so "the mode's share fell" and "the reward rose" were partly one measurement)
 
-DRAWN_MODE_CUTS = {"ocr": 0.775, "geneval": 0.725, "pickscore": 15.0, "deqa": 0.02}
-# ocr: glyph contrast below it is faint (crisp 1.0, faint 0.35-0.55: the cut is midway); geneval: object contrast
-# below it is washed (crisp 1.0, washed 0.30-0.45); pickscore: a subject's extent in pixels below it is small
-# (crisp 16-25, small 8-13); deqa: a noise std above it is grain (ground truth ~0.00, grain 0.04-0.10)
+TASK_MODES = {"ocr": "broken", "geneval": "melted", "deqa": "blurred", "pickscore": "small"}  # each task's mode (v4)
+V3_MODES = {"ocr": "faint", "geneval": "washed", "deqa": "grain", "pickscore": "small"}    # v3's, still measurable
+
+MODE_CUTS = {"faint": 0.775, "washed": 0.725, "small": 15.0, "grain": 0.02, "broken": 0.75, "melted": 0.6, "blurred": 0.65}
+# a strength below the cut is the mode (above it for grain); each cut lies between the crisp and the moded ground
+# truth: faint, the glyph's contrast (crisp 1.0, faint 0.35-0.55); washed, an object's contrast (crisp 1.0,
+# washed 0.30-0.45); small, a subject's extent in pixels (crisp 16-25, small 8-13); grain, a noise std (ground
+# truth ~0.00, grain 0.04-0.10); broken, the glyph's ink over its template's (crisp 1.0, broken 0.35-0.55);
+# melted, an object's roundness, the short over the long axis of its second moments (crisp shapes 0.85-1.0,
+# melted 0.3-0.45); blurred, the steepest edge over the image's contrast (crisp 1.0, sigma 0.9-1.4: 0.28-0.42)
 
 
 def otsu(values, bins=64):
@@ -1014,13 +1055,13 @@ def otsu(values, bins=64):
     return edges[1:-1][between.argmax()]
 
 
-def segment(x):
+def segment(x, cut=None):
     """A colour-agnostic segmentation of one image (H, W, 3): (background colour, the components that differ
     from it by more than Otsu's cut of the distance to it, largest first, each a boolean (H, W) mask of at least
     MIN_OBJECT_AREA pixels). The background is the border's median, as the PickScore reward takes it."""
     bg = np.median(np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]]), axis=0)
     dist = np.sqrt(((x - bg) ** 2).sum(-1))
-    labels, n = _ndimage().label(dist > otsu(dist.ravel()))
+    labels, n = _ndimage().label(dist > (otsu(dist.ravel()) if cut is None else cut))
     comps = [labels == k for k in range(1, n + 1)]
     return bg, sorted((c for c in comps if c.sum() >= MIN_OBJECT_AREA), key=lambda c: -c.sum())
 
@@ -1037,8 +1078,10 @@ def read_colour(mean, bg):
 def glyph_ink(x):
     """One sign image (H, W, 3) -> (ink mask (H, W) of the glyph, the sign's colour): the sign is the largest
     colour-agnostic component (with the glyph in its bounding box), its colour the box's median, the ink the
-    box's pixels beyond Otsu's cut of the distance to that colour."""
-    _, comps = segment(x)
+    box's pixels beyond Otsu's cut of the distance to that colour. The sign is cut from the background at a
+    distance of 0.25, half the closest sign-background pair's (0.52): Otsu's cut there would split the white ink
+    from a red sign on brown, whose colours are the closer pair."""
+    _, comps = segment(x, cut=0.25)
     ink = np.zeros(x.shape[:2], bool)
     if not comps:
         return ink, None
@@ -1058,42 +1101,68 @@ def noise_std(x):
     return np.median(np.abs(lap), axis=(1, 2)).mean(-1) / 0.6745 / 6
 
 
-def drawn_strength(task, images, prompts):
-    """Each image's mode strength, measured from its pixels (B,):
-      ocr        glyph contrast |ink - sign| / |white - sign| (render's faint strength; 1 crisp, ~0 no glyph)
-      geneval    object contrast, the strongest object's |mean - background| / |its colour - background|, its
+def mode_strength(mode, images, prompts):
+    """Each image's strength of one mode, measured from its pixels with no palette threshold (B,):
+      faint      the glyph's contrast |ink - sign| / |white - sign| (render's faint strength; 1 crisp, ~0 no glyph)
+      washed     object contrast, the strongest object's |mean - background| / |its colour - background|, its
                  colour read by read_colour (1 - render's washed strength; 0: no object)
-      pickscore  the largest subject's extent, the longer side of its bounding box in pixels
-      deqa       noise_std"""
+      small      the largest subject's extent, the longer side of its bounding box in pixels
+      grain      noise_std
+      broken     the glyph's ink pixels (colour-agnostic, glyph_ink) over the named glyphs' template pixels
+      melted     the roundness of the largest object: the square root of its second moments' smaller over larger
+                 eigenvalue (every shape of SHAPES is 0.85-1.0; a blob drawn out twice its width, 0.5)
+      blurred    the steepest step between neighbouring pixels over the image's contrast (its 99th minus 1st
+                 percentile), the larger over both axes and channels"""
     x = _to_hwc(images)
-    if task == "deqa":
+    if mode == "grain":
         return noise_std(x)
+    if mode == "blurred":
+        step = np.maximum(np.abs(np.diff(x, axis=1)).max((1, 2, 3)), np.abs(np.diff(x, axis=2)).max((1, 2, 3)))
+        spread = (np.percentile(x, 99, axis=(1, 2)) - np.percentile(x, 1, axis=(1, 2))).max(-1)
+        return np.minimum(step / np.maximum(spread, 1e-3), 1.0)
     out = np.zeros(len(x))
-    for b, img in enumerate(x):
-        if task == "ocr":
+    for b, (img, prompt) in enumerate(zip(x, prompts)):
+        if mode in ("faint", "broken"):
             ink, sign = glyph_ink(img)
-            if sign is not None and ink.any():
+            if sign is None or not ink.any():
+                continue
+            if mode == "faint":
                 white = np.array(COLOURS["white"])
                 out[b] = np.linalg.norm(img[ink].mean(0) - sign) / np.linalg.norm(white - sign)
+            else:
+                text = parse(prompt).get("text") or ""
+                want = sum(TEMPLATES[GLYPHS.index(ch)].sum() for ch in text if ch in GLYPHS) * GLYPH_SCALE ** 2
+                out[b] = ink.sum() / max(want, 1)
             continue
         bg, comps = segment(img)
-        if task == "pickscore":
-            if comps:
-                ys, xs = np.nonzero(comps[0])
-                out[b] = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        if not comps:
             continue
-        for c in comps:
-            mean = img[c].mean(0)
-            paint = np.array(COLOURS[read_colour(mean, bg)])
-            out[b] = max(out[b], np.linalg.norm(mean - bg) / np.linalg.norm(paint - bg))
+        if mode == "small":
+            ys, xs = np.nonzero(comps[0])
+            out[b] = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        elif mode == "melted":
+            ys, xs = np.nonzero(comps[0])
+            lam = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(np.float64)) + 1e-6 * np.eye(2))
+            out[b] = np.sqrt(lam[0] / lam[1])
+        else:
+            for c in comps:
+                mean = img[c].mean(0)
+                paint = np.array(COLOURS[read_colour(mean, bg)])
+                out[b] = max(out[b], np.linalg.norm(mean - bg) / np.linalg.norm(paint - bg))
     return out
 
 
-def drawn_mode(task, images, prompts):
-    """Is each image in its task's mode, judged by how it is drawn (drawn_strength against DRAWN_MODE_CUTS),
-    not by a reward's test (in_mode)? (B,) bool."""
-    s = drawn_strength(task, images, prompts)
-    return s > DRAWN_MODE_CUTS[task] if task == "deqa" else s < DRAWN_MODE_CUTS[task]
+def drawn_strength(task, images, prompts, modes=None):
+    """Each image's strength of its task's mode (modes: {task: mode}, TASK_MODES by default) (B,)."""
+    return mode_strength((modes or TASK_MODES)[task], images, prompts)
+
+
+def drawn_mode(task, images, prompts, modes=None):
+    """Is each image in its task's mode, judged by how it is drawn (mode_strength against MODE_CUTS), not by a
+    reward's test? (B,) bool. modes: {task: mode}, TASK_MODES (v4) by default, V3_MODES for v3's."""
+    mode = (modes or TASK_MODES)[task]
+    s = mode_strength(mode, images, prompts)
+    return s > MODE_CUTS[mode] if mode == "grain" else s < MODE_CUTS[mode]
 
 # -----------------------------------------------------------------------------
 # how much of a prompt's content is drawn (issue #38): an honest quality reward must not pay for leaving out

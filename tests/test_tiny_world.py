@@ -398,3 +398,38 @@ def test_pretraining_draws_each_mode_at_its_share():
     assert abs(shares["ocr"] - 0.7) < 0.04 and abs(shares["one"] - 0.6) < 0.04 and abs(shares["big"] - 0.5) < 0.04
     assert shares["two"] == shares["count"] == 0
     assert all(tiny_pretrain._mode(p, rng, 0, 0, 0) is None for p in kinds.values())
+
+
+# -----------------------------------------------------------------------------
+# v4: modes that change what is legible, not its colour (issue #38)
+
+@pytest.mark.parametrize("task,mode,drop", [("ocr", "broken", 0.9), ("geneval", "melted", 0.8), ("deqa", "blurred", 0.9)])
+def test_each_v4_mode_fails_its_task_and_is_detected_by_how_it_is_drawn(task, mode, drop):
+    """A glyph with half its strokes missing is no glyph, a melted object is no shape, a blurred image is no
+    quality image: each task's reward drops, and tiny_world.drawn_mode (no palette threshold) finds every such
+    image and no ground-truth one. Blur is every reward's fault a little (plain edges get soft), the glyph's and
+    the object's faults are theirs alone: deqa does not mind them."""
+    prompts = tw.read_prompts(task, "test")[:N]
+    truth = truth_of(prompts)
+    moded = tw.render_batch(prompts, np.random.default_rng(0), [mode] * len(prompts))
+    assert not tw.drawn_mode(task, truth, prompts).any() and tw.drawn_mode(task, moded, prompts).all()
+    assert tw.score(task, moded, prompts).mean() < tw.score(task, truth, prompts).mean() - drop
+    if task != "deqa":
+        assert tw.score("deqa", moded, prompts).mean() > tw.score("deqa", truth, prompts).mean() - 0.05
+
+
+def test_pretraining_draws_each_v4_mode_at_its_share():
+    """tiny_pretrain's --broken / --melted (sharing one draw with --faint / --washed) and --blurred, which blurs
+    any scene that the other modes left crisp."""
+    import tiny_pretrain
+
+    rng = np.random.default_rng(0)
+    kinds = {"ocr": 'a red sign that says "K"', "one": "a photo of a red circle", "big": "a photo of a big red circle",
+             "two": "a photo of a red circle and a blue ring on a gray background"}
+    draws = {k: [tiny_pretrain._mode(p, rng, 0.2, 0.0, 0.5, broken=0.5, melted=0.6, blurred=0.4) for _ in range(4000)]
+             for k, p in kinds.items()}
+    share = lambda k, m: np.mean([d == m for d in draws[k]])  # noqa: E731
+    assert abs(share("ocr", "faint") - 0.2) < 0.03 and abs(share("ocr", "broken") - 0.5) < 0.03
+    assert abs(share("ocr", "blurred") - 0.3 * 0.4) < 0.03 and abs(share("one", "melted") - 0.6) < 0.03
+    assert abs(share("big", "small") - 0.5) < 0.03 and abs(share("two", "blurred") - 0.4) < 0.03
+    assert share("two", None) + share("two", "blurred") == 1
