@@ -10,7 +10,7 @@ Tables (Markdown and JSON under --out):
            reward is in [0, 1] and the Average is the plain mean.
   ood      held-out compositions, T2I-CompBench-style categories (tiny world only: SD3 needs
            T2I-CompBench's own evaluators, which are not shipped).
-  quality  quality rewards on the deqa + pickscore test prompts and, in the tiny world, within-prompt diversity.
+  quality  quality rewards on the deqa + pickscore test prompts; in the tiny world also objects drawn and diversity.
   paired   each model minus each reference of --paired-with, per task, on the same prompts and seeds.
   gain     with --gain-of: each model's share (model - base) / (teacher - base) of each teacher's gain.
 Every cell carries its standard error over prompts (JSON '<column>_se', Markdown 'mean +- se'): a prompt's
@@ -94,8 +94,8 @@ for t in (t for t in tables if t not in ("main", "ood", "quality")):
 main_tasks = runs.comma_list(cfg.tasks) or list(world.tasks)
 for t in (t for t in main_tasks if t not in world.tasks):
     raise SystemExit(f"error: --tasks {t!r} is not a task of the {world.kind} world {world.tasks}")
-quality_metrics = [m.strip() for m in (cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore"))
-                   .split(",")]
+quality_metrics = runs.comma_list(cfg.quality_metrics or ("aesthetic,pickscore" if sd3 else "deqa,pickscore"))
+quality_columns = quality_metrics + ([] if sd3 else ["objects", "diversity"])  # the tiny world's two of its own
 for m in quality_metrics:  # one line at set-up, not a traceback after sampling
     if m not in (rewards.SD3_REWARDS if sd3 else rewards.TINY_REWARDS):
         raise SystemExit(f"error: --quality-metrics {m!r} is not a reward of the {world.kind} world: "
@@ -121,7 +121,7 @@ if gain_of and ("base" not in models or "main" not in tables):
 set_metrics = {t: {t} for t in main_tasks} if "main" in tables else {}
 if "quality" in tables:
     for t in QUALITY_SETS:
-        set_metrics.setdefault(t, set()).update(quality_metrics + ([] if sd3 else ["diversity"]))
+        set_metrics.setdefault(t, set()).update(quality_columns)
 if "ood" in tables and not sd3:
     set_metrics["ood"] = {"ood"}
 prompt_sets = {}  # set -> (file, prompts, metadata): --limit distinct prompts evenly spread over the file
@@ -474,13 +474,13 @@ if dist.master:
                    f"Overall = mean of the category means. Each cell +- its SE over prompts. {setting_note}")
 
     if "quality" in tables:
-        metrics = quality_metrics + ([] if sd3 else ["diversity"])
         values = {(label, m): [(rewards.PICKSCORE_SCALE if sd3 and m == "pickscore" else 1) * v
                                for s in QUALITY_SETS for v in prompt_means(label, s, m).values()]
-                  for label in models for m in metrics}  # pooled over both prompt sets, each prompt counted once
-        diversity = "Diversity = mean pairwise RMS pixel distance between the images of one prompt."
-        note = f"Prompts: the {' + '.join(QUALITY_SETS)} test splits. " + (f"{NOT_WIRED}." if sd3 else diversity)
-        save_table("quality", "Quality", ["model", *metrics], quality_rows(values, models, metrics),
+                  for label in models for m in quality_columns}  # pooled over both sets, each prompt counted once
+        tiny = ("Objects = the share of a prompt's named objects that the GenEval program finds; diversity = mean "
+                "pairwise RMS pixel distance between the images of one prompt.")
+        note = f"Prompts: the {' + '.join(QUALITY_SETS)} test splits. " + (f"{NOT_WIRED}." if sd3 else tiny)
+        save_table("quality", "Quality", ["model", *quality_columns], quality_rows(values, models, quality_columns),
                    f"{note} Each cell +- its SE over prompts. {setting_note}")
 
     # Pictures: one grid per model, one comparison grid (a row per model), the main table as bars

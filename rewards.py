@@ -8,7 +8,8 @@ Reward functions for Flow-OPD: one registry for the two worlds the code runs in.
     total, parts = total_fn(images, prompts, metadata)    # parts: {name: unweighted (B,) scores}
 
 World "tiny": geneval/ocr/deqa/pickscore are the synthetic scorers of tiny_world.py (CPU tests and
-the tiny end-to-end runs). World "sd3": the real scorers Flow-GRPO trains and evaluates with:
+the tiny end-to-end runs); objects (evaluation only) is the share of a scene prompt's named objects drawn.
+World "sd3": the real scorers Flow-GRPO trains and evaluates with:
   ocr        Flow-GRPO's rule on PaddleOCR 2.9.1's English text where installed, else rapidocr (ONNX, offline:
              English models from FLOWOPD_OCR_MODELS, or the wheel's bundled ones)
   pickscore  PickScore_v1 (a CLIP-H fine-tune): logit_scale * cos(image, text) / 26
@@ -60,6 +61,7 @@ import torch
 # names and constants
 
 TINY_REWARDS = ("geneval", "ocr", "deqa", "pickscore")  # == tiny_world.TASKS
+TINY_METRICS = ("objects",)  # tiny-world evaluation scores get_reward also gives (evaluate.py's quality table)
 SD3_REWARDS = ("geneval", "ocr", "deqa", "pickscore", "aesthetic", "imagereward", "hpsv2")
 PICKSCORE_SCALE = 26.0  # Flow-GRPO divides PickScore (~ 18-24) by 26 to bring it near [0, 1]
 DEQA_MAX = 5.0          # DeQA-Score is a 1-5 mean-opinion score; the paper's Average divides by 5
@@ -718,6 +720,8 @@ def _tiny_scorer(name, field="scores"):
     def score(images, prompts, metadata):
         import tiny_world  # lazily: rewards.py must import without the tiny world
 
+        if name == "objects":
+            return tiny_world.objects_drawn(images, prompts)
         return tiny_world.score(name, images, prompts, strict=field == "strict_rewards")
 
     return score
@@ -732,8 +736,9 @@ def get_reward(name: str, world: str = "sd3", device=None, **options):
     device: where a model-backed scorer (pickscore, aesthetic) runs, in float16 on CUDA; None = the CPU.
     The other rewards ignore it, so a stage may pass its device to every reward. fn.scorer is the scorer."""
     if world == "tiny":
-        if name not in TINY_REWARDS:
-            raise ValueError(f"unknown reward {name!r} for world 'tiny'; known: {', '.join(TINY_REWARDS)}")
+        if name not in TINY_REWARDS + TINY_METRICS:
+            raise ValueError(f"unknown reward {name!r} for world 'tiny'; known: "
+                             f"{', '.join(TINY_REWARDS + TINY_METRICS)}")
         if set(options) - ({"field"} if name == "geneval" else set()):
             raise ValueError(f"tiny-world reward {name!r} takes {'only field' if name == 'geneval' else 'no options'}, "
                              f"got {sorted(options)}")

@@ -1174,9 +1174,12 @@ def objects_drawn(images, prompts, shape=True):
     matched at most once; colour and shape as the prompt names them). shape=False: colour alone, any
     object-sized component of the named colour, ragged or not (issue #38's "named colours drawn").
     Scene prompts only. (B,) in [0, 1]."""
+    specs = [parse(p) for p in prompts]
+    if any(s["kind"] != "scene" for s in specs):
+        raise ValueError("objects_drawn needs scene prompts (a photo of ...)")
     x = _to_hwc(images)
     out = []
-    for spec, cls in zip([parse(p) for p in prompts], _colour_classes(x)):
+    for spec, cls in zip(specs, _colour_classes(x)):
         found = _detect(cls) if shape else list(_components(cls))
         want = [o for o in spec["objects"] for _ in range(o["count"])]
         hits, used = 0, set()

@@ -100,7 +100,10 @@ def test_main_table_schema_and_outputs(one_process):
     # --limit 3 spreads the prompts over the file (grouped by category): 3 categories scored, not 1
     scored = [c for c in ("colour", "shape", "spatial", "numeracy") if isinstance(ood[c], float) and ood[c] == ood[c]]
     assert len(scored) == 3, ood
-    assert {"deqa", "pickscore", "diversity"} <= set(read(out, "quality")[0])
+    quality = read(out, "quality")
+    assert [list(r)[1:] for r in quality] == [["deqa", "deqa_se", "pickscore", "pickscore_se", "objects", "objects_se",
+                                               "diversity", "diversity_se"]] * 2
+    assert all(0 <= r["objects"] <= 1 for r in quality) and "| model | deqa | pickscore | objects | diversity |" in open(out / "quality.md").read()
     assert "| base |" in log and "30 images per model" in log  # the printed table; 3 prompts x 5 sets x 2 images
 
 
@@ -114,10 +117,10 @@ def test_every_cell_has_its_standard_error_and_differences_are_paired(one_proces
     paired = read(out, "paired")
     assert [(r["model"], r["minus"]) for r in paired] == [("lora", "base")]  # grpo-mix is not among --models: skipped
 
-    def per_prompt(label, task):
+    def per_prompt(label, task, column=None):
         (path,) = glob.glob(str(out / "eval_cache" / f"{label}-{task}-*.json"))
         prompts = json.load(open(path))["prompts"]
-        return np.array([np.mean(prompts[str(i)][task]) for i in range(3)])  # --limit 3
+        return np.array([np.mean(prompts[str(i)][column or task]) for i in range(3)])  # --limit 3
 
     for label in ("base", "lora"):
         for t in COLUMNS:
@@ -129,8 +132,11 @@ def test_every_cell_has_its_standard_error_and_differences_are_paired(one_proces
         assert paired[0][t] == pytest.approx(d.mean()) and paired[0][f"{t}_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(3))
         assert paired[0][t] == pytest.approx(main["lora"][t] - main["base"][t])
     assert paired[0]["average"] == pytest.approx(main["lora"]["average"] - main["base"]["average"])
-    ood, quality = read(out, "ood")[0], read(out, "quality")[0]
-    assert "overall_se" in ood and {"deqa_se", "pickscore_se", "diversity_se"} <= set(quality)
+    ood, quality = read(out, "ood")[0], read(out, "quality")
+    assert "overall_se" in ood and {"deqa_se", "pickscore_se", "objects_se", "diversity_se"} <= set(quality[0])
+    for row in quality:  # objects: each quality prompt's mean over its images, pooled over the two prompt sets
+        x = np.concatenate([per_prompt(row["model"], s, "objects") for s in ("deqa", "pickscore")])
+        assert row["objects"] == pytest.approx(x.mean()) and row["objects_se"] == pytest.approx(x.std(ddof=1) / math.sqrt(6))
     assert " +- " in open(out / "main.md").read() and " +- " in open(out / "paired.md").read()
 
 

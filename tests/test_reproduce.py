@@ -36,6 +36,9 @@ def test_reproduce_smoke_runs_every_stage(tmp_path):
     with open(tmp_path / "paired.json") as f:  # every model minus the base, and minus GRPO-Mix
         pairs = [(r["model"], r["minus"]) for r in json.load(f)["rows"]]
     assert pairs == [(m, "base") for m in ROWS if m != "base"] + [(m, "grpo-mix") for m in ROWS if m != "grpo-mix"]
+    with open(tmp_path / "runs" / "grpo-deqa" / "config.json") as f:  # the deqa expert as the paper's DeQA teacher
+        deqa = json.load(f)
+    assert (deqa["prompts"], deqa["reward"]) == ("geneval,ocr,pickscore", "deqa:0.4,pickscore:0.6"), deqa
     bad = subprocess.run(["bash", "reproduce.sh", "--fast"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--quick, --smoke, --ablations" in bad.stderr
 

@@ -81,6 +81,23 @@ def test_tiny_world_wrapper_and_combined(monkeypatch):
         combined_reward("geneval", "tiny", ocr={})
 
 
+def test_tiny_objects_metric_is_the_share_of_named_objects_drawn():
+    """evaluate.py's quality column 'objects' (issue #38): get_reward('objects', 'tiny') is tiny_world.objects_drawn,
+    1 on the rendered ground truth of the deqa test prompts and 0.5 where each scene's second object is left out.
+    An evaluation metric, not a task: the main table's columns stay the four rewards."""
+    import tiny_world as tw
+
+    prompts = tw.read_prompts("deqa", "test")[:16]
+    objects = get_reward("objects", "tiny")
+    truth = tw.render_batch(prompts, np.random.default_rng(0))
+    assert torch.equal(objects(truth, prompts), torch.ones(16))
+    one = tw.render_batch([tw._one_object_prompt(tw.parse(p)) for p in prompts], np.random.default_rng(0))
+    assert torch.equal(objects(one, prompts), torch.full((16,), 0.5))
+    with pytest.raises(ValueError, match="scene prompts"):
+        objects(truth[:1], tw.read_prompts("ocr", "test")[:1])
+    assert "objects" not in rewards.TINY_REWARDS
+
+
 # -----------------------------------------------------------------------------
 # OCR
 
