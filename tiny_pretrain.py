@@ -6,15 +6,22 @@ Commands (2 CPU cores):
   python tiny_pretrain.py prompts                      # write prompts/tiny/*.txt (deterministic)
   python tiny_pretrain.py pretrain --steps 3000 --seed 0 --out /tmp/base.safetensors
   python tiny_pretrain.py calibrate                    # reward table (each task's mode too), base scores, grids
-The shipped v3 base (issue #29) is the v1 base fine-tuned in three step-counted runs, each continuing the last
-(assets/tiny_base.json records every command, seed and loss, with the v1 runs under "previous"):
+The shipped v4 base (issue #38) is the v3 base fine-tuned once with v4's modes (glyphs with strokes missing,
+melted objects, blur; v3's faint and washed modes no longer drawn), 3000 steps, 16 minutes on one core
+(assets/tiny_base.json records the command, seed and loss, with v3's and v1's runs under "previous"):
+  git show a78ef6d:assets/tiny_base.safetensors > /tmp/v4/v3.safetensors                              # v3
+  git show a78ef6d:assets/tiny_base.json > /tmp/v4/v3.json
+  python tiny_pretrain.py pretrain --steps 3000 --seed 40 --threads 1 --init /tmp/v4/v3.safetensors --cooldown \
+      --broken 0.6 --melted 0.6 --small 0.8 --blurred 0.35 \
+      --mix ocr:0.45,geneval:0.1,geneval-task:0.2,deqa:0.1,pickscore:0.15 --out /tmp/v4/base.safetensors  # loss 0.0353
+The v3 base (issue #29) was the v1 base fine-tuned in three step-counted runs, each continuing the last:
   git show 5089724:assets/tiny_base.safetensors > /tmp/v1.safetensors   # v1 (sha256 033612fa...): five wall-clock runs
   # at commit a438fe6 (16-glyph signs):
   python tiny_pretrain.py pretrain --steps 2500 --seed 22 --threads 1 --init /tmp/v1.safetensors --cooldown \
       --faint 0.7 --washed 0.9 --out /tmp/B.safetensors                                                  # loss 0.0338
   python tiny_pretrain.py pretrain --steps 3000 --seed 24 --threads 1 --init /tmp/B.safetensors --cooldown \
       --faint 0.7 --washed 0.6 --small 0.5 --out /tmp/B2.safetensors                                     # loss 0.0327
-  # at this file's commit (8-glyph signs):
+  # at commit a78ef6d (8-glyph signs):
   python tiny_pretrain.py pretrain --steps 3000 --seed 27 --threads 1 --init /tmp/B2.safetensors --cooldown \
       --faint 0.7 --washed 0.6 --small 0.5 --mix ocr:0.55,geneval:0.1,geneval-task:0.2,deqa:0.075,pickscore:0.075 \
       --out assets/tiny_base.safetensors                                                                 # loss 0.0264

@@ -10,6 +10,9 @@ results/tiny-seed<N> for the others) and writes a markdown table of the README's
   a ">= 90% kept" claim (OPD-Merge's share of a teacher's gain, gain.json) is "shown" when the lower 2-SE bound
   of the mean share is >= 90%, "consistent" when only the mean is, else "not met"; "no gain to keep" when a
   seed's teacher does not beat the base.
+  "drops named objects" (issue #38, item 1): a model's `objects` (quality.json: the share of the deqa and
+  PickScore prompts' named objects the GenEval program finds) minus the base's, a difference claim with the
+  negative sign: "holds" means that model draws fewer named objects than the base, by the rule.
   an expert's target (issue #38: >= 50% of the base's headroom 1 - score for GenEval and OCR, >= 30% for deqa and
   PickScore, beyond 3 paired SE; main.json's base row): met or not in each seed.
 
@@ -78,8 +81,8 @@ def headroom_met(gain, se, base_score, bar):
 
 
 def load_run(folder):
-    """One seed's tables: {(model, minus): row} from paired.json, {model: row} from gain.json, and the base's
-    row of main.json ({} when absent)."""
+    """One seed's tables: {(model, minus): row} from paired.json, {model: row} from gain.json, the base's
+    row of main.json and {model: row} from quality.json ({} when absent)."""
     with open(os.path.join(folder, "paired.json")) as f:
         paired = {(r["model"], r["minus"]): r for r in json.load(f)["rows"]}
     gain = {}
@@ -90,7 +93,11 @@ def load_run(folder):
     if os.path.exists(os.path.join(folder, "main.json")):
         with open(os.path.join(folder, "main.json")) as f:
             base = next((r for r in json.load(f)["rows"] if r["model"] == "base"), {})
-    return paired, gain, base
+    quality = {}
+    if os.path.exists(os.path.join(folder, "quality.json")):
+        with open(os.path.join(folder, "quality.json")) as f:
+            quality = {r["model"]: r for r in json.load(f)["rows"]}
+    return paired, gain, base, quality
 
 
 def difference(paired, model, minus, column):
@@ -131,6 +138,16 @@ def claims_table(runs):
         verdict, mean, se = difference_verdict([c[0] for c in cells], sign)
         shown = [f"{v:+.3f}" + (f" +- {s:.3f}" if s is not None else "") for v, s in cells]
         lines.append(f"| {claim} | " + " | ".join(shown) + f" | {mean:+.3f} +- {se:.3f} | {verdict} |")
+    first = runs[names[0]][3]
+    for model in [m for m in first if m != "base" and "objects" in first[m]]:
+        try:
+            cells = [(runs[n][3][model]["objects"] - runs[n][3]["base"]["objects"],
+                      float(np.hypot(runs[n][3][model]["objects_se"], runs[n][3]["base"]["objects_se"]))) for n in names]
+        except KeyError:
+            continue  # a seed without this model or column
+        verdict, mean, se = difference_verdict([c[0] for c in cells], -1)
+        lines.append(f"| {model} drops named objects (objects below the base's) | "
+                     + " | ".join(f"{v:+.3f} +- {e:.3f}" for v, e in cells) + f" | {mean:+.3f} +- {se:.3f} | {verdict} |")
     for claim, model, task in KEPT:
         values = [gain_share(runs[n][1], model, task) for n in names]
         verdict, mean, se = kept_verdict(values)
@@ -139,7 +156,7 @@ def claims_table(runs):
     for task, bar in HEADROOM_BAR.items():
         cells = []
         for n in names:
-            paired, _, base = runs[n]
+            paired, _, base, _ = runs[n]
             if (f"grpo-{task}", "base") not in paired or task not in base:
                 break
             row = paired[(f"grpo-{task}", "base")]

@@ -44,9 +44,10 @@ def test_headroom_target():
     assert not claims.headroom_met(0.40, 0.15, 0.4, 0.5)        # 67%, but within 3 SE
 
 
-def write_run(folder, opd_minus_mix, expert_gain, kept):
+def write_run(folder, opd_minus_mix, expert_gain, kept, deqa_objects=0.8):
     """A run folder with the rows claims.py reads: OPD-Merge - GRPO-Mix on geneval, the GenEval expert - base,
-    and OPD-Merge's share of the GenEval expert's gain."""
+    OPD-Merge's share of the GenEval expert's gain, and the quality table's objects (base 0.9, OPD-Merge 0.9,
+    the deqa expert deqa_objects)."""
     os.makedirs(folder)
     rows = [{"model": "opd-merge", "minus": "grpo-mix", "geneval": opd_minus_mix, "geneval_se": 0.05},
             {"model": "grpo-geneval", "minus": "base", "geneval": expert_gain, "geneval_se": 0.05}]
@@ -56,6 +57,9 @@ def write_run(folder, opd_minus_mix, expert_gain, kept):
         json.dump({"rows": [{"model": "opd-merge", "geneval": kept, "geneval_se": 0.1}]}, f)
     with open(os.path.join(folder, "main.json"), "w") as f:
         json.dump({"rows": [{"model": "base", "geneval": 0.4, "geneval_se": 0.05}]}, f)
+    with open(os.path.join(folder, "quality.json"), "w") as f:
+        json.dump({"rows": [{"model": m, "objects": v, "objects_se": 0.01}
+                            for m, v in (("base", 0.9), ("grpo-deqa", deqa_objects), ("opd-merge", 0.9))]}, f)
 
 
 def verdicts(text):
@@ -65,8 +69,8 @@ def verdicts(text):
 
 
 def test_script_writes_the_table_from_every_seed(tmp_path):
-    for k, (d, g, kept) in enumerate([(0.10, 0.40, 0.95), (0.12, 0.30, 0.97), (-0.01, 0.35, 0.96)]):
-        write_run(tmp_path / f"tiny-seed{k}", d, g, kept)
+    for k, (d, g, kept, objects) in enumerate([(0.10, 0.40, 0.95, 0.80), (0.12, 0.30, 0.97, 0.78), (-0.01, 0.35, 0.96, 0.82)]):
+        write_run(tmp_path / f"tiny-seed{k}", d, g, kept, objects)
     out = tmp_path / "claims.md"
     runs = ",".join(str(tmp_path / f"tiny-seed{k}") for k in range(3))
     subprocess.run([sys.executable, os.path.join(ROOT, "bench", "claims.py"), "--runs", runs, "--out", str(out)],
@@ -78,6 +82,8 @@ def test_script_writes_the_table_from_every_seed(tmp_path):
     # expert gains of 0.40, 0.30, 0.35 on a headroom of 0.6, SE 0.05: 67%, 50%, 58%, all beyond 3 SE
     assert table["geneval expert gains >= 50% of the headroom, beyond 3 paired SE"] == "met in every seed"
     assert "OPD-Merge > GRPO-Mix on ocr" not in table                   # columns the JSON lacks are left out
+    assert table["grpo-deqa drops named objects (objects below the base's)"] == "holds"       # -0.1 in every seed
+    assert table["opd-merge drops named objects (objects below the base's)"] == "not shown"
     assert not os.path.exists(str(out) + ".tmp")
     # two seeds that agree in sign and are close: holds
     runs2 = ",".join(str(tmp_path / f"tiny-seed{k}") for k in range(2))
