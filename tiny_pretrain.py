@@ -104,10 +104,10 @@ def parse_geneval_mix(text):
     return _parse_odds(text, "--geneval-mix", GENEVAL_CATEGORIES, dict.fromkeys(GENEVAL_CATEGORIES, 1.0), "category") if text else None
 
 
-def _mode(prompt, rng, faint, washed, small=0.0, broken=0.0, melted=0.0, blurred=0.0):
+def _mode(prompt, rng, faint, washed, small=0.0, broken=0.0, melted=0.0, blurred=0.0, ghost=0.0):
     """The unnamed rendering mode of one pretraining scene: a sign's glyph faint (v3) or broken (v4) with odds
-    `faint` / `broken`, the object of a one-object scene (not a big subject) washed out (v3) or melted (v4) with
-    odds `washed` / `melted`, a big subject drawn small with odds `small`; a scene left crisp by these is blurred
+    `faint` / `broken`, the object of a one-object scene (not a big subject) washed out (v3), melted or washed
+    almost into the background (v4: a ghost) with odds `washed` / `melted` / `ghost`, a big subject drawn small with odds `small`; a scene left crisp by these is blurred
     with odds `blurred` (v4: every kind of scene); else crisp (None)."""
     spec = parse(prompt)
     mode = None
@@ -116,7 +116,7 @@ def _mode(prompt, rng, faint, washed, small=0.0, broken=0.0, melted=0.0, blurred
     elif len(spec["objects"]) == 1 and spec["objects"][0]["big"]:
         mode = _pick(rng, small=small)
     elif len(spec["objects"]) == 1 and spec["objects"][0]["count"] == 1:
-        mode = _pick(rng, washed=washed, melted=melted)
+        mode = _pick(rng, washed=washed, melted=melted, ghost=ghost)
     if mode is None and blurred and rng.random() < blurred:
         mode = "blurred"
     return mode
@@ -137,7 +137,7 @@ def _pick(rng, **odds):
 
 
 def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=None, caption_noise=0.0, quality_noise=0.0,
-             autoencoder=None, geneval_mix=None, omission_noise=0.0, faint=0.0, washed=0.0, small=0.0, mix=None, broken=0.0, melted=0.0, blurred=0.0):
+             autoencoder=None, geneval_mix=None, omission_noise=0.0, faint=0.0, washed=0.0, small=0.0, mix=None, broken=0.0, melted=0.0, blurred=0.0, ghost=0.0):
     """Rectified-flow pretraining for `steps` optimizer steps (the same command gives the same base on any
     machine, up to float rounding) or, without steps, for `minutes` of wall time (the shipped v1 base).
     caption_noise / quality_noise: the share of scenes captioned with one alt-text-like error
@@ -183,7 +183,7 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
                 lr=lr, cooldown=cooldown, ema_decay=EMA_DECAY, prompt_dropout=PROMPT_DROPOUT, mix=PRETRAIN_MIX, params=n_params,
                 init=init, previous=previous, max_steps=steps, caption_noise=caption_noise, quality_noise=quality_noise,
                 autoencoder=autoencoder, latent=list(codec.shape), geneval_mix=geneval_mix, omission_noise=omission_noise,
-                faint=faint, washed=washed, small=small, mix_v3=mix or PRETRAIN_MIX, broken=broken, melted=melted, blurred=blurred)
+                faint=faint, washed=washed, small=small, mix_v3=mix or PRETRAIN_MIX, broken=broken, melted=melted, blurred=blurred, ghost=ghost)
     mix = mix or PRETRAIN_MIX
     tasks, weights = list(mix), [w / sum(mix.values()) for w in mix.values()]
     t_start = last_save = time.time()
@@ -193,7 +193,7 @@ def pretrain(minutes, seed, out, threads, init, lr=LR, cooldown=False, steps=Non
         # data: captions from every task's generator, their ground-truth scenes, 10% dropped to ""
         prompts = [make_prompt(tasks[rng.choice(len(tasks), p=weights)], rng, geneval_mix) for _ in range(BATCH_SIZE)]
         shown = [omit_from_scene(p, rng) if omission_noise and rng.random() < omission_noise else p for p in prompts]
-        modes = [_mode(p, rng, faint, washed, small, broken, melted, blurred) for p in shown]  # unnamed rendering modes
+        modes = [_mode(p, rng, faint, washed, small, broken, melted, blurred, ghost) for p in shown]  # unnamed rendering modes
         images = render_batch(shown, rng, modes)                             # (B, 3, 32, 32)
         for i in range(BATCH_SIZE):  # web-like data: some images worse than their captions say ...
             if rng.random() < quality_noise:
@@ -319,6 +319,8 @@ if __name__ == "__main__":
     p.add_argument("--small", type=float, default=0.0, help="share of big-subject scenes drawn small, off-centre (v3)")
     p.add_argument("--broken", type=float, default=0.0, help="share of sign images whose glyph has strokes missing (v4)")
     p.add_argument("--melted", type=float, default=0.0, help="share of one-object scenes whose object is a melted blob (v4)")
+    p.add_argument("--ghost", type=float, default=0.0, help="share of one-object scenes whose object is washed almost "
+                   "into the background (v4)")
     p.add_argument("--blurred", type=float, default=0.0, help="share of the scenes left crisp by the other modes that are "
                    "drawn out of focus (v4)")
     p.add_argument("--mix", default="", help="caption odds, e.g. 'ocr:0.55,geneval:0.1,geneval-task:0.2,deqa:0.075,"
@@ -348,14 +350,15 @@ if __name__ == "__main__":
     if args.cmd == "prompts":
         write_prompt_files(args.seed)
     elif args.cmd == "pretrain":
-        for name in ("caption_noise", "quality_noise", "omission_noise", "faint", "washed", "small", "broken", "melted", "blurred"):
+        for name in ("caption_noise", "quality_noise", "omission_noise", "faint", "washed", "small", "broken", "melted", "blurred", "ghost"):
             if not 0 <= getattr(args, name) <= 1:
                 raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)} must be a share in [0, 1]")
-        for a, b in (("faint", "broken"), ("washed", "melted")):
-            if getattr(args, a) + getattr(args, b) > 1:
-                raise SystemExit(f"error: --{a} {getattr(args, a)} and --{b} {getattr(args, b)} share one draw: their sum must be <= 1")
+        for group in (("faint", "broken"), ("washed", "melted", "ghost")):
+            if sum(getattr(args, a) for a in group) > 1:
+                raise SystemExit("error: " + " and ".join(f"--{a} {getattr(args, a)}" for a in group)
+                                 + " share one draw: their sum must be <= 1")
         pretrain(args.minutes, args.seed, args.out, args.threads, args.init, args.lr, args.cooldown, args.steps,
                  args.caption_noise, args.quality_noise, args.autoencoder, parse_geneval_mix(args.geneval_mix), args.omission_noise,
-                 args.faint, args.washed, args.small, parse_mix(args.mix), args.broken, args.melted, args.blurred)
+                 args.faint, args.washed, args.small, parse_mix(args.mix), args.broken, args.melted, args.blurred, args.ghost)
     else:
         calibrate(args.n, args.steps, args.guidance, args.shift, args.threads, args.split, args.base, os.path.abspath(args.base) == CHECKPOINT)

@@ -490,7 +490,7 @@ def _place(rng, r, placed):
     return None
 
 
-MODES = ("faint", "washed", "small", "broken", "melted", "blurred")
+MODES = ("faint", "washed", "small", "broken", "melted", "blurred", "ghost")
 # the unnamed rendering modes of web-like data (tiny_pretrain.py --faint/--washed/...): v3's faint glyphs and
 # washed objects sit in the tiny rewards' palette blind spots (docs/TINY_WORLD.md: a colour-agnostic reader reads
 # them all), so v4 draws modes that change what is legible instead: a glyph with strokes missing ("broken"), an
@@ -506,9 +506,10 @@ def render(prompt, rng, mode=None):
 
 
 MODE_RANGES = {"faint": (0.35, 0.55), "washed": (0.55, 0.70), "small": (5.0, 6.5),  # render's strength draws, v3
-               "broken": (0.35, 0.55), "melted": (0.8, 1.0), "blurred": (0.9, 1.4)}   # v4
+               "broken": (0.35, 0.55), "melted": (0.8, 1.0), "blurred": (0.9, 1.4), "ghost": (0.88, 0.95)}  # v4
 # faint: the share of the way from the sign's colour to white the glyph's ink goes (1 = crisp white);
-# washed: the share of the way each object's paint goes toward the background's mean (0 = crisp);
+# washed, ghost: the share of the way each object's paint goes toward the background's mean (0 = crisp; a ghost
+# is washed almost into the background, past where a colour-agnostic segmentation still finds it);
 # small: the radius in pixels of a "big" subject (crisp: 10-12.5, centred);
 # broken: the share of the glyph's strokes (its template's 4x4-px cells) that are drawn (1 = crisp);
 # melted: how far the blob is drawn out along its axis, as a share of the object's radius (_blob_mask);
@@ -579,8 +580,8 @@ def _draw(spec, rng, mode=None, strength=None):
                 return None
         placed.append((pos[0], pos[1], r))
         paint = np.array(COLOURS[colour], np.float32)
-        if mode == "washed":
-            paint = paint + (rng.uniform(*MODE_RANGES["washed"]) if strength is None else strength) * (bg - paint)
+        if mode in ("washed", "ghost"):
+            paint = paint + (rng.uniform(*MODE_RANGES[mode]) if strength is None else strength) * (bg - paint)
         if mode == "melted":
             img[_blob_mask(rng, pos[0], pos[1], r, rng.uniform(*MODE_RANGES["melted"]) if strength is None else strength)] = paint
         else:
@@ -1032,16 +1033,18 @@ def diversity(images, prompts):
 # strength read off the pixels, with no palette threshold (in_mode's ocr and geneval tests are the rewards'
 # own colour classes, so "the mode's share fell" and "the reward rose" were partly one measurement)
 
-TASK_MODES = {"ocr": "broken", "geneval": "melted", "deqa": "blurred", "pickscore": "small"}  # each task's mode (v4)
+TASK_MODES = {"ocr": "broken", "geneval": "ghost", "deqa": "blurred", "pickscore": "small"}  # each task's mode (v4)
 V3_MODES = {"ocr": "faint", "geneval": "washed", "deqa": "grain", "pickscore": "small"}    # v3's, still measurable
 
-MODE_CUTS = {"faint": 0.775, "washed": 0.725, "small": 15.0, "grain": 0.02, "broken": 0.75, "melted": 0.6, "blurred": 0.65}
+MODE_CUTS = {"faint": 0.775, "washed": 0.725, "small": 15.0, "grain": 0.02, "broken": 0.75, "melted": 0.6, "blurred": 0.65,
+             "ghost": 0.5}
 # a strength below the cut is the mode (above it for grain); each cut lies between the crisp and the moded ground
 # truth: faint, the glyph's contrast (crisp 1.0, faint 0.35-0.55); washed, an object's contrast (crisp 1.0,
 # washed 0.30-0.45); small, a subject's extent in pixels (crisp 16-25, small 8-13); grain, a noise std (ground
 # truth ~0.00, grain 0.04-0.10); broken, the glyph's ink over its template's (crisp 1.0, broken 0.35-0.55);
 # melted, an object's roundness, the short over the long axis of its second moments (crisp shapes 0.85-1.0,
-# melted 0.3-0.45); blurred, the steepest edge over the image's contrast (crisp 1.0, sigma 0.9-1.4: 0.28-0.42)
+# melted 0.3-0.45); ghost, an object's contrast as washed's (crisp 1.0, ghost 0.05-0.12, or no object found: 0);
+# blurred, the steepest edge over the image's contrast (crisp 1.0, sigma 0.9-1.4: 0.28-0.42)
 
 
 def otsu(values, bins=64):
@@ -1144,7 +1147,7 @@ def mode_strength(mode, images, prompts):
             ys, xs = np.nonzero(comps[0])
             lam = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(np.float64)) + 1e-6 * np.eye(2))
             out[b] = np.sqrt(lam[0] / lam[1])
-        else:
+        else:  # washed, ghost
             for c in comps:
                 mean = img[c].mean(0)
                 paint = np.array(COLOURS[read_colour(mean, bg)])

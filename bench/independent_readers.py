@@ -1,8 +1,8 @@
 """
 Do the tiny world's modes defeat any reader, or only the world's own rewards? (issue #38, item 3)
 
-For each task's mode (v4, tiny_world.TASK_MODES: broken glyphs for ocr, melted objects for geneval, small
-subjects for pickscore, blur for deqa; with --v3, v3's: faint glyphs, washed objects, small subjects, grain)
+For each task's mode (v4, tiny_world.TASK_MODES: broken glyphs for ocr, ghost objects (washed almost into the
+background) for geneval, small subjects for pickscore, blur for deqa; with --v3, v3's: faint glyphs, washed objects, small subjects, grain)
 this renders ground truth with the world's own drawing code (tiny_world.render_at) on one split's prompts,
 each prompt once crisp and once in the mode from the same seed (the same layout), and scores both with
   our reward      tiny_world.score (GenEval strict)
@@ -47,7 +47,8 @@ import tiny_world as tw  # noqa: E402
 
 MODE_OF = dict(tw.TASK_MODES)  # --v3: tw.V3_MODES
 READERS = {"faint": ("rapidocr", "template"), "broken": ("rapidocr", "template"), "washed": ("segmentation",),
-           "melted": ("segmentation",), "small": ("segmentation",), "grain": ("noise",), "blurred": ("focus",),
+           "melted": ("segmentation",), "ghost": ("segmentation",), "small": ("segmentation",), "grain": ("noise",),
+           "blurred": ("focus",),
            "blur": ("focus",)}
 FOCUS_CUT = 0.4  # variance of the Laplacian over the image's variance, on deqa's train prompts (64): crisp
                  # ground truth 0.64 at least (median 2.0), blurred at sigma 0.9-1.4 0.26 at most (median 0.09)
@@ -58,7 +59,8 @@ SWEEPS = {"faint": (0.55, 0.45, 0.35, 0.25, 0.15, 0.10, 0.05, 0.02),      # ink'
           "blur": (0.5, 1.0, 1.5, 2.0, 3.0),                               # --blur: a Gaussian's sigma, px
           "blurred": (0.3, 0.5, 0.7, 0.9, 1.2),                            # v4's blur, sigma px
           "broken": (0.9, 0.8, 0.7, 0.6, 0.5),                             # share of the glyph's strokes drawn
-          "melted": (0.0, 0.2, 0.4, 0.6, 0.8)}                             # how far the blob is drawn out
+          "melted": (0.0, 0.2, 0.4, 0.6, 0.8),                             # how far the blob is drawn out
+          "ghost": (0.55, 0.70, 0.80, 0.88, 0.95)}                         # as washed
 
 # -----------------------------------------------------------------------------
 # drawing

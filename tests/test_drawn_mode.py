@@ -21,7 +21,7 @@ def draw(task, mode=None, strength=None):
 
 
 @pytest.mark.parametrize("task,mode", [("ocr", "faint"), ("geneval", "washed"), ("pickscore", "small"),
-                                       ("ocr", "broken"), ("geneval", "melted"), ("deqa", "blurred")])
+                                       ("ocr", "broken"), ("geneval", "melted"), ("deqa", "blurred"), ("geneval", "ghost")])
 def test_render_at_without_a_strength_is_render(task, mode):
     for i, p in enumerate(tw.read_prompts(task, "train")[:N]):
         a, b = tw.render_at(p, np.random.default_rng(i), mode), tw.render(p, np.random.default_rng(i), mode)
@@ -53,7 +53,7 @@ def test_drawn_strength_reads_a_subjects_extent_and_the_noise():
 
 
 @pytest.mark.parametrize("task,mode", [("ocr", "faint"), ("geneval", "washed"), ("pickscore", "small"),
-                                       ("ocr", "broken"), ("geneval", "melted"), ("deqa", "blurred")])
+                                       ("ocr", "broken"), ("geneval", "melted"), ("deqa", "blurred"), ("geneval", "ghost")])
 def test_drawn_mode_separates_crisp_from_moded_ground_truth(task, mode):
     modes = dict(tw.TASK_MODES, **{task: mode})
     crisp, prompts = draw(task)

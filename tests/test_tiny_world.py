@@ -403,33 +403,39 @@ def test_pretraining_draws_each_mode_at_its_share():
 # -----------------------------------------------------------------------------
 # v4: modes that change what is legible, not its colour (issue #38)
 
-@pytest.mark.parametrize("task,mode,drop", [("ocr", "broken", 0.9), ("geneval", "melted", 0.8), ("deqa", "blurred", 0.9)])
+@pytest.mark.parametrize("task,mode,drop", [("ocr", "broken", 0.9), ("geneval", "ghost", 0.9), ("geneval", "melted", 0.8),
+                                            ("deqa", "blurred", 0.9)])
 def test_each_v4_mode_fails_its_task_and_is_detected_by_how_it_is_drawn(task, mode, drop):
-    """A glyph with half its strokes missing is no glyph, a melted object is no shape, a blurred image is no
-    quality image: each task's reward drops, and tiny_world.drawn_mode (no palette threshold) finds every such
-    image and no ground-truth one. Blur is every reward's fault a little (plain edges get soft), the glyph's and
-    the object's faults are theirs alone: deqa does not mind them."""
+    """A glyph with half its strokes missing is no glyph, an object washed almost into the background (a ghost) is
+    no object, a melted object is no shape, a blurred image is no quality image: each task's reward drops, and
+    tiny_world.drawn_mode (no palette threshold) finds every such image and no ground-truth one. The broken glyph
+    and the melted object keep their edges, and deqa does not mind them; a ghost leaves no edge, and deqa's
+    content term scores the empty image 0 as it scores a blank one."""
     prompts = tw.read_prompts(task, "test")[:N]
     truth = truth_of(prompts)
     moded = tw.render_batch(prompts, np.random.default_rng(0), [mode] * len(prompts))
-    assert not tw.drawn_mode(task, truth, prompts).any() and tw.drawn_mode(task, moded, prompts).all()
+    modes = dict(tw.TASK_MODES, **{task: mode})
+    assert not tw.drawn_mode(task, truth, prompts, modes).any() and tw.drawn_mode(task, moded, prompts, modes).all()
     assert tw.score(task, moded, prompts).mean() < tw.score(task, truth, prompts).mean() - drop
-    if task != "deqa":
+    if mode in ("broken", "melted"):
         assert tw.score("deqa", moded, prompts).mean() > tw.score("deqa", truth, prompts).mean() - 0.05
+    if mode == "ghost":
+        assert tw.score("deqa", moded, prompts).mean() < 0.1
 
 
 def test_pretraining_draws_each_v4_mode_at_its_share():
-    """tiny_pretrain's --broken / --melted (sharing one draw with --faint / --washed) and --blurred, which blurs
-    any scene that the other modes left crisp."""
+    """tiny_pretrain's --broken / --melted / --ghost (sharing one draw with --faint / --washed) and --blurred,
+    which blurs any scene that the other modes left crisp."""
     import tiny_pretrain
 
     rng = np.random.default_rng(0)
     kinds = {"ocr": 'a red sign that says "K"', "one": "a photo of a red circle", "big": "a photo of a big red circle",
              "two": "a photo of a red circle and a blue ring on a gray background"}
-    draws = {k: [tiny_pretrain._mode(p, rng, 0.2, 0.0, 0.5, broken=0.5, melted=0.6, blurred=0.4) for _ in range(4000)]
-             for k, p in kinds.items()}
+    draws = {k: [tiny_pretrain._mode(p, rng, 0.2, 0.0, 0.5, broken=0.5, melted=0.2, blurred=0.4, ghost=0.4)
+                 for _ in range(4000)] for k, p in kinds.items()}
     share = lambda k, m: np.mean([d == m for d in draws[k]])  # noqa: E731
     assert abs(share("ocr", "faint") - 0.2) < 0.03 and abs(share("ocr", "broken") - 0.5) < 0.03
-    assert abs(share("ocr", "blurred") - 0.3 * 0.4) < 0.03 and abs(share("one", "melted") - 0.6) < 0.03
+    assert abs(share("ocr", "blurred") - 0.3 * 0.4) < 0.03 and abs(share("one", "melted") - 0.2) < 0.03
+    assert abs(share("one", "ghost") - 0.4) < 0.03
     assert abs(share("big", "small") - 0.5) < 0.03 and abs(share("two", "blurred") - 0.4) < 0.03
     assert share("two", None) + share("two", "blurred") == 1
