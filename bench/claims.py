@@ -171,6 +171,29 @@ def claims_table(runs):
     return "\n".join(lines) + "\n"
 
 
+def main_over_seeds(folders):
+    """Markdown: each model's main-table cell as its mean over the seeds +- the SE between seeds (sd / sqrt(n)),
+    the spread a rerun on another machine moves within (issue #38); models in the first seed's order."""
+    tables = []
+    for f in folders:
+        with open(os.path.join(f, "main.json")) as fh:
+            tables.append({r["model"]: r for r in json.load(fh)["rows"]})
+    columns = [c for c in TASKS + ("average",) if c in next(iter(tables[0].values()))]
+    lines = [f"Main table over {len(tables)} training seed(s): each cell the mean over seeds +- the SE between "
+             f"seeds (sd / sqrt(n)); the SE over prompts is in each seed's main.md.", "",
+             "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for model in tables[0]:
+        if not all(model in t for t in tables):
+            continue
+        cells = []
+        for c in columns:
+            v = np.array([t[model][c] for t in tables], np.float64)
+            se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+            cells.append(f"{v.mean():.3f} +- {se:.3f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default=None, help="run folders, comma-separated (default: results/tiny and "
@@ -184,6 +207,8 @@ def main():
         raise SystemExit("error: no run folder with a paired.json (run evaluate.py, or give --runs)")
     runs = {os.path.basename(os.path.normpath(f)): load_run(f) for f in folders}
     text = "# Claims over training seeds\n\n" + claims_table(runs)
+    if all(os.path.exists(os.path.join(f, "main.json")) for f in folders):
+        text += "\n" + main_over_seeds(folders)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:  # written whole, then renamed: a reader never sees half a table
         f.write(text)

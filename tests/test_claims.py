@@ -85,6 +85,7 @@ def test_script_writes_the_table_from_every_seed(tmp_path):
     assert table["grpo-deqa drops named objects (objects below the base's)"] == "holds"       # -0.1 in every seed
     assert table["opd-merge drops named objects (objects below the base's)"] == "not shown"
     assert not os.path.exists(str(out) + ".tmp")
+    assert "| base | 0.400 +- 0.000 |" in out.read_text()                 # the main table over seeds
     # two seeds that agree in sign and are close: holds
     runs2 = ",".join(str(tmp_path / f"tiny-seed{k}") for k in range(2))
     subprocess.run([sys.executable, os.path.join(ROOT, "bench", "claims.py"), "--runs", runs2, "--out", str(out)],
