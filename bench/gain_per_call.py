@@ -94,8 +94,11 @@ def main():
         calls, epochs = calls_by[label]
         s = scores(os.path.join(path, "adapter.safetensors"))
         d = s - base
-        share = d.mean() / gain.mean()  # a ratio of paired means; delta-method SE over prompts
-        share_se = (d - share * gain).std().item() / math.sqrt(len(d)) / abs(gain.mean().item())
+        if gain.mean().item() == 0:  # a teacher with no gain on these prompts: no share to keep (nan, printed as such)
+            share, share_se = torch.tensor(float("nan")), float("nan")
+        else:  # a ratio of paired means; delta-method SE over prompts
+            share = d.mean() / gain.mean()
+            share_se = (d - share * gain).std().item() / math.sqrt(len(d)) / abs(gain.mean().item())
         total = calls * epochs
         ref = ref or total
         first = s if first is None else first

@@ -81,7 +81,11 @@ def test_two_processes_equal_one(tmp_path):
     run_script("grpo_expert.py", "--out", str(tmp_path / "one"), *args)
     torchrun_script(2, "grpo_expert.py", "--out", str(tmp_path / "two"), *args)
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert [r["reward"] for r in one] == pytest.approx([r["reward"] for r in two], abs=1e-6)
+    # epoch 1 samples from the same weights; after an update the two runs' weights differ at float rounding (the
+    # all-reduce's order), and a threshold of the reward (a pixel's foreground or colour class) may flip one pixel
+    # of one image: 1/1024 of one term of one image's score, 6.7e-5 of the mean on the v4 base
+    assert one[0]["reward"] == pytest.approx(two[0]["reward"], abs=1e-6)
+    assert [r["reward"] for r in one] == pytest.approx([r["reward"] for r in two], abs=1e-3)
     assert one[-1]["opt_step"] > 0 and min(r["kept"] for r in one) > 0  # groups with reward spread: real updates
     a, b = read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two")
     assert_same_adam_training(a, b, lr=3e-4, opt_steps=one[-1]["opt_step"])  # the default lr

@@ -195,8 +195,9 @@ def test_forwards_per_image_count_every_distilled_step(tmp_path, teachers):
     c = read_adapter(tmp_path / "s1")
     assert any(c[k].abs().max() > 0 for k in c if "lora_B" in k)  # the student learns
     # bench/gain_per_call.py reads those counts and scores the runs, paired: a run that IS the teacher keeps
-    # exactly all of its gain, and S = 1 spent (6 + 4 + 2 x 2) / (6 + 8 + 2 x 4) of the calls
-    run_script("bench/gain_per_call.py", "--task", "deqa", "--teacher", tmp_path / "all" / "adapter.safetensors", "--prompts", "2",
+    # exactly all of its gain (on PickScore, a graded reward: deqa's gain on 2 images was exactly 0 on the v4 base), and
+    # S = 1 spent (6 + 4 + 2 x 2) / (6 + 8 + 2 x 4) of the calls
+    run_script("bench/gain_per_call.py", "--task", "pickscore", "--teacher", tmp_path / "all" / "adapter.safetensors", "--prompts", "2",
                "--images", "1", "--threads", "1", "--runs", f"all={tmp_path / 'all'},s1={tmp_path / 's1'}", "--out", tmp_path / "gain.json")
     rows = {r["run"]: r for r in json.load(open(tmp_path / "gain.json"))["runs"]}
     assert rows["all"]["share"] == pytest.approx(1.0, abs=1e-9) and rows["all"]["share_se"] == pytest.approx(0.0, abs=1e-9)
