@@ -4,8 +4,8 @@ JSON (evaluate.py's paired.json and gain.json in each run folder: results/tiny f
 results/tiny-seed<N> for the others) and writes a markdown table of the README's claims:
 
   a difference claim (OPD-Merge minus GRPO-Mix on a task, an expert minus the base, ...) holds when the mean of
-  its per-seed values is beyond 2 SE of that mean, the SE from the spread between seeds (sd / sqrt(n), n >= 2),
-  and every seed's value has the claimed sign. Beyond 2 SE the other way with one sign in every seed:
+  its per-seed values is beyond 2 SE of that mean, the SE from the spread between seeds (sd / sqrt(n), n >= 2)
+  combined with the seeds' mean SE over prompts where known, and every seed's value has the claimed sign. Beyond 2 SE the other way with one sign in every seed:
   "reversed"; else "not shown". One seed: "one seed, not judged" (no spread to judge by).
   a ">= 90% kept" claim (OPD-Merge's share of a teacher's gain, gain.json) is "shown" when the lower 2-SE bound
   of the mean share is >= 90%, "consistent" when only the mean is, else "not met"; "no gain to keep" when a
@@ -16,8 +16,9 @@ results/tiny-seed<N> for the others) and writes a markdown table of the README's
   an expert's target (issue #38: >= 50% of the base's headroom 1 - score for GenEval and OCR, >= 30% for deqa and
   PickScore, beyond 3 paired SE; main.json's base row): met or not in each seed.
 
-Each seed's own paired SE (over prompts) is printed beside its value but does not enter the rule: the spread
-between training runs is the larger source of variance (issue #38, the second machine's rerun).
+Each seed's own SE over prompts enters a difference claim's SE beside the spread between seeds: every seed scores
+the same test prompts, so averaging seeds averages out training variance (issue #38, the second machine's
+rerun), not the prompts' sampling error.
 
   python bench/claims.py                                       # results/tiny, results/tiny-seed* -> docs/CLAIMS.md
   python bench/claims.py --runs results/tiny,results/tiny-seed1 --out /tmp/claims.md
@@ -49,12 +50,18 @@ HEADROOM_BAR = {"geneval": 0.5, "ocr": 0.5, "deqa": 0.3, "pickscore": 0.3}  # th
 # the base's headroom (1 - its score) an expert gains on its own task, beyond 3 paired SE, in every seed
 
 
-def difference_verdict(values, sign=+1):
-    """The rule for a difference claim over seeds. values: one number a seed. Returns (verdict, mean, SE)."""
+def difference_verdict(values, sign=+1, prompt_ses=None):
+    """The rule for a difference claim over seeds. values: one number a seed; prompt_ses: each seed's SE over
+    prompts where known. Every seed scores the same test prompts, so averaging seeds does not average the
+    prompts' sampling error away: the SE of the mean is sqrt(SE between seeds^2 + (mean SE over prompts)^2).
+    Returns (verdict, mean, SE)."""
     v = np.asarray(values, np.float64)
     if len(v) < 2:
         return "one seed, not judged", float(v.mean()), float("nan")
     mean, se = v.mean(), v.std(ddof=1) / np.sqrt(len(v))
+    known = [x for x in (prompt_ses or []) if x is not None]
+    if known:
+        se = float(np.hypot(se, np.mean(known)))
     beyond = abs(mean) > 2 * se
     if beyond and np.all(np.sign(v) == sign) and np.sign(mean) == sign:
         return "holds", mean, se
@@ -122,9 +129,10 @@ def claims_table(runs):
     names = list(runs)
     head = "| claim | " + " | ".join(names) + " | mean +- SE over seeds | verdict |"
     lines = [f"Claims over {len(names)} training seed(s) ({', '.join(names)}). A difference holds when its mean "
-             f"over seeds is beyond 2 SE (SE = sd / sqrt(n) between seeds) and every seed has its sign; "
+             f"over seeds is beyond 2 SE and every seed has its sign (SE = sd / sqrt(n) between seeds, combined with "
+             f"the seeds' mean SE over prompts where known: every seed scores the same prompts); "
              f">= 90% kept is shown when the lower 2-SE bound is >= 90%, consistent when only the mean is. "
-             f"Each seed's cell: its value +- its paired SE over prompts (not used by the rule). "
+             f"Each seed's cell: its value +- its SE over prompts (paired where the models share images). "
              f"Written by `python bench/claims.py`."]
     if len(names) < 3:  # with n seeds the mean / SE is Student's t on n - 1 degrees of freedom
         lines.append(f"With {len(names)} seed(s) the rule is weak: the issue asks for >= 3 (on 1 degree of freedom, "
@@ -135,7 +143,7 @@ def claims_table(runs):
             cells = [difference(runs[n][0], model, minus, column) for n in names]
         except KeyError:
             continue  # a model this evaluation did not run
-        verdict, mean, se = difference_verdict([c[0] for c in cells], sign)
+        verdict, mean, se = difference_verdict([c[0] for c in cells], sign, [c[1] for c in cells])
         shown = [f"{v:+.3f}" + (f" +- {s:.3f}" if s is not None else "") for v, s in cells]
         lines.append(f"| {claim} | " + " | ".join(shown) + f" | {mean:+.3f} +- {se:.3f} | {verdict} |")
     first = runs[names[0]][3]
@@ -145,7 +153,7 @@ def claims_table(runs):
                       float(np.hypot(runs[n][3][model]["objects_se"], runs[n][3]["base"]["objects_se"]))) for n in names]
         except KeyError:
             continue  # a seed without this model or column
-        verdict, mean, se = difference_verdict([c[0] for c in cells], -1)
+        verdict, mean, se = difference_verdict([c[0] for c in cells], -1, [c[1] for c in cells])
         lines.append(f"| {model} drops named objects (objects below the base's) | "
                      + " | ".join(f"{v:+.3f} +- {e:.3f}" for v, e in cells) + f" | {mean:+.3f} +- {se:.3f} | {verdict} |")
     for claim, model, task in KEPT:

@@ -26,6 +26,10 @@ def test_difference_rule():
     assert v == "holds" and mean == pytest.approx(0.11) and se == pytest.approx(0.01)
     assert claims.difference_verdict([0.10, 0.40])[0] == "not shown"      # mean 0.25 < 2 SE = 0.3
     assert claims.difference_verdict([0.10])[0] == "one seed, not judged"
+    # the seeds score the same prompts: their SE over prompts adds to the spread between seeds
+    v, mean, se = claims.difference_verdict([0.10, 0.12, 0.11], prompt_ses=[0.06, 0.05, 0.04])
+    assert se == pytest.approx(np.hypot(0.01 / np.sqrt(3), 0.05)) and v == "holds"           # 0.11 > 2 x 0.0503
+    assert claims.difference_verdict([0.06, 0.07, 0.06], prompt_ses=[0.05] * 3)[0] == "not shown"  # 0.063 < 0.1
 
 
 def test_kept_rule():
