@@ -10,7 +10,7 @@ words. Four tasks mirror the paper's rewards with real, hand-written scorers:
 Since v3 (issue #29) each task's headroom is mostly an unnamed rendering mode that the pretraining data holds
 and the base therefore draws some of the time, over content the base draws right when it draws crisply. v4
 (issue #38) draws modes that change what is legible, which any reader fails (TASK_MODES: glyphs with strokes
-missing, objects melted out of their shape, small subjects, blur), where v3's faint glyphs and washed-out
+missing, objects washed almost into the background, small subjects, blur), where v3's faint glyphs and washed-out
 objects sat in the rewards' palette blind spots. drawn_mode finds each mode from how the image is drawn, with
 no threshold of the rewards (in_mode, v3's test, is the rewards' own).
 The "VAE" is an exact invertible pixel-unshuffle (or, for a base that carries one, a frozen learnt
@@ -494,7 +494,8 @@ MODES = ("faint", "washed", "small", "broken", "melted", "blurred", "ghost")
 # the unnamed rendering modes of web-like data (tiny_pretrain.py --faint/--washed/...): v3's faint glyphs and
 # washed objects sit in the tiny rewards' palette blind spots (docs/TINY_WORLD.md: a colour-agnostic reader reads
 # them all), so v4 draws modes that change what is legible instead: a glyph with strokes missing ("broken"), an
-# object whose outline has melted into a blob ("melted"), and the whole image out of focus ("blurred")
+# object washed almost into the background ("ghost"), the whole image out of focus ("blurred"); and "melted", an
+# object whose outline has melted into a blob (tried and dropped: docs/TINY_WORLD.md)
 
 
 def render(prompt, rng, mode=None):
@@ -516,6 +517,11 @@ MODE_RANGES = {"faint": (0.35, 0.55), "washed": (0.55, 0.70), "small": (5.0, 6.5
 # blurred: the Gaussian blur's sigma in pixels over the whole image (0 = crisp)
 
 
+def _strength(rng, mode, strength):
+    """A mode's strength: the one given, else a draw from MODE_RANGES (render's)."""
+    return rng.uniform(*MODE_RANGES[mode]) if strength is None else strength
+
+
 def render_at(prompt, rng, mode=None, strength=None):
     """render() with a mode's strength fixed (issue #38, the v4 design sweep): strength None draws it from
     MODE_RANGES, as render always has (the same rng draws, so the same bytes)."""
@@ -524,7 +530,7 @@ def render_at(prompt, rng, mode=None, strength=None):
         img = _draw(spec, rng, mode, strength)
         if img is not None:
             if mode == "blurred":
-                sigma = rng.uniform(*MODE_RANGES["blurred"]) if strength is None else strength
+                sigma = _strength(rng, "blurred", strength)
                 img = _ndimage().gaussian_filter(img, (sigma, sigma, 0), mode="nearest")
             return (img * 255).round().astype(np.uint8)
 
@@ -539,12 +545,12 @@ def _draw(spec, rng, mode=None, strength=None):
         img[y0 - 4:y0 + h + 4, x0 - 4:x0 + w + 4] = sign
         ink = np.array(COLOURS["white"], np.float32)
         if mode == "faint":
-            ink = sign + (rng.uniform(*MODE_RANGES["faint"]) if strength is None else strength) * (ink - sign)
+            ink = sign + _strength(rng, "faint", strength) * (ink - sign)
         for k, ch in enumerate(spec["text"]):
             cells = np.array(TEMPLATES[GLYPHS.index(ch)])
             if mode == "broken":  # keep a share of the strokes, at least one: the glyph is there but illegible
                 on = np.flatnonzero(cells)
-                keep = rng.uniform(*MODE_RANGES["broken"]) if strength is None else strength
+                keep = _strength(rng, "broken", strength)
                 cells = np.zeros_like(cells)
                 cells.flat[rng.choice(on, max(1, int(round(keep * len(on)))), replace=False)] = 1
             glyph = np.kron(cells, np.ones((GLYPH_SCALE, GLYPH_SCALE)))
@@ -556,7 +562,7 @@ def _draw(spec, rng, mode=None, strength=None):
         o, r = objs[0], rng.uniform(10, 12.5)
         c = IMAGE_SIZE / 2 + rng.uniform(-1.5, 1.5, size=2)
         if mode == "small":
-            r = rng.uniform(*MODE_RANGES["small"]) if strength is None else strength
+            r = _strength(rng, "small", strength)
             c = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
         img[_shape_mask(o["shape"], c[0], c[1], r)] = COLOURS[o["colour"]]
         return img
@@ -581,9 +587,9 @@ def _draw(spec, rng, mode=None, strength=None):
         placed.append((pos[0], pos[1], r))
         paint = np.array(COLOURS[colour], np.float32)
         if mode in ("washed", "ghost"):
-            paint = paint + (rng.uniform(*MODE_RANGES[mode]) if strength is None else strength) * (bg - paint)
+            paint = paint + _strength(rng, mode, strength) * (bg - paint)
         if mode == "melted":
-            img[_blob_mask(rng, pos[0], pos[1], r, rng.uniform(*MODE_RANGES["melted"]) if strength is None else strength)] = paint
+            img[_blob_mask(rng, pos[0], pos[1], r, _strength(rng, "melted", strength))] = paint
         else:
             img[_shape_mask(shape, pos[0], pos[1], r)] = paint
     return img

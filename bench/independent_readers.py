@@ -48,8 +48,7 @@ import tiny_world as tw  # noqa: E402
 MODE_OF = dict(tw.TASK_MODES)  # --v3: tw.V3_MODES
 READERS = {"faint": ("rapidocr", "template"), "broken": ("rapidocr", "template"), "washed": ("segmentation",),
            "melted": ("segmentation",), "ghost": ("segmentation",), "small": ("segmentation",), "grain": ("noise",),
-           "blurred": ("focus",),
-           "blur": ("focus",)}
+           "blurred": ("focus",), "blur": ("focus",)}
 FOCUS_CUT = 0.4  # variance of the Laplacian over the image's variance, on deqa's train prompts (64): crisp
                  # ground truth 0.64 at least (median 2.0), blurred at sigma 0.9-1.4 0.26 at most (median 0.09)
 SWEEPS = {"faint": (0.55, 0.45, 0.35, 0.25, 0.15, 0.10, 0.05, 0.02),      # ink's share of the way to white

@@ -394,10 +394,10 @@ def test_pretraining_draws_each_mode_at_its_share():
     rng = np.random.default_rng(0)
     kinds = {"ocr": 'a red sign that says "K"', "one": "a photo of a red circle", "big": "a photo of a big red circle",
              "two": "a photo of a red circle and a blue ring on a gray background", "count": "a photo of two red circles"}
-    shares = {k: np.mean([tiny_pretrain._mode(p, rng, 0.7, 0.6, 0.5) is not None for _ in range(2000)]) for k, p in kinds.items()}
+    shares = {k: np.mean([tiny_pretrain._mode(p, rng, {"faint": 0.7, "washed": 0.6, "small": 0.5}) is not None for _ in range(2000)]) for k, p in kinds.items()}
     assert abs(shares["ocr"] - 0.7) < 0.04 and abs(shares["one"] - 0.6) < 0.04 and abs(shares["big"] - 0.5) < 0.04
     assert shares["two"] == shares["count"] == 0
-    assert all(tiny_pretrain._mode(p, rng, 0, 0, 0) is None for p in kinds.values())
+    assert all(tiny_pretrain._mode(p, rng, {}) is None for p in kinds.values())
 
 
 # -----------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def test_pretraining_draws_each_v4_mode_at_its_share():
     rng = np.random.default_rng(0)
     kinds = {"ocr": 'a red sign that says "K"', "one": "a photo of a red circle", "big": "a photo of a big red circle",
              "two": "a photo of a red circle and a blue ring on a gray background"}
-    draws = {k: [tiny_pretrain._mode(p, rng, 0.2, 0.0, 0.5, broken=0.5, melted=0.2, blurred=0.4, ghost=0.4)
+    draws = {k: [tiny_pretrain._mode(p, rng, dict(faint=0.2, small=0.5, broken=0.5, melted=0.2, blurred=0.4, ghost=0.4))
                  for _ in range(4000)] for k, p in kinds.items()}
     share = lambda k, m: np.mean([d == m for d in draws[k]])  # noqa: E731
     assert abs(share("ocr", "faint") - 0.2) < 0.03 and abs(share("ocr", "broken") - 0.5) < 0.03
